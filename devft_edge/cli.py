@@ -1,0 +1,120 @@
+"""The ``devft-edge`` command line: thin wrappers over the library.
+
+Each sub-command parses its options into the library's validated configs and calls one function;
+logging is configured here and only here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from devft_edge.errors import DevFTError
+
+
+def _beta(text: str) -> float | str:
+    return text if text == "auto" else float(text)
+
+
+def _add_simulation_options(p: argparse.ArgumentParser, defaults: dict[str, object]) -> None:
+    from devft_edge.simulator import METHODS
+
+    d = defaults
+    p.add_argument("--model", default=d["model"], help="smollm2 | tiny[-llama|-qwen2|-gpt2|-gpt_neox|-phi3] | PATH")
+    p.add_argument("--method", default=d["method"], help=f"one of {', '.join(METHODS)}")
+    p.add_argument("--clients", type=int, default=d["clients"], help="simulated clients N")
+    p.add_argument("--per-round", type=int, default=d["per_round"], help="clients sampled per round K")
+    p.add_argument("--stages", type=int, default=d["stages"], help="DevFT stages S")
+    p.add_argument("--rounds", type=int, default=d["rounds"], help="total round budget, split over stages")
+    p.add_argument("--local-steps", type=int, default=d["local_steps"], help="optimizer steps per client round")
+    p.add_argument("--batch", type=int, default=d["batch"], help="examples per step")
+    p.add_argument("--seq", type=int, default=d["seq"], help="tokens per example")
+    p.add_argument("--lr", type=float, default=d["lr"], help="AdamW learning rate")
+    p.add_argument("--rank", type=int, default=8, help="LoRA rank")
+    p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha")
+    p.add_argument("--targets", default=None, help="comma-separated LoRA targets (default: all block projections)")
+    p.add_argument("--similarity", default="cka", help="layer similarity: cka | weights")
+    p.add_argument("--grouping", default="contiguous", help="contiguous | spectral | random | even")
+    p.add_argument("--fusion", default="dblf", help="dblf | one | sum | mean")
+    p.add_argument("--beta", type=_beta, default=0.1, help="DBLF beta in (0, 1] or 'auto'")
+    p.add_argument("--data", default=None, help="JSONL instruction data (default: synthetic multi-task)")
+    p.add_argument("--examples-per-client", type=int, default=48, help="synthetic training examples per client")
+    p.add_argument("--data-alpha", type=float, default=0.5, help="Dirichlet alpha over tasks (non-IID); 0 = IID")
+    p.add_argument("--eval-examples", type=int, default=d["eval_examples"], help="held-out eval examples")
+    p.add_argument("--eval-every", type=int, default=1, help="evaluate every this many rounds")
+    p.add_argument("--export-merged", action="store_true", help="also save the merged model")
+    p.add_argument("--seed", type=int, default=0, help="seed for data, sampling, init and training")
+    p.add_argument("--out", type=Path, default=d["out"], help="output directory")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
+
+
+def _run_simulation(args: argparse.Namespace) -> int:
+    from devft_edge.lora import LoraSettings
+    from devft_edge.simulator import SimulationConfig, simulate
+    from devft_edge.training import TrainSettings
+
+    cfg = SimulationConfig(
+        model=args.model, method=args.method, clients=args.clients, per_round=args.per_round,
+        stages=args.stages, rounds=args.rounds,
+        train=TrainSettings(steps=args.local_steps, batch_size=args.batch, seq_len=args.seq, lr=args.lr),
+        lora=LoraSettings(rank=args.rank, alpha=args.alpha,
+                          targets=tuple(args.targets.split(",")) if args.targets else None),
+        similarity=args.similarity, grouping=args.grouping, fusion=args.fusion, beta=args.beta,
+        seed=args.seed, data=args.data, examples_per_client=args.examples_per_client,
+        data_alpha=args.data_alpha or None, eval_examples=args.eval_examples, eval_every=args.eval_every,
+        export_merged=args.export_merged,
+    )
+    summary = simulate(cfg, args.out)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(
+            f"{summary['method']}: eval loss {summary['initial_eval_loss']:.3f} -> {summary['final_eval_loss']:.3f}, "
+            f"exact match {summary['initial_eval_accuracy']:.1%} -> {summary['final_eval_accuracy']:.1%}, "
+            f"{summary['wall_seconds']:.0f} s, up {int(summary['bytes_up']) / 1e6:.1f} MB, "
+            f"down {int(summary['bytes_down']) / 1e6:.1f} MB\n"
+            f"metrics: {args.out / 'metrics.jsonl'}  plot: {args.out / 'curves.png'}  adapter: {summary['adapter_dir']}"
+        )
+    return 0
+
+
+SIMULATE_DEFAULTS: dict[str, object] = dict(
+    model="tiny", method="devft", clients=10, per_round=3, stages=4, rounds=12, local_steps=10,
+    batch=4, seq=64, lr=3e-4, eval_examples=48, out=Path("runs/simulate"),
+)
+DEMO_DEFAULTS: dict[str, object] = dict(
+    SIMULATE_DEFAULTS, model="smollm2", clients=10, per_round=2, rounds=12, local_steps=8,
+    eval_examples=48, out=Path("runs/demo"),
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every sub-command."""
+    parser = argparse.ArgumentParser(prog="devft-edge", description="Developmental federated LoRA tuning for edge devices.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sim = sub.add_parser("simulate", help="run a federated simulation in one process")
+    _add_simulation_options(sim, SIMULATE_DEFAULTS)
+    sim.set_defaults(func=_run_simulation)
+    demo = sub.add_parser("demo", help="the main job: DevFT on SmolLM2-135M, simulated federation")
+    _add_simulation_options(demo, DEMO_DEFAULTS)
+    demo.set_defaults(func=_run_simulation)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``devft-edge`` console script."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args))
+    except DevFTError as exc:
+        print(f"devft-edge: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

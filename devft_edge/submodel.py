@@ -1,0 +1,147 @@
+"""Stage submodels: group the full model's layers and fuse each group into one layer.
+
+Stage s of DevFT trains a real, smaller HF model with L_s blocks. Block g of the submodel is the
+DBLF fusion of the full model's blocks in group g (every tensor of the block: attention, MLP,
+norms). Embeddings, final norm and LM head are *shared* with the base model (the same tensors, not
+copies): they are frozen and not fused. LoRA is attached afterwards with peft; its initial state is
+the fusion of the members' LoRA A and B (separately), so the submodel starts from what the
+previous stage transferred.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from accelerate import init_empty_weights
+from torch import Tensor
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from devft_edge.errors import ConfigError
+from devft_edge.fusion import Fusion, fuse_layers
+from devft_edge.layers import architecture_of, decoder_layers, layer_prefix, num_layers
+from devft_edge.lora import LoraSettings, LoraState, join_layers, lora_applied, split_layers
+from devft_edge.similarity import LayerEvidence, Similarity, collect_layer_outputs
+
+
+@dataclass
+class Submodel:
+    """A stage's fused model and which original layers each of its blocks came from."""
+
+    model: PreTrainedModel
+    """Plain HF causal LM with ``len(groups)`` blocks (no LoRA attached)."""
+    groups: list[list[int]]
+    """``groups[g]`` = original layer indices fused into block g, ascending (anchor first)."""
+
+
+def _check_groups(groups: Sequence[Sequence[int]], total: int) -> None:
+    flat = sorted(j for g in groups for j in g)
+    problems = []
+    if flat != list(range(total)):
+        problems.append(f"groups must partition layers 0..{total - 1} exactly once, got {list(map(list, groups))}")
+    if any(len(g) == 0 for g in groups):
+        problems.append("every group needs at least one layer")
+    if any(list(g) != sorted(g) for g in groups):
+        problems.append("members of a group must be ascending (the anchor is the shallowest)")
+    if problems:
+        raise ConfigError(problems)
+
+
+def submodel_config(config: object, groups: Sequence[Sequence[int]]) -> object:
+    """The base config with ``len(groups)`` layers.
+
+    Per-layer list fields (e.g. Qwen2's ``layer_types``) take the value of each group's anchor, so a
+    fused block keeps the attention kind of its shallowest member.
+    """
+    total = num_layers(config)
+    new = copy.deepcopy(config)
+    for key, value in config.to_dict().items():
+        if isinstance(value, list) and len(value) == total and hasattr(new, key):
+            setattr(new, key, [value[g[0]] for g in groups])
+    setattr(new, architecture_of(config).num_layers_attr, len(groups))
+    return new
+
+
+def build_submodel(base: PreTrainedModel, groups: Sequence[Sequence[int]], fusion: Fusion) -> Submodel:
+    """Build the fused submodel for ``groups``.
+
+    Memory: the fused blocks are new tensors (about ``len(groups)/L`` of the block weights); the
+    embeddings, final norm and head are the base model's own tensors.
+    """
+    groups = [list(g) for g in groups]
+    _check_groups(groups, num_layers(base.config))
+    prefix = layer_prefix(base, 0)[: -len("0.")]
+    base_state = base.state_dict(keep_vars=True)
+    per_layer: list[dict[str, Tensor]] = [{} for _ in range(num_layers(base.config))]
+    state: dict[str, Tensor] = {}
+    for key, tensor in base_state.items():
+        if key.startswith(prefix):
+            index, _, name = key[len(prefix):].partition(".")
+            per_layer[int(index)][name] = tensor.detach()
+        else:
+            state[key] = tensor.detach()
+    for g, fused in enumerate(fuse_layers(per_layer, groups, fusion)):
+        for name, tensor in fused.items():
+            state[f"{prefix}{g}.{name}"] = tensor
+    config = submodel_config(base.config, groups)
+    # Parameters on the meta device (no random init of weights we overwrite at once); buffers such
+    # as rotary frequencies are built for real.
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(state, strict=True, assign=True)
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    model.eval()
+    model.requires_grad_(False)
+    return Submodel(model=model, groups=groups)
+
+
+def stage_lora(full_state: Mapping[str, Tensor], groups: Sequence[Sequence[int]], fusion: Fusion) -> LoraState:
+    """The representatives' initial LoRA: DBLF on the members' A and B, separately."""
+    layers = split_layers(full_state)
+    ordered = [layers[j] for j in range(len(layers))]
+    return join_layers(dict(enumerate(fuse_layers(ordered, [list(g) for g in groups], fusion))))
+
+
+def layer_evidence(
+    base: PreTrainedModel,
+    similarity: Similarity,
+    settings: LoraSettings,
+    lora_state: Mapping[str, Tensor],
+    calibration_ids: Tensor,
+) -> LayerEvidence:
+    """What ``similarity`` needs about the full model with its current LoRA applied.
+
+    The paper's weight cosine includes LoRA parameters; CKA uses the block outputs of the
+    LoRA-adapted model on the calibration tokens. Only the evidence the variant needs is computed.
+    """
+    with lora_applied(base, settings, lora_state) as adapted:
+        if similarity.needs == "outputs":
+            return LayerEvidence(params=None, outputs=collect_layer_outputs(adapted, calibration_ids))
+        params = [
+            {name: p.detach() for name, p in layer.named_parameters()}
+            for layer in decoder_layers(adapted.get_base_model())
+        ]
+        # Copies: unloading LoRA afterwards must not invalidate what we return.
+        return LayerEvidence(params=[{k: v.clone() for k, v in p.items()} for p in params], outputs=None)
+
+
+def add_weight_delta(model: PreTrainedModel, delta: Mapping[str, Tensor], scaling: float) -> None:
+    """Merge dense updates ``scaling * delta`` (keys ``layers.{i}.{module}.delta``) into the weights.
+
+    Works on a plain or peft-wrapped model (peft's LoRA layers keep the original as ``base_layer``).
+    """
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layers = decoder_layers(inner)
+    fan_in_fan_out = architecture_of(inner).fan_in_fan_out
+    with torch.no_grad():
+        for key, value in delta.items():
+            index, _, rest = key[len("layers."):].partition(".")
+            module = layers[int(index)].get_submodule(rest[: -len(".delta")])
+            weight = getattr(module, "base_layer", module).weight
+            update = (value.T if fan_in_fan_out else value).to(weight.dtype)
+            if update.shape != weight.shape:
+                raise ConfigError(f"{key}: delta shape {tuple(update.shape)} != weight {tuple(weight.shape)}")
+            weight.add_(update, alpha=scaling)

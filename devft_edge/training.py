@@ -1,0 +1,112 @@
+"""Local LoRA training and evaluation: the code path every client runs, simulated or on a device.
+
+A client's round is: load the LoRA it starts from, take ``steps`` AdamW steps on its own data with
+a fresh optimizer (optimizer state is not shared in federated LoRA, and DevFT restarts it at every
+stage anyway), and hand back the trained LoRA. Loss is over answer tokens only.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from devft_edge.data import Example, encode_batch, encode_prompts, normalize_answer
+from devft_edge.errors import raise_if
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Local training hyper-parameters of one client round."""
+
+    steps: int = 10
+    """Optimizer steps per round (the paper's 'local steps')."""
+    batch_size: int = 4
+    """Examples per step."""
+    seq_len: int = 64
+    """Tokens per example (prompt truncated from the left to fit)."""
+    lr: float = 3e-4
+    """AdamW learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay on the LoRA factors."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping: keeps an early high-loss step from throwing a small LoRA far off."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.steps < 1:
+            problems.append(f"local steps must be >= 1, got {self.steps}")
+        if self.batch_size < 1:
+            problems.append(f"batch must be >= 1, got {self.batch_size}")
+        if self.seq_len < 8:
+            problems.append(f"seq must be >= 8, got {self.seq_len}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            problems.append(f"lr must be a positive number, got {self.lr}")
+        raise_if(problems)
+
+
+def train_local(model: nn.Module, batches: Iterator[dict[str, Tensor]], settings: TrainSettings) -> float:
+    """Train the model's trainable (LoRA) parameters in place; returns the mean training loss."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    model.train()
+    total = 0.0
+    for _ in range(settings.steps):
+        batch = next(batches)
+        loss = model(**batch).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
+        optimizer.step()
+        total += float(loss.detach())
+    model.eval()
+    return total / settings.steps
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Held-out metrics of one model."""
+
+    loss: float
+    """Mean cross-entropy per answer token."""
+    accuracy: float
+    """Fraction of examples whose greedy answer equals the reference after normalisation."""
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    tokenizer: object,
+    examples: Sequence[Example],
+    seq_len: int,
+    batch_size: int = 16,
+    max_new_tokens: int = 16,
+) -> EvalResult:
+    """Teacher-forced answer loss and greedy exact-match accuracy on ``examples``."""
+    model.eval()
+    loss_sum, tokens = 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        batch = encode_batch(tokenizer, examples[start : start + batch_size], seq_len)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        labels = batch["labels"][:, 1:]
+        mask = labels != -100
+        losses = torch.nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), labels.clamp(min=0).flatten(), reduction="none"
+        )
+        loss_sum += float(losses[mask.flatten()].sum())
+        tokens += int(mask.sum())
+    correct = 0
+    pad = tokenizer.pad_token_id  # type: ignore[attr-defined]
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        prompts = encode_prompts(tokenizer, chunk)
+        out = model.generate(
+            **prompts, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
+            eos_token_id=tokenizer.eos_token_id,  # type: ignore[attr-defined]
+        )
+        answers = tokenizer.batch_decode(out[:, prompts["input_ids"].shape[1]:], skip_special_tokens=True)  # type: ignore[attr-defined]
+        correct += sum(normalize_answer(a) == normalize_answer(ex.output) for a, ex in zip(answers, chunk))
+    return EvalResult(loss=loss_sum / max(tokens, 1), accuracy=correct / max(len(examples), 1))

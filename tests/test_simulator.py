@@ -1,0 +1,133 @@
+"""End-to-end federated simulations on the tiny model, and the CLI's argument errors."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+from peft import PeftModel
+
+from devft_edge.cli import main
+from devft_edge.errors import ConfigError
+from devft_edge.models import load_model
+from devft_edge.simulator import METHODS, SimulationConfig, simulate
+from devft_edge.training import TrainSettings
+
+METRIC_KEYS = {"round", "stage", "layers", "train_loss", "eval_loss", "eval_accuracy", "wall_seconds",
+               "bytes_up", "bytes_down", "peak_rss_bytes"}
+SUMMARY_KEYS = {"method", "rounds", "final_eval_loss", "final_eval_accuracy", "wall_seconds", "bytes_up",
+                "bytes_down", "adapter_dir"}
+
+BASE = SimulationConfig(
+    model="tiny", clients=4, per_round=2, stages=2, rounds=4,
+    train=TrainSettings(steps=3, batch_size=4, seq_len=48, lr=3e-3),
+    examples_per_client=16, eval_examples=12,
+)
+
+
+def _lines(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "devft+fedit"])
+def test_two_stage_simulation_end_to_end(method, tmp_path):
+    summary = simulate(replace(BASE, method=method), tmp_path, progress=False)
+    rows = _lines(tmp_path / "metrics.jsonl")
+    assert len(rows) == 4 and all(METRIC_KEYS <= row.keys() for row in rows)
+    assert SUMMARY_KEYS <= summary.keys()
+    assert json.loads((tmp_path / "summary.json").read_text())["final_eval_loss"] == summary["final_eval_loss"]
+    assert (tmp_path / "curves.png").stat().st_size > 1000
+    if method.startswith("devft"):
+        assert [r["layers"] for r in rows] == [4, 4, 8, 8] and [r["stage"] for r in rows] == [1, 1, 2, 2]
+    else:
+        assert [r["layers"] for r in rows] == [8] * 4
+    # Byte counters are cumulative and positive both ways.
+    assert all(b > a for a, b in zip([0] + [r["bytes_up"] for r in rows], [r["bytes_up"] for r in rows]))
+    assert rows[-1]["bytes_down"] > rows[0]["bytes_down"] > 0
+    # Training makes progress on the held-out set.
+    assert summary["final_eval_loss"] < summary["initial_eval_loss"] - 0.5
+    # The exported adapter reproduces the final eval loss with stock peft.
+    peft_model = PeftModel.from_pretrained(load_model("tiny", seed=0), summary["adapter_dir"])
+    assert any("lora_A" in n for n, _ in peft_model.named_parameters())
+
+
+def test_devft_saves_bytes_and_uses_fused_stage(tmp_path):
+    devft = simulate(replace(BASE, method="devft"), tmp_path / "d", progress=False)
+    fedit = simulate(replace(BASE, method="fedit"), tmp_path / "f", progress=False)
+    assert devft["stages"][0]["layers"] == 4 and len(devft["stages"][0]["groups"]) == 4
+    assert devft["stages"][0]["pack_block_bytes"] < fedit["stages"][0]["pack_block_bytes"] * 0.6
+    # The first (half-depth) stage sends half the LoRA bytes per update.
+    d_rows, f_rows = _lines(tmp_path / "d" / "metrics.jsonl"), _lines(tmp_path / "f" / "metrics.jsonl")
+    assert d_rows[0]["bytes_up"] * 2 == pytest.approx(f_rows[0]["bytes_up"], rel=0.01)
+
+
+def test_one_stage_devft_equals_fedit(tmp_path):
+    cfg = replace(BASE, stages=1, rounds=2)
+    a = simulate(replace(cfg, method="devft"), tmp_path / "a", progress=False)
+    b = simulate(replace(cfg, method="fedit"), tmp_path / "b", progress=False)
+    for key in ("final_eval_loss", "final_eval_accuracy", "bytes_up", "bytes_down"):
+        assert a[key] == b[key], key
+    ra, rb = _lines(tmp_path / "a" / "metrics.jsonl"), _lines(tmp_path / "b" / "metrics.jsonl")
+    assert [r["train_loss"] for r in ra] == [r["train_loss"] for r in rb]
+    from safetensors.torch import load_file
+
+    wa = load_file(f"{a['adapter_dir']}/adapter_model.safetensors")
+    wb = load_file(f"{b['adapter_dir']}/adapter_model.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"method": "fedavg"}, "unknown method"),
+        ({"beta": 1.5}, "beta must be in (0, 1]"),
+        ({"beta": 0.0}, "beta must be in (0, 1]"),
+        ({"per_round": 9}, "per-round"),
+        ({"grouping": "kmeans"}, "unknown grouping"),
+    ],
+)
+def test_config_errors(changes, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[").replace("]", r"\]")):
+        replace(BASE, **changes)
+
+
+def test_config_collects_every_problem():
+    with pytest.raises(ConfigError) as err:
+        replace(BASE, method="x", beta=2.0, clients=0)
+    assert len(err.value.problems) >= 3
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--stages", "9"], "stages"),
+        (["--beta", "1.5"], "beta"),
+        (["--method", "nope"], "unknown method"),
+        (["--model", "tiny-bert"], "tiny config"),
+    ],
+)
+def test_cli_bad_arguments(argv, message, tmp_path, capsys):
+    code = main(["simulate", "--model", "tiny", "--out", str(tmp_path), "--rounds", "4", *argv])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "devft-edge: error:" in err and message in err
+
+
+def test_cli_unsupported_architecture(tmp_path, capsys):
+    from transformers import AutoConfig
+
+    AutoConfig.for_model("bert", vocab_size=100, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=32).save_pretrained(tmp_path / "bert")
+    assert main(["simulate", "--model", str(tmp_path / "bert"), "--out", str(tmp_path / "o")]) == 2
+    assert "supported: gpt2, gpt_neox, llama" in capsys.readouterr().err
+
+
+def test_cli_json_summary(tmp_path, capsys):
+    argv = ["simulate", "--model", "tiny", "--clients", "3", "--per-round", "2", "--stages", "2", "--rounds", "2",
+            "--local-steps", "1", "--batch", "2", "--seq", "48", "--examples-per-client", "8",
+            "--eval-examples", "6", "--out", str(tmp_path), "--json"]
+    assert main(argv) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["method"] == "devft" and summary["rounds"] == 2
