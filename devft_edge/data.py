@@ -143,9 +143,7 @@ def partition(
     if num_clients < 1:
         problems.append(f"num_clients must be >= 1, got {num_clients}")
     elif num_clients > len(examples):
-        problems.append(
-            f"num_clients ({num_clients}) must not exceed the number of examples ({len(examples)})"
-        )
+        problems.append(f"num_clients ({num_clients}) must not exceed the number of examples ({len(examples)})")
     if alpha is not None and not alpha > 0:
         problems.append(f"alpha must be > 0, got {alpha}")
     raise_if(problems)
@@ -271,9 +269,7 @@ def _tokenize_for_training(
     return out
 
 
-def _collate(
-    tokenized: Sequence[tuple[list[int], list[int]]], seq_len: int, pad_id: int
-) -> dict[str, Tensor]:
+def _collate(tokenized: Sequence[tuple[list[int], list[int]]], seq_len: int, pad_id: int) -> dict[str, Tensor]:
     batch = len(tokenized)
     input_ids = torch.full((batch, seq_len), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((batch, seq_len), dtype=torch.long)
@@ -295,14 +291,10 @@ def encode_batch(tokenizer: Any, examples: Sequence[Example], seq_len: int) -> d
     header), never the answer. Raises :class:`DataError` naming every example whose answer does not
     fit.
     """
-    return _collate(
-        _tokenize_for_training(tokenizer, examples, seq_len), seq_len, _pad_id(tokenizer)
-    )
+    return _collate(_tokenize_for_training(tokenizer, examples, seq_len), seq_len, _pad_id(tokenizer))
 
 
-def encode_prompts(
-    tokenizer: Any, examples: Sequence[Example], max_length: int | None = None
-) -> dict[str, Tensor]:
+def encode_prompts(tokenizer: Any, examples: Sequence[Example], max_length: int | None = None) -> dict[str, Tensor]:
     """Prompts only, LEFT-padded to the longest, for batched ``generate``: ``[B, L]`` tensors.
 
     Left padding puts every prompt's last token in the last column, so all rows start generating
@@ -310,11 +302,7 @@ def encode_prompts(
     """
     if not examples:
         raise DataError("no examples to encode")
-    raise_if(
-        [f"max_length must be >= 1, got {max_length}"]
-        if max_length is not None and max_length < 1
-        else []
-    )
+    raise_if([f"max_length must be >= 1, got {max_length}"] if max_length is not None and max_length < 1 else [])
     prompts = [_prompt_ids(tokenizer, ex) for ex in examples]
     if max_length is not None:
         prompts = [p[-max_length:] for p in prompts]

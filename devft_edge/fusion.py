@@ -29,7 +29,7 @@ from torch import Tensor
 from devft_edge.errors import ConfigError, raise_if
 from devft_edge.registry import Registry
 
-__all__ = ["FUSIONS", "Fusion", "DBLF", "AnchorOnly", "PlainSum", "Mean", "fuse_layers"]
+__all__ = ["DBLF", "FUSIONS", "AnchorOnly", "Fusion", "Mean", "PlainSum", "fuse_layers"]
 
 logger = logging.getLogger(__name__)
 
@@ -216,9 +216,10 @@ def fuse_layers(
         for m in ordered[1:]:
             other = set(layer_states[m])
             if other != keys:
+                diff = [f"lacks {sorted(keys - other)}"] if keys - other else []
+                diff += [f"has extra {sorted(other - keys)}"] if other - keys else []
                 problems.append(
-                    f"group {g}: layer {m} keys differ from anchor layer {ordered[0]} "
-                    f"(missing {sorted(keys - other)}, extra {sorted(other - keys)})"
+                    f"group {g}: layer {m} keys differ from anchor layer {ordered[0]}: {', '.join(diff)}"
                 )
                 continue
             for key in sorted(keys):

@@ -16,6 +16,7 @@ to cap a stage at what the weakest device can train; the same rules apply to the
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import pairwise
 
 from devft_edge.errors import ConfigError, raise_if
 
@@ -30,7 +31,7 @@ def _capacity_problems(caps: tuple[int, ...], num_layers: int, what: str) -> lis
     problems: list[str] = []
     if any(not 1 <= c <= num_layers for c in caps):
         problems.append(f"{what} {caps} must each lie between 1 and num_layers={num_layers}")
-    if any(b <= a for a, b in zip(caps, caps[1:])):
+    if any(b <= a for a, b in pairwise(caps)):
         problems.append(f"{what} {caps} must be strictly increasing (each stage deeper than the last)")
     if caps and caps[-1] != num_layers:
         problems.append(f"{what} {caps} must end at num_layers={num_layers} (the last stage is full depth)")

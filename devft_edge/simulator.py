@@ -161,9 +161,18 @@ def peak_rss_bytes() -> int:
 
 
 def serialized_bytes(tensors: dict[str, Tensor]) -> int:
-    """Exact safetensors size of ``tensors``, written to a temporary file (no in-memory copy)."""
+    """Exact safetensors size of ``tensors``, written to a temporary file (no in-memory copy).
+
+    Tied tensors (e.g. embeddings shared with the LM head) are stored and counted once.
+    """
+    unique: dict[str, Tensor] = {}
+    seen: set[int] = set()
+    for key, value in tensors.items():
+        if value.data_ptr() not in seen:
+            seen.add(value.data_ptr())
+            unique[key] = value.contiguous()
     with tempfile.NamedTemporaryFile(suffix=".safetensors") as handle:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, handle.name)
+        save_file(unique, handle.name)
         return Path(handle.name).stat().st_size
 
 

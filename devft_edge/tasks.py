@@ -168,15 +168,11 @@ class CountLetter(TaskFamily):
     """Count a letter in a word; one question in four asks for any letter, so 0 occurs."""
 
     name = "count_letter"
-    instruction = (
-        "Count how many times the letter appears in the word. Answer with the number only."
-    )
+    instruction = "Count how many times the letter appears in the word. Answer with the number only."
 
     def generate(self, rng: random.Random) -> Example:  # noqa: D102
         word = rng.choice(WORDS)
-        letter = (
-            rng.choice(word) if rng.random() < 0.75 else rng.choice("abcdefghijklmnopqrstuvwxyz")
-        )
+        letter = rng.choice(word) if rng.random() < 0.75 else rng.choice("abcdefghijklmnopqrstuvwxyz")
         return self._example(f"letter: {letter}\nword: {word}", str(word.count(letter)))
 
 
@@ -258,19 +254,9 @@ def train_eval_split(
     accuracy on eval measures generalisation rather than memorisation. Both are round-robin over
     the families. Raises :class:`ConfigError` when a family has too few distinct questions.
     """
-    raise_if(
-        [
-            f"{name} must be >= 0, got {v}"
-            for name, v in (("n_train", n_train), ("n_eval", n_eval))
-            if v < 0
-        ]
-    )
+    raise_if([f"{name} must be >= 0, got {v}" for name, v in (("n_train", n_train), ("n_eval", n_eval)) if v < 0])
     families = _families(tasks)
     held_out: set[tuple[str, str]] = set()
-    eval_set = _draw(
-        families, n_eval, random.Random(f"devft-edge/eval/{seed}"), held_out, unique=True
-    )
-    train = _draw(
-        families, n_train, random.Random(f"devft-edge/train/{seed}"), held_out, unique=False
-    )
+    eval_set = _draw(families, n_eval, random.Random(f"devft-edge/eval/{seed}"), held_out, unique=True)
+    train = _draw(families, n_train, random.Random(f"devft-edge/train/{seed}"), held_out, unique=False)
     return train, eval_set

@@ -83,9 +83,12 @@ def evaluate(
     examples: Sequence[Example],
     seq_len: int,
     batch_size: int = 16,
-    max_new_tokens: int = 16,
 ) -> EvalResult:
-    """Teacher-forced answer loss and greedy exact-match accuracy on ``examples``."""
+    """Teacher-forced answer loss and greedy exact-match accuracy on ``examples``.
+
+    Generation stops at EOS or two tokens past the longest reference answer: a longer output
+    cannot match exactly, so generating further would only cost time.
+    """
     model.eval()
     loss_sum, tokens = 0.0, 0
     for start in range(0, len(examples), batch_size):
@@ -99,6 +102,8 @@ def evaluate(
         loss_sum += float(losses[mask.flatten()].sum())
         tokens += int(mask.sum())
     correct = 0
+    longest = max(len(tokenizer(ex.output, add_special_tokens=False).input_ids) for ex in examples)  # type: ignore[operator]
+    max_new_tokens = longest + 2
     pad = tokenizer.pad_token_id  # type: ignore[attr-defined]
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
