@@ -5,9 +5,11 @@ parameter cosine carries no signal on real checkpoints (on SmolLM2-135M the cosi
 layers' raw weights is about 0 for every pair), whereas linear CKA of the layers' output hidden
 states (:class:`devft_edge.similarity.LinearCKA`) shows clear contiguous blocks. CKA needs
 functional evidence, i.e. activations on some text. Clients' data never leaves them, so the server
-runs its own model copy over this text: about 600 words of ordinary, varied English prose (written
-for this project, no third-party text), which tokenises to a few hundred tokens with common
-tokenizers. It is not training data and is never sent to clients.
+runs its own model copy over this text: about 700 words of ordinary, varied English prose (written
+for this project, no third-party text; narrative, technical, instructions, a letter, civic news,
+science), about 800 tokens with SmolLM2's tokenizer. It is not training data and is never sent to
+clients. Drop its first token when collecting outputs (``skip_tokens=1`` of
+:func:`~devft_edge.similarity.collect_layer_outputs`): that position is an attention sink.
 """
 
 from __future__ import annotations

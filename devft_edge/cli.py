@@ -37,7 +37,7 @@ def _add_simulation_options(p: argparse.ArgumentParser, defaults: dict[str, obje
     p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha")
     p.add_argument("--targets", default=None, help="comma-separated LoRA targets (default: all block projections)")
     p.add_argument("--similarity", default="cka", help="layer similarity: cka | weights")
-    p.add_argument("--grouping", default="contiguous", help="contiguous | spectral | random | even")
+    p.add_argument("--grouping", default="contiguous", help="contiguous | contiguous_ratiocut | spectral | random | even")
     p.add_argument("--fusion", default="dblf", help="dblf | one | sum | mean")
     p.add_argument("--beta", type=_beta, default=0.1, help="DBLF beta in (0, 1] or 'auto'")
     p.add_argument("--data", default=None, help="JSONL instruction data (default: synthetic multi-task)")

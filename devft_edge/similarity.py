@@ -144,7 +144,7 @@ class LinearCKA(Similarity):
     of either representation, so it compares what layers compute, not how their weights are laid
     out. Computed in float64. Since ``||Y^T X||_F^2 = <X X^T, Y Y^T>_F``, CKA is the cosine of the
     ``[tokens, tokens]`` Gram matrices: when ``tokens <= hidden`` or the ``L`` Grams fit in 512 MiB
-    they are built once and compared in one product (about 1 s for SmolLM2's 30 layers on 800
+    they are built once and compared in one product (under 2 s for SmolLM2's 30 layers on 800
     tokens); otherwise the ``[hidden, hidden]`` cross-covariances are formed pair by pair (10x
     slower there, but memory ``O(hidden^2)``).
     """
@@ -196,7 +196,7 @@ def collect_layer_outputs(model: nn.Module, input_ids: Tensor, skip_tokens: int 
     SmolLM2-135M one entry of about 22,500 against at most ~140 for every other token, layers
     11-28); a single such row dominates linear CKA and makes those 18 layers look identical.
     ``skip_tokens=1`` removes it (SmolLM2, calibration text: adjacent-layer CKA 0.90 -> 0.94,
-    layers > 5 apart 0.37 -> 0.47, and far more balanced groups).
+    layers > 5 apart 0.37 -> 0.47; layers 11-28 stop looking identical).
     ``hidden_states[0]`` is the embedding output, so ``hidden_states[1:]`` holds one tensor per
     decoder layer. Note that HF ties the last entry to ``last_hidden_state``, i.e. the deepest
     layer's output is seen after the model's final norm. The model runs in eval mode (its

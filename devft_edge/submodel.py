@@ -119,7 +119,10 @@ def layer_evidence(
     """
     with lora_applied(base, settings, lora_state) as adapted:
         if similarity.needs == "outputs":
-            return LayerEvidence(params=None, outputs=collect_layer_outputs(adapted, calibration_ids))
+            # Skip the first token: on SmolLM2 it carries a ~22,500 "attention sink" activation in
+            # layers 11-28 (others stay < 140) that makes those layers look identical under CKA.
+            outputs = collect_layer_outputs(adapted, calibration_ids, skip_tokens=1)
+            return LayerEvidence(params=None, outputs=outputs)
         params = [
             {name: p.detach() for name, p in layer.named_parameters()}
             for layer in decoder_layers(adapted.get_base_model())

@@ -44,14 +44,14 @@ def _is_canonical_partition(groups: list[list[int]], n: int, k: int) -> bool:
 
 
 def test_registry_names() -> None:
-    assert GROUPINGS.names() == ["contiguous", "contiguous_assoc", "even", "random", "spectral"]
+    assert GROUPINGS.names() == ["contiguous", "contiguous_ratiocut", "even", "random", "spectral"]
+    assert GROUPINGS.get("contiguous_ratiocut").name == "contiguous_ratiocut"
     assert GROUPINGS.get("contiguous").name == "contiguous"
-    assert GROUPINGS.get("contiguous_assoc").name == "contiguous_assoc"
     with pytest.raises(ConfigError, match="objective"):
-        GROUPINGS.get("contiguous", objective="ncut")
+        GROUPINGS.get("contiguous_ratiocut", objective="ncut")
 
 
-@pytest.mark.parametrize("name", ["contiguous", "contiguous_assoc", "spectral"])
+@pytest.mark.parametrize("name", ["contiguous_ratiocut", "contiguous", "spectral"])
 def test_planted_contiguous_blocks_recovered(name: str) -> None:
     for seed in range(3):
         assert GROUPINGS.get(name).group(_planted(BLOCKS, seed), 3, seed=seed) == BLOCKS
@@ -60,7 +60,7 @@ def test_planted_contiguous_blocks_recovered(name: str) -> None:
 def test_spectral_recovers_non_contiguous_blocks() -> None:
     blocks = [[0, 4, 8], [1, 3, 5, 9], [2, 6, 7, 10, 11]]
     assert GROUPINGS.get("spectral").group(_planted(blocks), 3, seed=0) == blocks
-    contiguous = GROUPINGS.get("contiguous").group(_planted(blocks), 3)
+    contiguous = GROUPINGS.get("contiguous_ratiocut").group(_planted(blocks), 3)
     assert all(g == list(range(g[0], g[-1] + 1)) for g in contiguous)
 
 
@@ -69,7 +69,7 @@ def _neg_ratio_association(w: np.ndarray, groups: list[list[int]]) -> float:
 
 
 @pytest.mark.parametrize(
-    ("name", "objective"), [("contiguous", _ratio_cut), ("contiguous_assoc", _neg_ratio_association)]
+    ("name", "objective"), [("contiguous_ratiocut", _ratio_cut), ("contiguous", _neg_ratio_association)]
 )
 @pytest.mark.parametrize("seed", [7, 8])
 def test_contiguous_dp_matches_brute_force(name: str, objective: object, seed: int) -> None:
@@ -93,12 +93,12 @@ def test_objectives_differ_on_a_similarity_chain() -> None:
     # ratio association keeps the three segments balanced
     idx = np.arange(8)
     w = torch.from_numpy(np.exp(-np.abs(np.subtract.outer(idx, idx)) / 2.0))
-    assert GROUPINGS.get("contiguous").group(w, 3) == [[0, 1], [2, 3, 4, 5, 6], [7]]
-    assoc = GROUPINGS.get("contiguous_assoc").group(w, 3)
+    assert GROUPINGS.get("contiguous_ratiocut").group(w, 3) == [[0, 1], [2, 3, 4, 5, 6], [7]]
+    assoc = GROUPINGS.get("contiguous").group(w, 3)
     assert sorted(len(g) for g in assoc) == [2, 3, 3]
 
 
-@pytest.mark.parametrize("name", ["contiguous", "contiguous_assoc", "spectral", "random", "even"])
+@pytest.mark.parametrize("name", ["contiguous_ratiocut", "contiguous", "spectral", "random", "even"])
 @pytest.mark.parametrize("k", [1, 2, 5, 12])
 def test_every_variant_returns_canonical_partition(name: str, k: int) -> None:
     groups = GROUPINGS.get(name).group(_planted(BLOCKS), k, seed=3)
@@ -129,7 +129,7 @@ def test_random_is_seeded_partition() -> None:
 @pytest.mark.parametrize("k", [0, 13, -1])
 def test_n_groups_out_of_range(k: int) -> None:
     with pytest.raises(ConfigError, match=f"n_groups={k} must be between 1 and L=12"):
-        GROUPINGS.get("contiguous").group(_planted(BLOCKS), k)
+        GROUPINGS.get("contiguous_ratiocut").group(_planted(BLOCKS), k)
 
 
 def test_non_square_and_non_finite_rejected() -> None:

@@ -81,8 +81,11 @@ def _reference_cka(x: np.ndarray, y: np.ndarray) -> float:
     return float(np.linalg.norm(y.T @ x) ** 2 / (np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y)))
 
 
-@pytest.mark.parametrize(("tokens", "hidden"), [(12, 16), (64, 6)])  # both code paths
-def test_cka_invariances_and_reference(tokens: int, hidden: int) -> None:
+@pytest.mark.parametrize(("tokens", "hidden", "budget"), [(12, 16, 0), (64, 6, 1 << 26), (64, 6, 0)])
+def test_cka_invariances_and_reference(
+    tokens: int, hidden: int, budget: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sim_mod, "_GRAM_ELEMENTS", budget)  # budget 0 with tokens > hidden: pairwise path
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(tokens, hidden, generator=gen)
     q, _ = torch.linalg.qr(torch.randn(hidden, hidden, generator=gen, dtype=torch.float64))
@@ -136,5 +139,12 @@ def test_collect_layer_outputs_tiny_llama() -> None:
     assert model.training  # mode restored
     single = collect_layer_outputs(model, input_ids[0])
     assert [o.shape for o in single] == [(5, 16)] * 4
+    skipped = collect_layer_outputs(model, input_ids, skip_tokens=1)
+    assert [o.shape for o in skipped] == [(8, 16)] * 4
+    expected = outputs[2].reshape(2, 5, 16)[:, 1:].reshape(8, 16)
+    torch.testing.assert_close(skipped[2], expected)
+    for bad in (-1, 5):
+        with pytest.raises(ConfigError, match="skip_tokens"):
+            collect_layer_outputs(model, input_ids, skip_tokens=bad)
     w = SIMILARITIES.get("cka").compute(LayerEvidence(outputs=outputs))
     assert w.shape == (4, 4) and bool(((w >= 0) & (w <= 1)).all())
