@@ -35,7 +35,8 @@ class GlobalState:
 
     ``lora`` is the shared LoRA clients start from. ``delta`` holds dense weight updates already
     merged into the base (FLoRA), keyed ``layers.{i}.{module}.delta`` with shape [out, in], *before*
-    the LoRA scaling alpha/r (applied when merging into weights); it is empty for the other rules. Both transfer and fuse like LoRA.
+    the LoRA scaling alpha/r (applied when merging into weights); it is empty for the other rules.
+    Both transfer and fuse like LoRA.
     """
 
     lora: LoraState
@@ -95,7 +96,9 @@ class AggregationRule:
         """What the server sends a selected client this round."""
         return {k: v for k, v in server.lora.items() if k.endswith(self.shared)}
 
-    def client_start(self, received: LoraState, server: GlobalState, memory: ClientMemory, to_stage: StateMap) -> LoraState:
+    def client_start(
+        self, received: LoraState, server: GlobalState, memory: ClientMemory, to_stage: StateMap
+    ) -> LoraState:
         """The LoRA the client trains from."""
         return dict(received)
 
@@ -144,7 +147,9 @@ class FedSALoRA(AggregationRule):
     paper = "Guo et al., Selective Aggregation for Low-Rank Adaptation in Federated Learning, ICLR 2025"
     shared = ("lora_A",)
 
-    def client_start(self, received: LoraState, server: GlobalState, memory: ClientMemory, to_stage: StateMap) -> LoraState:
+    def client_start(
+        self, received: LoraState, server: GlobalState, memory: ClientMemory, to_stage: StateMap
+    ) -> LoraState:
         own_b = to_stage(memory.private) if memory.private else select(server.lora, "lora_B")
         return {**received, **own_b}
 
@@ -198,7 +203,9 @@ class FLoRA(AggregationRule):
         dense = sum(t.numel() * 4 for t in server.delta.values())
         return min(missed, dense)
 
-    def client_start(self, received: LoraState, server: GlobalState, memory: ClientMemory, to_stage: StateMap) -> LoraState:
+    def client_start(
+        self, received: LoraState, server: GlobalState, memory: ClientMemory, to_stage: StateMap
+    ) -> LoraState:
         return dict(server.lora)
 
     def aggregate(

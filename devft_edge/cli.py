@@ -37,7 +37,9 @@ def _add_simulation_options(p: argparse.ArgumentParser, defaults: dict[str, obje
     p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha")
     p.add_argument("--targets", default=None, help="comma-separated LoRA targets (default: all block projections)")
     p.add_argument("--similarity", default="cka", help="layer similarity: cka | weights")
-    p.add_argument("--grouping", default="contiguous", help="contiguous | contiguous_ratiocut | spectral | random | even")
+    p.add_argument(
+        "--grouping", default="contiguous", help="contiguous | contiguous_ratiocut | spectral | random | even"
+    )
     p.add_argument("--fusion", default="dblf", help="dblf | one | sum | mean")
     p.add_argument("--beta", type=_beta, default=0.1, help="DBLF beta in (0, 1] or 'auto'")
     p.add_argument("--data", default=None, help="JSONL instruction data (default: synthetic multi-task)")
@@ -57,14 +59,26 @@ def _run_simulation(args: argparse.Namespace) -> int:
     from devft_edge.training import TrainSettings
 
     cfg = SimulationConfig(
-        model=args.model, method=args.method, clients=args.clients, per_round=args.per_round,
-        stages=args.stages, rounds=args.rounds,
+        model=args.model,
+        method=args.method,
+        clients=args.clients,
+        per_round=args.per_round,
+        stages=args.stages,
+        rounds=args.rounds,
         train=TrainSettings(steps=args.local_steps, batch_size=args.batch, seq_len=args.seq, lr=args.lr),
-        lora=LoraSettings(rank=args.rank, alpha=args.alpha,
-                          targets=tuple(args.targets.split(",")) if args.targets else None),
-        similarity=args.similarity, grouping=args.grouping, fusion=args.fusion, beta=args.beta,
-        seed=args.seed, data=args.data, examples_per_client=args.examples_per_client,
-        data_alpha=args.data_alpha or None, eval_examples=args.eval_examples, eval_every=args.eval_every,
+        lora=LoraSettings(
+            rank=args.rank, alpha=args.alpha, targets=tuple(args.targets.split(",")) if args.targets else None
+        ),
+        similarity=args.similarity,
+        grouping=args.grouping,
+        fusion=args.fusion,
+        beta=args.beta,
+        seed=args.seed,
+        data=args.data,
+        examples_per_client=args.examples_per_client,
+        data_alpha=args.data_alpha or None,
+        eval_examples=args.eval_examples,
+        eval_every=args.eval_every,
         export_merged=args.export_merged,
     )
     summary = simulate(cfg, args.out)
@@ -82,18 +96,36 @@ def _run_simulation(args: argparse.Namespace) -> int:
 
 
 SIMULATE_DEFAULTS: dict[str, object] = dict(
-    model="tiny", method="devft", clients=10, per_round=3, stages=4, rounds=12, local_steps=10,
-    batch=4, seq=64, lr=3e-4, eval_examples=48, out=Path("runs/simulate"),
+    model="tiny",
+    method="devft",
+    clients=10,
+    per_round=3,
+    stages=4,
+    rounds=12,
+    local_steps=10,
+    batch=4,
+    seq=64,
+    lr=3e-4,
+    eval_examples=48,
+    out=Path("runs/simulate"),
 )
 DEMO_DEFAULTS: dict[str, object] = dict(
-    SIMULATE_DEFAULTS, model="smollm2", clients=10, per_round=2, rounds=12, local_steps=8,
-    eval_examples=48, out=Path("runs/demo"),
+    SIMULATE_DEFAULTS,
+    model="smollm2",
+    clients=10,
+    per_round=2,
+    rounds=12,
+    local_steps=8,
+    eval_examples=48,
+    out=Path("runs/demo"),
 )
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every sub-command."""
-    parser = argparse.ArgumentParser(prog="devft-edge", description="Developmental federated LoRA tuning for edge devices.")
+    parser = argparse.ArgumentParser(
+        prog="devft-edge", description="Developmental federated LoRA tuning for edge devices."
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", required=True)
     sim = sub.add_parser("simulate", help="run a federated simulation in one process")
@@ -108,7 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``devft-edge`` console script."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     try:
         return int(args.func(args))
     except DevFTError as exc:

@@ -89,9 +89,7 @@ class DBLF(Fusion):
 
     def __init__(self, beta: float | Literal["auto"] = 0.1, beta_cap: float = 0.1) -> None:
         problems: list[str] = []
-        if beta != "auto" and (
-            isinstance(beta, bool) or not isinstance(beta, int | float) or not 0 < beta <= 1
-        ):
+        if beta != "auto" and (isinstance(beta, bool) or not isinstance(beta, int | float) or not 0 < beta <= 1):
             problems.append(f"beta must be in (0, 1] or 'auto', got {beta!r}")
         if isinstance(beta_cap, bool) or not isinstance(beta_cap, int | float) or not 0 < beta_cap <= 1:
             problems.append(f"beta_cap must be in (0, 1], got {beta_cap!r}")
@@ -119,9 +117,10 @@ class DBLF(Fusion):
         if anchor_weight <= 0 and n not in self._warned:
             self._warned.add(n)
             logger.warning(
-                "DBLF with beta=%s on a group of %d layers gives the anchor weight %.3f <= 0; "
-                "consider beta='auto'",
-                beta, n, anchor_weight,
+                "DBLF with beta=%s on a group of %d layers gives the anchor weight %.3f <= 0; consider beta='auto'",
+                beta,
+                n,
+                anchor_weight,
             )
         anchor = tensors[0]
         cd = _compute_dtype(anchor.dtype)
@@ -218,9 +217,7 @@ def fuse_layers(
             if other != keys:
                 diff = [f"lacks {sorted(keys - other)}"] if keys - other else []
                 diff += [f"has extra {sorted(other - keys)}"] if other - keys else []
-                problems.append(
-                    f"group {g}: layer {m} keys differ from anchor layer {ordered[0]}: {', '.join(diff)}"
-                )
+                problems.append(f"group {g}: layer {m} keys differ from anchor layer {ordered[0]}: {', '.join(diff)}")
                 continue
             for key in sorted(keys):
                 a, b = layer_states[ordered[0]][key], layer_states[m][key]
@@ -233,7 +230,5 @@ def fuse_layers(
     fused: list[dict[str, Tensor]] = []
     for members in groups:
         ordered = sorted(members)
-        fused.append(
-            {key: fusion.fuse([layer_states[m][key] for m in ordered]) for key in layer_states[ordered[0]]}
-        )
+        fused.append({key: fusion.fuse([layer_states[m][key] for m in ordered]) for key in layer_states[ordered[0]]})
     return fused

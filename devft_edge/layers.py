@@ -42,16 +42,18 @@ ARCHITECTURES: dict[str, Architecture] = {
         Architecture("qwen2", "model.layers", "num_hidden_layers", _LLAMA_TARGETS),
         Architecture("qwen3", "model.layers", "num_hidden_layers", _LLAMA_TARGETS),
         Architecture(
-            "phi3", "model.layers", "num_hidden_layers",
+            "phi3",
+            "model.layers",
+            "num_hidden_layers",
             ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),
         ),
         Architecture(
-            "gpt_neox", "gpt_neox.layers", "num_hidden_layers",
+            "gpt_neox",
+            "gpt_neox.layers",
+            "num_hidden_layers",
             ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
         ),
-        Architecture(
-            "gpt2", "transformer.h", "n_layer", ("c_attn", "c_proj", "c_fc"), fan_in_fan_out=True
-        ),
+        Architecture("gpt2", "transformer.h", "n_layer", ("c_attn", "c_proj", "c_fc"), fan_in_fan_out=True),
     )
 }
 

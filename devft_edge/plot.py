@@ -6,10 +6,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 
-def plot_curves(runs: Mapping[str, Sequence[Mapping[str, object]]], path: Path) -> Path:
+def plot_curves(runs: Mapping[str, Sequence[Mapping[str, object]]], path: Path, reference: float | None = None) -> Path:
     """Write a two-panel PNG: eval loss vs ``wall_seconds`` and vs ``bytes_up + bytes_down``.
 
     ``runs`` maps a label to its ``metrics.jsonl`` rows; rows without an eval are skipped.
+    ``reference`` (e.g. the untuned base model's eval loss) is drawn as a dashed line.
     """
     import matplotlib
 
@@ -22,11 +23,17 @@ def plot_curves(runs: Mapping[str, Sequence[Mapping[str, object]]], path: Path) 
         loss = [float(r["eval_loss"]) for r in points]  # type: ignore[arg-type]
         ax_time.plot([float(r["wall_seconds"]) for r in points], loss, marker="o", ms=3, label=label)  # type: ignore[arg-type]
         ax_bytes.plot(
-            [(int(r["bytes_up"]) + int(r["bytes_down"])) / 1e6 for r in points], loss, marker="o", ms=3, label=label  # type: ignore[call-overload]
+            [(int(r["bytes_up"]) + int(r["bytes_down"])) / 1e6 for r in points],
+            loss,
+            marker="o",
+            ms=3,
+            label=label,  # type: ignore[call-overload]
         )
     ax_time.set(xlabel="wall time (s)", ylabel="eval loss", title="eval loss vs wall time")
     ax_bytes.set(xlabel="bytes up + down (MB)", ylabel="eval loss", title="eval loss vs communication")
     for ax in (ax_time, ax_bytes):
+        if reference is not None:
+            ax.axhline(reference, color="grey", linestyle="--", linewidth=1, label="base model, untuned")
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()

@@ -40,9 +40,7 @@ class Registry(Generic[T]):
         try:
             factory, defaults = self._factories[name]
         except KeyError:
-            raise UnknownVariantError(
-                f"unknown {self.kind} {name!r}; known: {', '.join(self.names())}"
-            ) from None
+            raise UnknownVariantError(f"unknown {self.kind} {name!r}; known: {', '.join(self.names())}") from None
         return factory(**{**defaults, **params})
 
     def names(self) -> list[str]:

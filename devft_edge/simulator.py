@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from peft import PeftModel
 from safetensors.torch import save_file
 from torch import Tensor
 from tqdm import tqdm
@@ -31,13 +32,14 @@ from tqdm import tqdm
 from devft_edge.aggregation import RULES, ClientMemory, GlobalState
 from devft_edge.calibration import CALIBRATION_TEXT
 from devft_edge.data import Example, batches, load_jsonl, partition, train_eval_split
-from devft_edge.errors import raise_if
+from devft_edge.errors import ConfigError, raise_if
 from devft_edge.export import export_adapter, export_merged
-from devft_edge.fusion import FUSIONS
+from devft_edge.fusion import FUSIONS, Fusion
 from devft_edge.grouping import GROUPINGS
 from devft_edge.layers import layer_prefix, num_layers
 from devft_edge.lora import (
     LoraSettings,
+    LoraState,
     attach_lora,
     get_lora_state,
     init_lora_state,
@@ -50,7 +52,7 @@ from devft_edge.plot import plot_curves
 from devft_edge.schedule import StageSchedule
 from devft_edge.similarity import SIMILARITIES
 from devft_edge.submodel import add_weight_delta, build_submodel, layer_evidence, stage_lora
-from devft_edge.training import TrainSettings, evaluate, train_local
+from devft_edge.training import EvalResult, TrainSettings, evaluate, train_local
 from devft_edge.transfer import transfer_lora
 
 logger = logging.getLogger(__name__)
@@ -182,10 +184,261 @@ def _load_data(cfg: SimulationConfig) -> tuple[list[list[Example]], list[Example
     else:
         examples = load_jsonl(Path(cfg.data))
         random.Random(cfg.seed).shuffle(examples)
-        raise_if([] if len(examples) > cfg.eval_examples + cfg.clients else
-                 [f"{cfg.data}: {len(examples)} examples is too few for {cfg.eval_examples} eval + {cfg.clients} clients"])
+        if len(examples) <= cfg.eval_examples + cfg.clients:
+            raise ConfigError(
+                f"{cfg.data}: {len(examples)} examples are too few for "
+                f"{cfg.eval_examples} eval examples and {cfg.clients} clients"
+            )
         held_out, train = examples[: cfg.eval_examples], examples[cfg.eval_examples :]
     return partition(train, cfg.clients, cfg.seed, cfg.data_alpha), held_out
+
+
+@dataclass
+class _Stage:
+    """What the server holds while one stage runs."""
+
+    number: int
+    """1-based stage number."""
+    groups: list[list[int]]
+    """``groups[g]`` = original layers fused into submodel block g."""
+    fusion: Fusion
+    model: PeftModel
+    """The fused submodel with LoRA attached: every simulated client trains this one instance."""
+    server: GlobalState
+    block_bytes: int
+    """Serialised size of the stage's fused blocks (the per-stage part of the pack)."""
+    has_pack: set[int] = field(default_factory=set)
+    """Clients that already downloaded this stage's pack."""
+
+    def to_stage(self, state: LoraState) -> LoraState:
+        """Full-model state -> this stage's space (fusion of each group)."""
+        return stage_lora(state, self.groups, self.fusion)
+
+    def to_full(self, state: LoraState) -> LoraState:
+        """This stage's state -> full-model space (knowledge transfer)."""
+        return transfer_lora(state, self.groups)
+
+
+@dataclass
+class _RoundTally:
+    """What one round's clients did, for the metrics line."""
+
+    bytes_up: int = 0
+    bytes_down: int = 0
+    losses: list[float] = field(default_factory=list)
+    client_seconds: list[float] = field(default_factory=list)
+
+
+class Simulation:
+    """One simulated federated run: the stage loop around the rule's rounds."""
+
+    def __init__(self, cfg: SimulationConfig, out_dir: Path, progress: bool | None = None) -> None:
+        self.cfg, self.out_dir, self.progress = cfg, out_dir, progress
+        self.tokenizer = load_tokenizer(cfg.model)
+        self.base = load_model(cfg.model, seed=cfg.seed)
+        self.total_layers = num_layers(self.base.config)
+        self.schedule = StageSchedule(self.total_layers, cfg.stages if cfg.devft else 1, cfg.rounds)
+        self.rule = RULES.get(cfg.rule)
+        self.fusion = FUSIONS.get(cfg.fusion, **({"beta": cfg.beta} if cfg.fusion == "dblf" else {}))
+        self.similarity = SIMILARITIES.get(cfg.similarity)
+        self.grouping = GROUPINGS.get(cfg.grouping)
+        client_data, self.held_out = _load_data(cfg)
+        self.memories = [ClientMemory(num_samples=len(d)) for d in client_data]
+        self.streams: dict[int, Iterator[dict[str, Tensor]]] = {
+            c: batches(d, cfg.train.batch_size, cfg.seed * 7919 + c, self.tokenizer, cfg.train.seq_len)
+            for c, d in enumerate(client_data)
+        }
+        self.calibration = self.tokenizer(CALIBRATION_TEXT, return_tensors="pt").input_ids[:, :512]
+        self.sampler = random.Random(cfg.seed)
+        self.full = GlobalState(lora=init_lora_state(lora_shapes(self.base, cfg.lora), cfg.lora.rank, cfg.seed))
+        self.prefix = layer_prefix(self.base, 0)[: -len("0.")]
+        self.shared_bytes = serialized_bytes(
+            {k: v for k, v in self.base.state_dict().items() if not k.startswith(self.prefix)}
+        )
+        self.has_shared: set[int] = set()
+        self.wall = self.parallel = 0.0
+        self.bytes_up = self.bytes_down = 0
+
+    def run(self) -> dict[str, object]:
+        """Run every stage and round; write metrics, summary, adapter and plot. Returns the summary."""
+        start = time.perf_counter()
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        initial = evaluate(self.base, self.tokenizer, self.held_out, self.cfg.train.seq_len)
+        metrics: list[RoundMetrics] = []
+        stages_info: list[dict[str, object]] = []
+        round_index = 0
+        bar = tqdm(
+            total=self.cfg.rounds,
+            disable=None if self.progress is None else not self.progress,
+            desc=self.cfg.method,
+            unit="round",
+        )
+        with (self.out_dir / "metrics.jsonl").open("w") as metrics_file, bar:
+            for number, (capacity, n_rounds) in enumerate(
+                zip(self.schedule.capacities, self.schedule.rounds_per_stage, strict=True), start=1
+            ):
+                stage = self._open_stage(number, capacity, round_index)
+                stages_info.append(
+                    {
+                        "stage": number,
+                        "layers": capacity,
+                        "rounds": n_rounds,
+                        "groups": stage.groups,
+                        "pack_block_bytes": stage.block_bytes,
+                    }
+                )
+                for _ in range(n_rounds):
+                    line = self._run_round(stage, round_index)
+                    round_index += 1
+                    metrics.append(line)
+                    metrics_file.write(json.dumps(asdict(line)) + "\n")
+                    metrics_file.flush()
+                    bar.update(1)
+                    bar.set_postfix(stage=number, eval_loss="-" if line.eval_loss is None else f"{line.eval_loss:.3f}")
+                self._close_stage(stage)
+        return self._finish(initial, metrics, stages_info, time.perf_counter() - start)
+
+    def _open_stage(self, number: int, capacity: int, first_round: int) -> _Stage:
+        """Plan and pack one stage: group, fuse, attach LoRA initialised from the full state."""
+        t0 = time.perf_counter()
+        if capacity == self.total_layers:
+            groups = [[j] for j in range(self.total_layers)]  # last stage: singletons, no similarity needed
+        else:
+            evidence = layer_evidence(self.base, self.similarity, self.cfg.lora, self.full.lora, self.calibration)
+            groups = self.grouping.group(self.similarity.compute(evidence), capacity, self.cfg.seed + number)
+        logger.info("stage %d: %d layers, groups %s", number, capacity, groups)
+        sub = build_submodel(self.base, groups, self.fusion)
+        fused_delta = stage_lora(self.full.delta, groups, self.fusion) if self.full.delta else {}
+        add_weight_delta(sub.model, fused_delta, self.cfg.lora.scaling)
+        block_bytes = serialized_bytes({k: v for k, v in sub.model.state_dict().items() if k.startswith(self.prefix)})
+        stage = _Stage(
+            number=number,
+            groups=groups,
+            fusion=self.fusion,
+            model=attach_lora(sub.model, self.cfg.lora),
+            server=GlobalState(lora={}, delta=fused_delta),
+            block_bytes=block_bytes,
+        )
+        stage.server.lora = stage.to_stage(self.full.lora)
+        self.rule.start_stage(first_round)
+        elapsed = time.perf_counter() - t0
+        self.wall += elapsed
+        self.parallel += elapsed
+        return stage
+
+    def _client_updates(
+        self, stage: _Stage, selected: list[int], round_index: int, tally: _RoundTally
+    ) -> Iterator[tuple[LoraState, float]]:
+        """Ship, train and collect each selected client's update, one at a time (a stream)."""
+        for c in selected:
+            t0 = time.perf_counter()
+            memory = self.memories[c]
+            received = self.rule.downlink(stage.server, memory, round_index)
+            tally.bytes_down += state_bytes(received) if received else 0
+            if c in stage.has_pack:
+                tally.bytes_down += self.rule.extra_downlink_bytes(stage.server, memory, round_index)
+            else:  # first time in this stage: the pack (and, once per run, the shared embeddings/head)
+                tally.bytes_down += stage.block_bytes + (0 if c in self.has_shared else self.shared_bytes)
+                stage.has_pack.add(c)
+                self.has_shared.add(c)
+                memory.synced_round = round_index - 1
+            set_lora_state(stage.model, self.rule.client_start(received, stage.server, memory, stage.to_stage))
+            torch.manual_seed(self.cfg.seed * 1_000_003 + round_index * 1009 + c)
+            tally.losses.append(train_local(stage.model, self.streams[c], self.cfg.train))
+            sent = self.rule.uplink(get_lora_state(stage.model), memory, stage.to_full)
+            tally.bytes_up += state_bytes(sent)
+            tally.client_seconds.append(time.perf_counter() - t0)
+            yield sent, float(memory.num_samples)
+
+    def _run_round(self, stage: _Stage, round_index: int) -> RoundMetrics:
+        """Select clients, train them, aggregate, evaluate when due."""
+        t0 = time.perf_counter()
+        selected = sorted(self.sampler.sample(range(self.cfg.clients), self.cfg.per_round))
+        tally = _RoundTally()
+        before = stage.server.delta
+        stage.server = self.rule.aggregate(
+            stage.server,
+            self._client_updates(stage, selected, round_index, tally),
+            round_index,
+            self.cfg.seed * 31 + round_index,
+        )
+        if stage.server.delta:  # FLoRA: clients merge the round's exact update into their base
+            increment = {k: v - before[k] if k in before else v for k, v in stage.server.delta.items()}
+            add_weight_delta(stage.model, increment, self.cfg.lora.scaling)
+        elapsed = time.perf_counter() - t0
+        self.wall += elapsed
+        self.parallel += max(tally.client_seconds) + (elapsed - sum(tally.client_seconds))
+        self.bytes_up += tally.bytes_up
+        self.bytes_down += tally.bytes_down
+
+        number = round_index + 1
+        result = None
+        if number == self.cfg.rounds or number % self.cfg.eval_every == 0:
+            set_lora_state(stage.model, self.rule.eval_lora(stage.server, self.memories, stage.to_stage))
+            result = evaluate(stage.model, self.tokenizer, self.held_out, self.cfg.train.seq_len)
+        return RoundMetrics(
+            round=number,
+            stage=stage.number,
+            layers=len(stage.groups),
+            train_loss=sum(tally.losses) / len(tally.losses),
+            eval_loss=None if result is None else result.loss,
+            eval_accuracy=None if result is None else result.accuracy,
+            wall_seconds=round(self.wall, 3),
+            parallel_seconds=round(self.parallel, 3),
+            bytes_up=self.bytes_up,
+            bytes_down=self.bytes_down,
+            peak_rss_bytes=peak_rss_bytes(),
+        )
+
+    def _close_stage(self, stage: _Stage) -> None:
+        """Knowledge transfer: the representatives' LoRA (and FLoRA's update) back to every member."""
+        t0 = time.perf_counter()
+        self.full = GlobalState(
+            lora=stage.to_full(self.rule.eval_lora(stage.server, self.memories, stage.to_stage)),
+            delta=stage.to_full(stage.server.delta) if stage.server.delta else {},
+        )
+        stage.model.unload()
+        self.wall += time.perf_counter() - t0
+
+    def _finish(
+        self,
+        initial: EvalResult,
+        metrics: list[RoundMetrics],
+        stages_info: list[dict[str, object]],
+        total_seconds: float,
+    ) -> dict[str, object]:
+        """Export the adapter, write ``summary.json`` and the plot."""
+        cfg = self.cfg
+        # FedSA-LoRA clients upload their private B once so the server can export one model.
+        final_up = sum(state_bytes(up) for up in map(self.rule.final_upload, self.memories) if up)
+        self.bytes_up += final_up
+        adapter_dir = export_adapter(self.base, cfg.lora, self.full.lora, self.out_dir / "adapter", self.full.delta)
+        if cfg.export_merged:
+            export_merged(self.base, cfg.lora, self.full.lora, self.out_dir / "merged", self.full.delta)
+            self.tokenizer.save_pretrained(self.out_dir / "merged")
+        final = metrics[-1]
+        summary: dict[str, object] = {
+            "method": cfg.method,
+            "model": cfg.model,
+            "rounds": cfg.rounds,
+            "stages": stages_info,
+            "initial_eval_loss": initial.loss,
+            "initial_eval_accuracy": initial.accuracy,
+            "final_eval_loss": final.eval_loss,
+            "final_eval_accuracy": final.eval_accuracy,
+            "wall_seconds": round(self.wall, 3),
+            "parallel_seconds": round(self.parallel, 3),
+            "bytes_up": self.bytes_up,
+            "bytes_down": self.bytes_down,
+            "final_upload_bytes": final_up,
+            "peak_rss_bytes": peak_rss_bytes(),
+            "total_seconds": round(total_seconds, 3),
+            "adapter_dir": str(adapter_dir),
+            "config": json.loads(json.dumps(asdict(cfg), default=str)),
+        }
+        (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        plot_curves({cfg.method: [asdict(m) for m in metrics]}, self.out_dir / "curves.png", reference=initial.loss)
+        return summary
 
 
 def simulate(cfg: SimulationConfig, out_dir: Path, progress: bool | None = None) -> dict[str, object]:
@@ -193,166 +446,4 @@ def simulate(cfg: SimulationConfig, out_dir: Path, progress: bool | None = None)
 
     Returns the summary dictionary (also written to ``summary.json``).
     """
-    start_all = time.perf_counter()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = load_tokenizer(cfg.model)
-    base = load_model(cfg.model, seed=cfg.seed)
-    total_layers = num_layers(base.config)
-    schedule = StageSchedule(total_layers, cfg.stages if cfg.devft else 1, cfg.rounds)
-    rule = RULES.get(cfg.rule)
-    fusion = FUSIONS.get(cfg.fusion, **({"beta": cfg.beta} if cfg.fusion == "dblf" else {}))
-    similarity = SIMILARITIES.get(cfg.similarity)
-    grouping = GROUPINGS.get(cfg.grouping)
-    client_data, held_out = _load_data(cfg)
-    memories = [ClientMemory(num_samples=len(d)) for d in client_data]
-    streams: dict[int, Iterator[dict[str, Tensor]]] = {
-        c: batches(d, cfg.train.batch_size, cfg.seed * 7919 + c, tokenizer, cfg.train.seq_len)
-        for c, d in enumerate(client_data)
-    }
-    calibration = tokenizer(CALIBRATION_TEXT, return_tensors="pt").input_ids[:, :512]
-    sampler = random.Random(cfg.seed)
-
-    full = GlobalState(lora=init_lora_state(lora_shapes(base, cfg.lora), cfg.lora.rank, cfg.seed))
-    prefix = layer_prefix(base, 0)[: -len("0.")]
-    shared_bytes = serialized_bytes({k: v for k, v in base.state_dict().items() if not k.startswith(prefix)})
-    has_shared: set[int] = set()
-
-    initial = evaluate(base, tokenizer, held_out, cfg.train.seq_len)
-    metrics: list[RoundMetrics] = []
-    stages_info: list[dict[str, object]] = []
-    wall = parallel = 0.0
-    bytes_up = bytes_down = 0
-    round_index = 0
-    bar = tqdm(total=cfg.rounds, disable=None if progress is None else not progress, desc=cfg.method, unit="round")
-    metrics_file = (out_dir / "metrics.jsonl").open("w")
-    try:
-        for stage, (capacity, n_rounds) in enumerate(zip(schedule.capacities, schedule.rounds_per_stage)):
-            t0 = time.perf_counter()
-            if capacity == total_layers:
-                groups = [[j] for j in range(total_layers)]
-            else:
-                evidence = layer_evidence(base, similarity, cfg.lora, full.lora, calibration)
-                groups = grouping.group(similarity.compute(evidence), capacity, cfg.seed + stage)
-            logger.info("stage %d: %d layers, groups %s", stage + 1, capacity, groups)
-            sub = build_submodel(base, groups, fusion)
-
-            def to_stage(state: dict[str, Tensor], groups: list[list[int]] = groups) -> dict[str, Tensor]:
-                return stage_lora(state, groups, fusion)
-
-            def to_full(state: dict[str, Tensor], groups: list[list[int]] = groups) -> dict[str, Tensor]:
-                return transfer_lora(state, groups)
-
-            server = GlobalState(lora=to_stage(full.lora), delta=to_stage(full.delta) if full.delta else {})
-            add_weight_delta(sub.model, server.delta, cfg.lora.scaling)
-            block_bytes = serialized_bytes(
-                {k: v for k, v in sub.model.state_dict().items() if k.startswith(prefix)}
-            )
-            model = attach_lora(sub.model, cfg.lora)
-            rule.start_stage(round_index)
-            has_pack: set[int] = set()
-            stages_info.append({"stage": stage + 1, "layers": capacity, "rounds": n_rounds, "groups": groups,
-                                "pack_block_bytes": block_bytes})
-            wall += time.perf_counter() - t0
-            parallel += time.perf_counter() - t0
-
-            for _ in range(n_rounds):
-                t_round = time.perf_counter()
-                selected = sorted(sampler.sample(range(cfg.clients), cfg.per_round))
-                losses: list[float] = []
-                client_times: list[float] = []
-                round_up = round_down = 0
-
-                def updates() -> Iterator[tuple[dict[str, Tensor], float]]:
-                    nonlocal round_up, round_down
-                    for c in selected:
-                        t_client = time.perf_counter()
-                        memory = memories[c]
-                        received = rule.downlink(server, memory, round_index)
-                        round_down += state_bytes(received) if received else 0
-                        round_down += rule.extra_downlink_bytes(server, memory, round_index) if c in has_pack else 0
-                        if c not in has_pack:
-                            round_down += block_bytes + (0 if c in has_shared else shared_bytes)
-                            has_pack.add(c)
-                            has_shared.add(c)
-                            memory.synced_round = round_index - 1
-                        set_lora_state(model, rule.client_start(received, server, memory, to_stage))
-                        torch.manual_seed(cfg.seed * 1_000_003 + round_index * 1009 + c)
-                        losses.append(train_local(model, streams[c], cfg.train))
-                        sent = rule.uplink(get_lora_state(model), memory, to_full)
-                        round_up += state_bytes(sent)
-                        client_times.append(time.perf_counter() - t_client)
-                        yield sent, float(memory.num_samples)
-
-                before = server.delta
-                server = rule.aggregate(server, updates(), round_index, cfg.seed * 31 + round_index)
-                if server.delta:
-                    increment = {k: v - before[k] if k in before else v for k, v in server.delta.items()}
-                    add_weight_delta(model, increment, cfg.lora.scaling)
-                elapsed = time.perf_counter() - t_round
-                wall += elapsed
-                parallel += max(client_times) + (elapsed - sum(client_times))
-                bytes_up += round_up
-                bytes_down += round_down
-                round_index += 1
-
-                last = round_index == cfg.rounds
-                result = None
-                if last or round_index % cfg.eval_every == 0:
-                    set_lora_state(model, rule.eval_lora(server, memories, to_stage))
-                    result = evaluate(model, tokenizer, held_out, cfg.train.seq_len)
-                line = RoundMetrics(
-                    round=round_index, stage=stage + 1, layers=capacity,
-                    train_loss=sum(losses) / len(losses),
-                    eval_loss=None if result is None else result.loss,
-                    eval_accuracy=None if result is None else result.accuracy,
-                    wall_seconds=round(wall, 3), parallel_seconds=round(parallel, 3),
-                    bytes_up=bytes_up, bytes_down=bytes_down, peak_rss_bytes=peak_rss_bytes(),
-                )
-                metrics.append(line)
-                metrics_file.write(json.dumps(asdict(line)) + "\n")
-                metrics_file.flush()
-                bar.update(1)
-                bar.set_postfix(stage=stage + 1, eval_loss=f"{line.eval_loss:.3f}" if result else "-")
-
-            t0 = time.perf_counter()
-            full = GlobalState(
-                lora=to_full(rule.eval_lora(server, memories, to_stage)),
-                delta=to_full(server.delta) if server.delta else {},
-            )
-            model.unload()
-            del model, sub
-            wall += time.perf_counter() - t0
-    finally:
-        bar.close()
-        metrics_file.close()
-
-    # FedSA-LoRA clients upload their private B once so the server can export one model.
-    final_up = sum(state_bytes(rule.final_upload(m)) for m in memories if rule.final_upload(m))
-    bytes_up += final_up
-    adapter_dir = export_adapter(base, cfg.lora, full.lora, out_dir / "adapter", full.delta)
-    if cfg.export_merged:
-        export_merged(base, cfg.lora, full.lora, out_dir / "merged", full.delta)
-        tokenizer.save_pretrained(out_dir / "merged")
-    final = metrics[-1]
-    summary: dict[str, object] = {
-        "method": cfg.method,
-        "model": cfg.model,
-        "rounds": cfg.rounds,
-        "stages": stages_info,
-        "initial_eval_loss": initial.loss,
-        "initial_eval_accuracy": initial.accuracy,
-        "final_eval_loss": final.eval_loss,
-        "final_eval_accuracy": final.eval_accuracy,
-        "wall_seconds": round(wall, 3),
-        "parallel_seconds": round(parallel, 3),
-        "bytes_up": bytes_up,
-        "bytes_down": bytes_down,
-        "final_upload_bytes": final_up,
-        "peak_rss_bytes": peak_rss_bytes(),
-        "total_seconds": round(time.perf_counter() - start_all, 3),
-        "adapter_dir": str(adapter_dir),
-        "config": json.loads(json.dumps(asdict(cfg), default=str)),
-    }
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    plot_curves({cfg.method: [asdict(m) for m in metrics]}, out_dir / "curves.png")
-    return summary
+    return Simulation(cfg, out_dir, progress).run()

@@ -78,7 +78,7 @@ def build_submodel(base: PreTrainedModel, groups: Sequence[Sequence[int]], fusio
     state: dict[str, Tensor] = {}
     for key, tensor in base_state.items():
         if key.startswith(prefix):
-            index, _, name = key[len(prefix):].partition(".")
+            index, _, name = key[len(prefix) :].partition(".")
             per_layer[int(index)][name] = tensor.detach()
         else:
             state[key] = tensor.detach()
@@ -141,7 +141,7 @@ def add_weight_delta(model: PreTrainedModel, delta: Mapping[str, Tensor], scalin
     fan_in_fan_out = architecture_of(inner).fan_in_fan_out
     with torch.no_grad():
         for key, value in delta.items():
-            index, _, rest = key[len("layers."):].partition(".")
+            index, _, rest = key[len("layers.") :].partition(".")
             module = layers[int(index)].get_submodule(rest[: -len(".delta")])
             weight = getattr(module, "base_layer", module).weight
             update = (value.T if fan_in_fan_out else value).to(weight.dtype)

@@ -109,9 +109,14 @@ def evaluate(
         chunk = examples[start : start + batch_size]
         prompts = encode_prompts(tokenizer, chunk)
         out = model.generate(
-            **prompts, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
+            **prompts,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
             eos_token_id=tokenizer.eos_token_id,  # type: ignore[attr-defined]
         )
-        answers = tokenizer.batch_decode(out[:, prompts["input_ids"].shape[1]:], skip_special_tokens=True)  # type: ignore[attr-defined]
-        correct += sum(normalize_answer(a) == normalize_answer(ex.output) for a, ex in zip(answers, chunk))
+        answers = tokenizer.batch_decode(out[:, prompts["input_ids"].shape[1] :], skip_special_tokens=True)  # type: ignore[attr-defined]
+        correct += sum(
+            normalize_answer(a) == normalize_answer(ex.output) for a, ex in zip(answers, chunk, strict=False)
+        )
     return EvalResult(loss=loss_sum / max(tokens, 1), accuracy=correct / max(len(examples), 1))

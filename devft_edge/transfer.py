@@ -27,8 +27,6 @@ def transfer_lora(stage_state: Mapping[str, Tensor], groups: Sequence[Sequence[i
     """
     reps = split_layers(stage_state)
     if sorted(reps) != list(range(len(groups))):
-        raise ConfigError(
-            f"stage LoRA has layers {sorted(reps)} but the group map has {len(groups)} groups"
-        )
+        raise ConfigError(f"stage LoRA has layers {sorted(reps)} but the group map has {len(groups)} groups")
     full = {j: {name: t.clone() for name, t in reps[g].items()} for g, members in enumerate(groups) for j in members}
     return join_layers(full)

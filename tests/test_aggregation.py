@@ -31,9 +31,9 @@ def test_fedsa_shares_only_a_and_clients_keep_b():
     mems = [ClientMemory(num_samples=1), ClientMemory(num_samples=3)]
     assert set(rule.downlink(server, mems[0], 0)) == {"layers.0.q.lora_A"}
     trained = [_state([[1.0, 2.0]], [[1.0], [0.0]]), _state([[4.0, 8.0]], [[0.0], [3.0]])]
-    sent = [rule.uplink(t, m, ident) for t, m in zip(trained, mems)]
+    sent = [rule.uplink(t, m, ident) for t, m in zip(trained, mems, strict=False)]
     assert all(set(s) == {"layers.0.q.lora_A"} for s in sent)
-    new = rule.aggregate(server, zip(sent, [1.0, 3.0]), round_index=0, seed=0)
+    new = rule.aggregate(server, zip(sent, [1.0, 3.0], strict=False), round_index=0, seed=0)
     torch.testing.assert_close(new.lora["layers.0.q.lora_A"], torch.tensor([[3.25, 6.5]]))
     # Each client starts the next round from the global A and its own B.
     start = rule.client_start(rule.downlink(new, mems[1], 1), new, mems[1], ident)
@@ -50,8 +50,10 @@ def test_flora_is_exact_weighted_sum_of_products():
     a2, b2 = torch.randn(2, 5), torch.randn(3, 2)
     server = GlobalState(lora={"layers.0.q.lora_A": torch.zeros(2, 5), "layers.0.q.lora_B": torch.zeros(3, 2)})
     rule.start_stage(0)
-    updates = [({"layers.0.q.lora_A": a1, "layers.0.q.lora_B": b1}, 1.0),
-               ({"layers.0.q.lora_A": a2, "layers.0.q.lora_B": b2}, 3.0)]
+    updates = [
+        ({"layers.0.q.lora_A": a1, "layers.0.q.lora_B": b1}, 1.0),
+        ({"layers.0.q.lora_A": a2, "layers.0.q.lora_B": b2}, 3.0),
+    ]
     new = rule.aggregate(server, iter(updates), round_index=0, seed=5)
     want = 0.25 * b1 @ a1 + 0.75 * b2 @ a2
     torch.testing.assert_close(new.delta["layers.0.q.delta"], want)

@@ -111,9 +111,7 @@ def test_every_variant_returns_canonical_partition(name: str, k: int) -> None:
 
 def test_even_sizes_larger_last() -> None:
     assert even_sizes(30, 4) == [7, 7, 8, 8]
-    assert GROUPINGS.get("even").group(torch.eye(10, dtype=torch.float64), 4) == [
-        [0, 1], [2, 3], [4, 5, 6], [7, 8, 9]
-    ]
+    assert GROUPINGS.get("even").group(torch.eye(10, dtype=torch.float64), 4) == [[0, 1], [2, 3], [4, 5, 6], [7, 8, 9]]
 
 
 def test_random_is_seeded_partition() -> None:

@@ -74,8 +74,10 @@ def test_split_join_and_bytes():
 
 def test_transfer_copies_representative_into_members():
     stage = {
-        "layers.0.q.lora_A": torch.tensor([[1.0, 2.0]]), "layers.0.q.lora_B": torch.tensor([[3.0]]),
-        "layers.1.q.lora_A": torch.tensor([[4.0, 5.0]]), "layers.1.q.lora_B": torch.tensor([[6.0]]),
+        "layers.0.q.lora_A": torch.tensor([[1.0, 2.0]]),
+        "layers.0.q.lora_B": torch.tensor([[3.0]]),
+        "layers.1.q.lora_A": torch.tensor([[4.0, 5.0]]),
+        "layers.1.q.lora_B": torch.tensor([[6.0]]),
     }
     full = transfer_lora(stage, [[0, 1, 2], [3, 4]])
     assert sorted({k.split(".")[1] for k in full}) == ["0", "1", "2", "3", "4"]

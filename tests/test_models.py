@@ -30,7 +30,9 @@ def test_submodel_has_fused_layers(tiny):
     sub = build_submodel(tiny, groups, FUSIONS.get("dblf", beta=0.1))
     assert num_layers(sub.model.config) == 3 and len(decoder_layers(sub.model)) == 3
     full = decoder_layers(tiny)
-    want = full[4].mlp.up_proj.weight + 0.1 * sum(full[j].mlp.up_proj.weight - full[4].mlp.up_proj.weight for j in (5, 6, 7))
+    want = full[4].mlp.up_proj.weight + 0.1 * sum(
+        full[j].mlp.up_proj.weight - full[4].mlp.up_proj.weight for j in (5, 6, 7)
+    )
     torch.testing.assert_close(decoder_layers(sub.model)[2].mlp.up_proj.weight, want)
     torch.testing.assert_close(decoder_layers(sub.model)[1].input_layernorm.weight, full[3].input_layernorm.weight)
     out = sub.model(torch.tensor([[1, 2, 3]])).logits
@@ -53,8 +55,9 @@ def test_bad_groups_rejected(tiny):
 
 
 def test_unsupported_architecture_names_supported_ones(tmp_path):
-    config = AutoConfig.for_model("bert", vocab_size=100, hidden_size=16, num_hidden_layers=2,
-                                  num_attention_heads=2, intermediate_size=32)
+    config = AutoConfig.for_model(
+        "bert", vocab_size=100, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32
+    )
     with pytest.raises(UnsupportedArchitectureError) as err:
         architecture_of(config)
     for name in ("llama", "qwen2", "gpt2", "gpt_neox", "phi3"):

@@ -49,9 +49,7 @@ def test_weight_cosine_clips_negatives_and_zero_norm() -> None:
 
 def test_weight_cosine_chunked_matches_direct(monkeypatch: pytest.MonkeyPatch) -> None:
     gen = torch.Generator().manual_seed(0)
-    params = [
-        {"w": torch.randn(7, 5, generator=gen) + i, "n": torch.randn(5, generator=gen)} for i in range(4)
-    ]
+    params = [{"w": torch.randn(7, 5, generator=gen) + i, "n": torch.randn(5, generator=gen)} for i in range(4)]
     monkeypatch.setattr(sim_mod, "_CHUNK_ELEMENTS", 12)  # 3 elements per chunk
     w = SIMILARITIES.get("weights").compute(LayerEvidence(params=params))
     flat = torch.stack([torch.cat([p["n"], p["w"].reshape(-1)]).double() for p in params])
@@ -82,9 +80,7 @@ def _reference_cka(x: np.ndarray, y: np.ndarray) -> float:
 
 
 @pytest.mark.parametrize(("tokens", "hidden", "budget"), [(12, 16, 0), (64, 6, 1 << 26), (64, 6, 0)])
-def test_cka_invariances_and_reference(
-    tokens: int, hidden: int, budget: int, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_cka_invariances_and_reference(tokens: int, hidden: int, budget: int, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sim_mod, "_GRAM_ELEMENTS", budget)  # budget 0 with tokens > hidden: pairwise path
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(tokens, hidden, generator=gen)
@@ -117,8 +113,12 @@ def test_cka_rejects_token_mismatch() -> None:
 def _tiny_llama() -> LlamaForCausalLM:
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=4,
-        num_attention_heads=2, num_key_value_heads=1,
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        num_key_value_heads=1,
     )
     return LlamaForCausalLM(config)
 

@@ -15,15 +15,39 @@ from devft_edge.models import load_model
 from devft_edge.simulator import METHODS, SimulationConfig, simulate
 from devft_edge.training import TrainSettings
 
-METRIC_KEYS = {"round", "stage", "layers", "train_loss", "eval_loss", "eval_accuracy", "wall_seconds",
-               "bytes_up", "bytes_down", "peak_rss_bytes"}
-SUMMARY_KEYS = {"method", "rounds", "final_eval_loss", "final_eval_accuracy", "wall_seconds", "bytes_up",
-                "bytes_down", "adapter_dir"}
+METRIC_KEYS = {
+    "round",
+    "stage",
+    "layers",
+    "train_loss",
+    "eval_loss",
+    "eval_accuracy",
+    "wall_seconds",
+    "bytes_up",
+    "bytes_down",
+    "peak_rss_bytes",
+}
+SUMMARY_KEYS = {
+    "method",
+    "rounds",
+    "final_eval_loss",
+    "final_eval_accuracy",
+    "wall_seconds",
+    "bytes_up",
+    "bytes_down",
+    "adapter_dir",
+}
 
 BASE = SimulationConfig(
-    model="tiny", clients=4, per_round=2, stages=2, rounds=4,
+    model="tiny",
+    clients=4,
+    per_round=2,
+    stages=2,
+    rounds=4,
     train=TrainSettings(steps=3, batch_size=4, seq_len=48, lr=1e-2),
-    examples_per_client=16, eval_examples=8, eval_every=2,
+    examples_per_client=16,
+    eval_examples=8,
+    eval_every=2,
 )
 
 
@@ -44,7 +68,7 @@ def test_two_stage_simulation_end_to_end(method, tmp_path):
     else:
         assert [r["layers"] for r in rows] == [8] * 4
     # Byte counters are cumulative and positive both ways.
-    assert all(b > a for a, b in zip([0] + [r["bytes_up"] for r in rows], [r["bytes_up"] for r in rows]))
+    assert all(b > a for a, b in zip([0] + [r["bytes_up"] for r in rows], [r["bytes_up"] for r in rows], strict=False))
     assert rows[-1]["bytes_down"] > rows[0]["bytes_down"] > 0
     # Training makes progress on the held-out set (FLoRA restarts LoRA from B = 0 every round,
     # so with 3 local steps it moves least).
@@ -100,7 +124,9 @@ def test_flora_equals_fedit_for_one_client_and_round(tmp_path):
     ],
 )
 def test_config_errors(changes, message):
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[").replace("]", r"\]")):
+    with pytest.raises(
+        ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[").replace("]", r"\]")
+    ):
         replace(BASE, **changes)
 
 
@@ -129,16 +155,40 @@ def test_cli_bad_arguments(argv, message, tmp_path, capsys):
 def test_cli_unsupported_architecture(tmp_path, capsys):
     from transformers import AutoConfig
 
-    AutoConfig.for_model("bert", vocab_size=100, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=32).save_pretrained(tmp_path / "bert")
+    AutoConfig.for_model(
+        "bert", vocab_size=100, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32
+    ).save_pretrained(tmp_path / "bert")
     assert main(["simulate", "--model", str(tmp_path / "bert"), "--out", str(tmp_path / "o")]) == 2
     assert "supported: gpt2, gpt_neox, llama" in capsys.readouterr().err
 
 
 def test_cli_json_summary(tmp_path, capsys):
-    argv = ["simulate", "--model", "tiny", "--clients", "3", "--per-round", "2", "--stages", "2", "--rounds", "2",
-            "--local-steps", "1", "--batch", "2", "--seq", "48", "--examples-per-client", "8",
-            "--eval-examples", "6", "--out", str(tmp_path), "--json"]
+    argv = [
+        "simulate",
+        "--model",
+        "tiny",
+        "--clients",
+        "3",
+        "--per-round",
+        "2",
+        "--stages",
+        "2",
+        "--rounds",
+        "2",
+        "--local-steps",
+        "1",
+        "--batch",
+        "2",
+        "--seq",
+        "48",
+        "--examples-per-client",
+        "8",
+        "--eval-examples",
+        "6",
+        "--out",
+        str(tmp_path),
+        "--json",
+    ]
     assert main(argv) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["method"] == "devft" and summary["rounds"] == 2
