@@ -57,7 +57,7 @@ def export_adapter(
     peft_model = attach_lora(base, settings)
     try:
         set_lora_state(peft_model, lora)
-        peft_model.save_pretrained(out_dir)
+        peft_model.save_pretrained(str(out_dir))
     finally:
         peft_model.unload()
     return Path(out_dir)

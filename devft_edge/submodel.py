@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import torch
 from accelerate import init_empty_weights
-from torch import Tensor
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from torch import Tensor, nn
+from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from devft_edge.errors import ConfigError
 from devft_edge.fusion import Fusion, fuse_layers
@@ -49,7 +49,7 @@ def _check_groups(groups: Sequence[Sequence[int]], total: int) -> None:
         raise ConfigError(problems)
 
 
-def submodel_config(config: object, groups: Sequence[Sequence[int]]) -> object:
+def submodel_config(config: PretrainedConfig, groups: Sequence[Sequence[int]]) -> PretrainedConfig:
     """The base config with ``len(groups)`` layers.
 
     Per-layer list fields (e.g. Qwen2's ``layer_types``) take the value of each group's anchor, so a
@@ -70,8 +70,8 @@ def build_submodel(base: PreTrainedModel, groups: Sequence[Sequence[int]], fusio
     Memory: the fused blocks are new tensors (about ``len(groups)/L`` of the block weights); the
     embeddings, final norm and head are the base model's own tensors.
     """
-    groups = [list(g) for g in groups]
-    _check_groups(groups, num_layers(base.config))
+    group_lists = [list(g) for g in groups]
+    _check_groups(group_lists, num_layers(base.config))
     prefix = layer_prefix(base, 0)[: -len("0.")]
     base_state = base.state_dict(keep_vars=True)
     per_layer: list[dict[str, Tensor]] = [{} for _ in range(num_layers(base.config))]
@@ -82,10 +82,10 @@ def build_submodel(base: PreTrainedModel, groups: Sequence[Sequence[int]], fusio
             per_layer[int(index)][name] = tensor.detach()
         else:
             state[key] = tensor.detach()
-    for g, fused in enumerate(fuse_layers(per_layer, groups, fusion)):
+    for g, fused in enumerate(fuse_layers(per_layer, group_lists, fusion)):
         for name, tensor in fused.items():
             state[f"{prefix}{g}.{name}"] = tensor
-    config = submodel_config(base.config, groups)
+    config = submodel_config(base.config, group_lists)
     # Parameters on the meta device (no random init of weights we overwrite at once); buffers such
     # as rotary frequencies are built for real.
     with init_empty_weights(include_buffers=False):
@@ -95,7 +95,7 @@ def build_submodel(base: PreTrainedModel, groups: Sequence[Sequence[int]], fusio
         model.tie_weights()
     model.eval()
     model.requires_grad_(False)
-    return Submodel(model=model, groups=groups)
+    return Submodel(model=model, groups=group_lists)
 
 
 def stage_lora(full_state: Mapping[str, Tensor], groups: Sequence[Sequence[int]], fusion: Fusion) -> LoraState:
@@ -131,7 +131,7 @@ def layer_evidence(
         return LayerEvidence(params=[{k: v.clone() for k, v in p.items()} for p in params], outputs=None)
 
 
-def add_weight_delta(model: PreTrainedModel, delta: Mapping[str, Tensor], scaling: float) -> None:
+def add_weight_delta(model: nn.Module, delta: Mapping[str, Tensor], scaling: float) -> None:
     """Merge dense updates ``scaling * delta`` (keys ``layers.{i}.{module}.delta``) into the weights.
 
     Works on a plain or peft-wrapped model (peft's LoRA layers keep the original as ``base_layer``).

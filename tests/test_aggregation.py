@@ -86,3 +86,28 @@ def test_running_sum_checks_inputs():
 def test_unknown_rule():
     with pytest.raises(UnknownVariantError, match="fedit, fedsa, flora"):
         RULES.get("fedprox")
+
+
+@pytest.mark.parametrize("name", ["fedit", "fedsa", "flora"])
+def test_aggregation_streams_one_update_at_a_time(name):
+    """The server never holds more than the running sum and the update in hand."""
+    import gc
+    import weakref
+
+    rule = RULES.get(name)
+    rule.start_stage(0)
+    server = GlobalState(lora={"layers.0.q.lora_A": torch.zeros(2, 5), "layers.0.q.lora_B": torch.zeros(3, 2)})
+    refs: list[weakref.ref] = []
+
+    def updates():
+        for k in range(6):
+            gc.collect()
+            # Every update older than the previous one has been released.
+            assert all(r() is None for r in refs[:-1]), f"update {k}: earlier updates still alive"
+            state = {"layers.0.q.lora_A": torch.randn(2, 5), "layers.0.q.lora_B": torch.randn(3, 2)}
+            refs.append(weakref.ref(state["layers.0.q.lora_A"]))
+            yield rule.uplink(state, ClientMemory(num_samples=1), ident) if name == "fedsa" else state, 1.0
+            del state
+
+    rule.aggregate(server, updates(), round_index=0, seed=0)
+    assert len(refs) == 6
