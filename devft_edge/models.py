@@ -87,34 +87,29 @@ def smollm2_dir() -> Path:
 
 def tiny_config(family: str = "llama", vocab_size: int = 49152, num_layers: int = 8) -> PretrainedConfig:
     """A tiny config of ``family`` (hidden 64, 4 heads) with ``num_layers`` blocks, for tests."""
-    common = {"vocab_size": vocab_size, "tie_word_embeddings": True}
-    if family in ("llama", "qwen2", "phi3"):
-        kwargs = dict(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=num_layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=512,
-            pad_token_id=2,
-            bos_token_id=1,
-            eos_token_id=2,
-        )
-    elif family == "gpt_neox":
-        kwargs = dict(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=num_layers,
-            num_attention_heads=4,
-            max_position_embeddings=512,
-            bos_token_id=1,
-            eos_token_id=2,
-        )
-    elif family == "gpt2":
-        kwargs = dict(n_embd=64, n_layer=num_layers, n_head=4, n_positions=512, bos_token_id=1, eos_token_id=2)
-    else:
+    common: dict[str, object] = {
+        "vocab_size": vocab_size,
+        "tie_word_embeddings": True,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    }
+    llama_like: dict[str, object] = {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": 4,
+        "max_position_embeddings": 512,
+    }
+    per_family: dict[str, dict[str, object]] = {
+        "llama": {**llama_like, "num_key_value_heads": 2, "pad_token_id": 2},
+        "qwen2": {**llama_like, "num_key_value_heads": 2, "pad_token_id": 2},
+        "phi3": {**llama_like, "num_key_value_heads": 2, "pad_token_id": 2},
+        "gpt_neox": llama_like,
+        "gpt2": {"n_embd": 64, "n_layer": num_layers, "n_head": 4, "n_positions": 512},
+    }
+    if family not in per_family:
         raise ConfigError(f"no tiny config for family {family!r}; known: {', '.join(TINY_FAMILIES)}")
-    return AutoConfig.for_model(family, **common, **kwargs)
+    return AutoConfig.for_model(family, **common, **per_family[family])
 
 
 def load_tokenizer(spec: str) -> PreTrainedTokenizerBase:
