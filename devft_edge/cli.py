@@ -48,6 +48,13 @@ def _add_simulation_options(p: argparse.ArgumentParser, defaults: dict[str, obje
     p.add_argument("--eval-examples", type=int, default=d["eval_examples"], help="held-out eval examples")
     p.add_argument("--eval-every", type=int, default=1, help="evaluate every this many rounds")
     p.add_argument("--export-merged", action="store_true", help="also save the merged model")
+    p.add_argument(
+        "--adaptive-patience",
+        type=int,
+        default=0,
+        help="adaptive schedule: leave a stage after this many evals without improvement (0 = fixed rounds)",
+    )
+    p.add_argument("--adaptive-min-delta", type=float, default=0.01, help="eval-loss decrease that counts as progress")
     p.add_argument("--seed", type=int, default=0, help="seed for data, sampling, init and training")
     p.add_argument("--out", type=Path, default=d["out"], help="output directory")
     p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
@@ -80,6 +87,8 @@ def _run_simulation(args: argparse.Namespace) -> int:
         eval_examples=args.eval_examples,
         eval_every=args.eval_every,
         export_merged=args.export_merged,
+        adaptive_patience=args.adaptive_patience,
+        adaptive_min_delta=args.adaptive_min_delta,
     )
     summary = simulate(cfg, args.out)
     if args.json:

@@ -102,6 +102,11 @@ class SimulationConfig:
     """Evaluate every this many rounds (and always after the last)."""
     export_merged: bool = False
     """Also save the merged full model next to the adapter."""
+    adaptive_patience: int = 0
+    """Adaptive schedule: leave a stage once its eval loss has not improved by ``adaptive_min_delta``
+    for this many evaluations; its unused rounds carry over to the next stage. 0 = fixed rounds."""
+    adaptive_min_delta: float = 0.01
+    """Smallest eval-loss decrease that counts as progress for the adaptive schedule."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -117,6 +122,8 @@ class SimulationConfig:
             problems.append(f"rounds must be >= 1, got {self.rounds}")
         if self.eval_examples < 1 or self.eval_every < 1:
             problems.append("eval-examples and eval-every must be >= 1")
+        if self.adaptive_patience < 0 or self.adaptive_min_delta < 0:
+            problems.append("adaptive patience and min delta must be >= 0")
         for registry, name in ((SIMILARITIES, self.similarity), (GROUPINGS, self.grouping), (FUSIONS, self.fusion)):
             if name not in registry:
                 problems.append(f"unknown {registry.kind} {name!r}; known: {', '.join(registry.names())}")
@@ -220,6 +227,26 @@ class _Stage:
 
 
 @dataclass
+class _Plateau:
+    """Detects a plateau of the eval loss inside a stage (the adaptive schedule); patience 0 = never."""
+
+    patience: int
+    min_delta: float
+    best: float = float("inf")
+    stale: int = 0
+
+    def reached(self, eval_loss: float | None) -> bool:
+        """Record one round's eval loss (None = not evaluated); True once the stage should end."""
+        if self.patience == 0 or eval_loss is None:
+            return False
+        if eval_loss < self.best - self.min_delta:
+            self.best, self.stale = eval_loss, 0
+        else:
+            self.best, self.stale = min(self.best, eval_loss), self.stale + 1
+        return self.stale >= self.patience
+
+
+@dataclass
 class _RoundTally:
     """What one round's clients did, for the metrics line."""
 
@@ -274,27 +301,37 @@ class Simulation:
             unit="round",
         )
         with (self.out_dir / "metrics.jsonl").open("w") as metrics_file, bar:
+            carry = 0
+            last_stage = len(self.schedule.capacities)
             for number, (capacity, n_rounds) in enumerate(
                 zip(self.schedule.capacities, self.schedule.rounds_per_stage, strict=True), start=1
             ):
+                budget = self.cfg.rounds - round_index if number == last_stage else n_rounds + carry
                 stage = self._open_stage(number, capacity, round_index)
-                stages_info.append(
-                    {
-                        "stage": number,
-                        "layers": capacity,
-                        "rounds": n_rounds,
-                        "groups": stage.groups,
-                        "pack_block_bytes": stage.block_bytes,
-                    }
-                )
-                for _ in range(n_rounds):
+                plateau = _Plateau(self.cfg.adaptive_patience, self.cfg.adaptive_min_delta)
+                used = 0
+                while used < budget:
                     line = self._run_round(stage, round_index)
                     round_index += 1
+                    used += 1
                     metrics.append(line)
                     metrics_file.write(json.dumps(asdict(line)) + "\n")
                     metrics_file.flush()
                     bar.update(1)
                     bar.set_postfix(stage=number, eval_loss="-" if line.eval_loss is None else f"{line.eval_loss:.3f}")
+                    if number < last_stage and plateau.reached(line.eval_loss):
+                        logger.info("stage %d plateaued after %d of %d rounds", number, used, budget)
+                        break
+                carry = budget - used
+                stages_info.append(
+                    {
+                        "stage": number,
+                        "layers": capacity,
+                        "rounds": used,
+                        "groups": stage.groups,
+                        "pack_block_bytes": stage.block_bytes,
+                    }
+                )
                 self._close_stage(stage)
         return self._finish(initial, metrics, stages_info, time.perf_counter() - start)
 

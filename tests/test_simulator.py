@@ -10,8 +10,8 @@ import torch
 from peft import PeftModel
 
 from devft_edge.cli import main
-from devft_edge.errors import ConfigError
 from devft_edge.data import train_eval_split
+from devft_edge.errors import ConfigError
 from devft_edge.models import load_model, load_tokenizer
 from devft_edge.simulator import METHODS, SimulationConfig, simulate
 from devft_edge.training import TrainSettings, evaluate
@@ -105,6 +105,18 @@ def test_one_stage_devft_equals_fedit(tmp_path):
     wa = load_file(f"{a['adapter_dir']}/adapter_model.safetensors")
     wb = load_file(f"{b['adapter_dir']}/adapter_model.safetensors")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_adaptive_schedule_advances_on_plateau(tmp_path):
+    # min_delta so large that no evaluation counts as progress: each stage but the last ends after
+    # its first two evaluations (the first sets the best), and the unused rounds carry over.
+    cfg = replace(BASE, stages=2, rounds=6, eval_every=1, adaptive_patience=1, adaptive_min_delta=100.0)
+    summary = simulate(cfg, tmp_path, progress=False)
+    rows = _lines(tmp_path / "metrics.jsonl")
+    assert [r["layers"] for r in rows] == [4, 4, 8, 8, 8, 8]
+    assert [s["rounds"] for s in summary["stages"]] == [2, 4]
+    fixed = simulate(replace(cfg, adaptive_patience=0), tmp_path / "fixed", progress=False)
+    assert [s["rounds"] for s in fixed["stages"]] == [3, 3]
 
 
 def test_flora_equals_fedit_for_one_client_and_round(tmp_path):
