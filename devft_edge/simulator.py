@@ -161,6 +161,9 @@ class RoundMetrics:
     parallel_seconds: float
     bytes_up: int
     bytes_down: int
+    bytes_down_pack: int
+    """Part of ``bytes_down`` that is model weights (stage packs, shared embeddings/head); the rest
+    is LoRA state (and FLoRA's merged updates)."""
     peak_rss_bytes: int
 
 
@@ -252,6 +255,7 @@ class _RoundTally:
 
     bytes_up: int = 0
     bytes_down: int = 0
+    bytes_down_pack: int = 0
     losses: list[float] = field(default_factory=list)
     client_seconds: list[float] = field(default_factory=list)
 
@@ -284,7 +288,7 @@ class Simulation:
         )
         self.has_shared: set[int] = set()
         self.wall = self.parallel = 0.0
-        self.bytes_up = self.bytes_down = 0
+        self.bytes_up = self.bytes_down = self.bytes_down_pack = 0
 
     def run(self) -> dict[str, object]:
         """Run every stage and round; write metrics, summary, adapter and plot. Returns the summary."""
@@ -375,7 +379,9 @@ class Simulation:
             if c in stage.has_pack:
                 tally.bytes_down += self.rule.extra_downlink_bytes(stage.server, memory, round_index)
             else:  # first time in this stage: the pack (and, once per run, the shared embeddings/head)
-                tally.bytes_down += stage.block_bytes + (0 if c in self.has_shared else self.shared_bytes)
+                pack = stage.block_bytes + (0 if c in self.has_shared else self.shared_bytes)
+                tally.bytes_down += pack
+                tally.bytes_down_pack += pack
                 stage.has_pack.add(c)
                 self.has_shared.add(c)
                 memory.synced_round = round_index - 1
@@ -407,6 +413,7 @@ class Simulation:
         self.parallel += max(tally.client_seconds) + (elapsed - sum(tally.client_seconds))
         self.bytes_up += tally.bytes_up
         self.bytes_down += tally.bytes_down
+        self.bytes_down_pack += tally.bytes_down_pack
 
         number = round_index + 1
         result = None
@@ -424,6 +431,7 @@ class Simulation:
             parallel_seconds=round(self.parallel, 3),
             bytes_up=self.bytes_up,
             bytes_down=self.bytes_down,
+            bytes_down_pack=self.bytes_down_pack,
             peak_rss_bytes=peak_rss_bytes(),
         )
 
@@ -467,6 +475,7 @@ class Simulation:
             "parallel_seconds": round(self.parallel, 3),
             "bytes_up": self.bytes_up,
             "bytes_down": self.bytes_down,
+            "bytes_down_pack": self.bytes_down_pack,
             "final_upload_bytes": final_up,
             "peak_rss_bytes": peak_rss_bytes(),
             "total_seconds": round(total_seconds, 3),

@@ -70,7 +70,10 @@ def test_two_stage_simulation_end_to_end(method, tmp_path):
         assert [r["layers"] for r in rows] == [8] * 4
     # Byte counters are cumulative and positive both ways.
     assert all(b > a for a, b in zip([0] + [r["bytes_up"] for r in rows], [r["bytes_up"] for r in rows], strict=False))
-    assert rows[-1]["bytes_down"] > rows[0]["bytes_down"] > 0
+    assert rows[-1]["bytes_down"] > rows[0]["bytes_down"] >= rows[0]["bytes_down_pack"] > 0
+    if "flora" not in method:  # FLoRA sends no LoRA down: clients restart it from a seed
+        assert rows[0]["bytes_down"] > rows[0]["bytes_down_pack"]
+    assert summary["bytes_down_pack"] == rows[-1]["bytes_down_pack"]
     # Training makes progress on the held-out set (FLoRA restarts LoRA from B = 0 every round,
     # so with 3 local steps it moves least).
     margin = 0.01 if "flora" in method else 0.1
