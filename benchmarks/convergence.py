@@ -244,11 +244,17 @@ class Reach:
     parallel_seconds: float
     bytes_up: int
     bytes_down: int
+    bytes_down_pack: int
 
     @property
     def bytes_total(self) -> int:
-        """Both directions together, the quantity the paper's communication claims count."""
+        """Both directions together, model packs included."""
         return self.bytes_up + self.bytes_down
+
+    @property
+    def bytes_lora(self) -> int:
+        """LoRA traffic only (both directions, packs excluded): what the paper's communication figures count."""
+        return self.bytes_total - self.bytes_down_pack
 
 
 def time_to_target(rows: Sequence[Mapping[str, Any]], target: float) -> Reach | None:
@@ -258,7 +264,14 @@ def time_to_target(rows: Sequence[Mapping[str, Any]], target: float) -> Reach | 
     """
     for row in rows:
         if row.get("eval_loss") is not None and row["eval_loss"] <= target:
-            return Reach(row["round"], row["wall_seconds"], row["parallel_seconds"], row["bytes_up"], row["bytes_down"])
+            return Reach(
+                row["round"],
+                row["wall_seconds"],
+                row["parallel_seconds"],
+                row["bytes_up"],
+                row["bytes_down"],
+                row.get("bytes_down_pack", 0),
+            )
     return None
 
 
@@ -341,13 +354,17 @@ class Report:
                     _stat([_mb(x["bytes_up"]) for x in s], 1),
                     _stat([_mb(x["bytes_down"]) for x in s], 1),
                     _stat([_mb(x["bytes_up"] + x["bytes_down"]) for x in s], 1),
+                    _stat([_mb(x["bytes_up"] + x["bytes_down"] - x.get("bytes_down_pack", 0)) for x in s], 1),
                     _stat([_mb(x["peak_rss_bytes"]) for x in s], 0),
                 ]
             )
             paired = self._paired("fedit", method)
             hits = [h for b, m in paired if (h := time_to_target(m.rows, b.summary["final_eval_loss"])) is not None]
             cells = [_stat([getattr(h, f) for h in hits], 1) for f in ("wall_seconds", "parallel_seconds")]
-            cells += [_stat([_mb(getattr(h, f)) for h in hits], 1) for f in ("bytes_up", "bytes_down", "bytes_total")]
+            cells += [
+                _stat([_mb(getattr(h, f)) for h in hits], 1)
+                for f in ("bytes_up", "bytes_down", "bytes_total", "bytes_lora")
+            ]
             if paired and not hits:
                 cells = ["not reached"] * len(cells)
             reach.append([method, f"{len(hits)}/{len(paired)}", *cells])
@@ -359,7 +376,7 @@ class Report:
             "",
             *_table(
                 "method | runs | final eval loss | exact match % | wall s | parallel s | MB up | MB down | MB total"
-                " | peak RSS MB",
+                " | MB LoRA only | peak RSS MB",
                 end,
             ),
             "",
@@ -368,7 +385,7 @@ class Report:
             "First evaluated round whose eval loss <= the FedIT run's final eval loss; `reached` counts seeds "
             "(of those where both runs exist); the costs average the seeds that reached it.",
             "",
-            *_table("method | reached | wall s | parallel s | MB up | MB down | MB total", reach),
+            *_table("method | reached | wall s | parallel s | MB up | MB down | MB total | MB LoRA only", reach),
         ]
 
     def ratio_table(self) -> list[str]:
@@ -376,7 +393,12 @@ class Report:
         rows = []
         for baseline, method in PAIRS:
             paired = self._paired(baseline, method)
-            ratios: dict[str, list[float]] = {"wall_seconds": [], "parallel_seconds": [], "bytes_total": []}
+            ratios: dict[str, list[float]] = {
+                "wall_seconds": [],
+                "parallel_seconds": [],
+                "bytes_total": [],
+                "bytes_lora": [],
+            }
             for b, m in paired:
                 target = b.summary["final_eval_loss"]
                 base_hit, dev_hit = time_to_target(b.rows, target), time_to_target(m.rows, target)
@@ -400,12 +422,13 @@ class Report:
             "### DevFT against its baseline",
             "",
             "Ratios are baseline / DevFT (> 1: DevFT is faster or sends less) to reach the baseline's own final "
-            "eval loss, per seed, over the seeds where DevFT reached it (`reached`). Differences are DevFT - "
+            "eval loss (bytes: everything sent, packs included; LoRA bytes: packs excluded), per seed, over the "
+            "seeds where DevFT reached it (`reached`). Differences are DevFT - "
             "baseline (loss < 0 and points > 0: DevFT is better).",
             "",
             *_table(
-                "pair | reached | wall-time ratio | parallel-time ratio | bytes ratio | final loss diff"
-                " | exact match diff (points)",
+                "pair | reached | wall-time ratio | parallel-time ratio | bytes ratio | LoRA-bytes ratio"
+                " | final loss diff | exact match diff (points)",
                 rows,
             ),
         ]

@@ -34,14 +34,17 @@ def _row(number: int, eval_loss: float | None) -> dict[str, object]:
         "parallel_seconds": number / 2,
         "bytes_up": 10 * number,
         "bytes_down": 100 * number,
+        "bytes_down_pack": 90 * number,
     }
 
 
 def test_time_to_target_first_evaluated_round_at_or_below_target():
     rows = [_row(1, 3.0), _row(2, None), _row(3, 2.0), _row(4, 1.0)]
     hit = bench.time_to_target(rows, 2.0)  # round 3 equals the target: reached (<=)
-    assert hit == bench.Reach(round=3, wall_seconds=3.0, parallel_seconds=1.5, bytes_up=30, bytes_down=300)
-    assert hit.bytes_total == 330
+    assert hit == bench.Reach(
+        round=3, wall_seconds=3.0, parallel_seconds=1.5, bytes_up=30, bytes_down=300, bytes_down_pack=270
+    )
+    assert hit.bytes_total == 330 and hit.bytes_lora == 60
     assert bench.time_to_target(rows, 0.5) is None  # never reached
     # round 2 has no eval: it is skipped, even though round 3 would otherwise be preceded by it
     assert bench.time_to_target([_row(1, 5.0), _row(2, None), _row(3, 2.5)], 2.6).round == 3
