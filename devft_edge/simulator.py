@@ -127,14 +127,17 @@ class SimulationConfig:
         for registry, name in ((SIMILARITIES, self.similarity), (GROUPINGS, self.grouping), (FUSIONS, self.fusion)):
             if name not in registry:
                 problems.append(f"unknown {registry.kind} {name!r}; known: {', '.join(registry.names())}")
-        if self.fusion == "dblf" and self.beta != "auto":
-            try:
-                beta = float(self.beta)
-                if not 0 < beta <= 1:
-                    problems.append(f"beta must be in (0, 1] or 'auto', got {self.beta}")
-            except ValueError:
-                problems.append(f"beta must be a number in (0, 1] or 'auto', got {self.beta!r}")
+        if self.fusion in FUSIONS:
+            try:  # the variant validates its own parameters
+                FUSIONS.get(self.fusion, **self.fusion_params)
+            except ConfigError as err:
+                problems.extend(err.problems)
         raise_if(problems)
+
+    @property
+    def fusion_params(self) -> dict[str, object]:
+        """Parameters of the fusion variant (``beta`` applies to DBLF only)."""
+        return {"beta": self.beta} if self.fusion == "dblf" else {}
 
     @property
     def devft(self) -> bool:
@@ -270,7 +273,7 @@ class Simulation:
         self.total_layers = num_layers(self.base.config)
         self.schedule = StageSchedule(self.total_layers, cfg.stages if cfg.devft else 1, cfg.rounds)
         self.rule = RULES.get(cfg.rule)
-        self.fusion = FUSIONS.get(cfg.fusion, **({"beta": cfg.beta} if cfg.fusion == "dblf" else {}))
+        self.fusion = FUSIONS.get(cfg.fusion, **cfg.fusion_params)
         self.similarity = SIMILARITIES.get(cfg.similarity)
         self.grouping = GROUPINGS.get(cfg.grouping)
         client_data, self.held_out = _load_data(cfg)
