@@ -117,6 +117,6 @@ def test_quick_run_then_report(tmp_path):
     assert _table_row(markdown, "flora")[2] == "missing"  # planned but not run: shown, not a crash
     ratio = _table_row(markdown, "fedit vs devft")
     assert ratio[1] in {"0/1", "1/1"}
-    float(ratio[5])  # final loss difference is a number whether or not DevFT reached FedIT's loss
+    float(ratio[6])  # final loss difference is a number whether or not DevFT reached FedIT's loss
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert f"]({figure.name})" in markdown
