@@ -226,10 +226,12 @@ class FLoRA(AggregationRule):
         self.round_bytes[round_index] = stacked_bytes
         increment = total.mean()
         delta = {k: server.delta.get(k, 0) + v for k, v in increment.items()}
-        shapes = {k[: -len(".lora_A")]: (v.shape[1], 0) for k, v in server.lora.items() if k.endswith(".lora_A")}
-        rank = next(v.shape[0] for k, v in server.lora.items() if k.endswith(".lora_A"))
+        # Fresh LoRA for the next round (A random from the round's seed, B = 0), same shapes as before.
+        shapes = {
+            k[: -len(".lora_A")]: (a.shape[1], server.lora[k[: -len("A")] + "B"].shape[0])
+            for k, a in server.lora.items()
+            if k.endswith(".lora_A")
+        }
+        rank = next(a.shape[0] for k, a in server.lora.items() if k.endswith(".lora_A"))
         fresh = init_lora_state(shapes, rank, seed)
-        for key in fresh:
-            if key.endswith(".lora_B"):
-                fresh[key] = torch.zeros_like(server.lora[key])
         return GlobalState(lora=fresh, delta=delta)
