@@ -1,0 +1,291 @@
+"""A memory and step-time model of one local LoRA training step of a stage submodel.
+
+The planner has to say, before anything is shipped, whether a stage's submodel trains within a
+device's memory budget. The peak resident memory of a training process is modelled as a sum of
+parts, each counted from the architecture (a meta-device skeleton of the model, so any supported
+family is counted exactly) and a few calibrated coefficients:
+
+``peak = runtime + weights + lora + activations + logits + dequant``
+
+- ``runtime``: the Python process with torch, transformers and peft imported and the tokenizer
+  loaded; a measured constant of the CPU training stack (``RUNTIME_BYTES``).
+- ``weights``: the frozen base weights at the pack's quantization (exact bytes per scheme;
+  norms stay fp32; embeddings/head quantized or not per the :class:`QuantSpec`).
+- ``lora``: LoRA factors, their gradients and AdamW's two moments: 16 bytes per parameter.
+- ``activations``: what autograd keeps between forward and backward. Per token and block it is
+  proportional to the block's activation width (the sum of its linear layers' output features:
+  every projection's output and LoRA input is saved), coefficient ``ACT_COEF``; the attention
+  scores add ``b * heads * s^2`` floats per block times ``ATTN_COEF``. With gradient checkpointing
+  only each block's input (``hidden`` floats per token) is kept, plus one block recomputed.
+- ``logits``: ``b * s * vocab`` floats times ``LOGIT_COEF`` (logits, their log-softmax and
+  gradient; for a 135M model with a 49k vocabulary this is the largest activation).
+- ``dequant``: with quantized embeddings the tied LM head is dequantized to fp32 for its matmul.
+
+The coefficients are fitted to measured peaks on the development machine and validated on
+other configurations by ``benchmarks/memory_model.py`` (see ``docs/memory_model.md``); the fit
+and the validation error are reported there, not assumed.
+
+Step time is FLOPs over the device's sustained GEMM throughput times an efficiency factor
+measured here (training is not one big GEMM). Importing this module does not import torch; only
+:func:`model_shape` builds a skeleton.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from devft_edge.errors import ConfigError
+from devft_edge.quantization import QuantSpec, nf4_nbytes
+
+FLOAT = 4
+"""Bytes of one fp32 value: training computes in fp32 on CPU devices."""
+
+# Calibrated on the development machine (2-core x86-64, torch 2.13 CPU, transformers 5.23, peft
+# 0.21) by ``benchmarks/memory_model.py fit``; see docs/memory_model.md for data and error.
+RUNTIME_BYTES = 420 * 2**20
+"""Resident memory of the training process before any weight is loaded."""
+ACT_COEF = 2.0
+"""Saved fp32 values per token per unit of block activation width."""
+ATTN_COEF = 1.0
+"""Saved fp32 attention-score tensors per block (0 for a fused kernel that saves none)."""
+LOGIT_COEF = 3.0
+"""fp32 ``[tokens, vocab]`` tensors alive at the loss."""
+STEP_EFFICIENCY = 0.5
+"""Fraction of the sustained GEMM throughput a LoRA training step achieves."""
+CUDA_RUNTIME_BYTES = 1 * 2**30
+"""Extra process memory of a CUDA context with cuBLAS on Jetson-class devices. Not calibrated
+here (no GPU on the development machine): an estimate from NVIDIA's Jetson documentation."""
+
+
+@dataclass(frozen=True)
+class Linear:
+    """One linear layer of a decoder block: ``out x in`` weights."""
+
+    name: str
+    out_features: int
+    in_features: int
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the memory model needs to know about a model, counted on a skeleton."""
+
+    model_type: str
+    num_layers: int
+    hidden: int
+    vocab: int
+    heads: int
+    block_linears: tuple[Linear, ...]
+    """Linear layers of one decoder block (every block of the supported families is the same)."""
+    block_other_params: int
+    """Per-block parameters outside linear layers (norms, biases), kept fp32."""
+    embed_params: int
+    head_params: int
+    """LM head weight parameters; 0 when tied to the embedding."""
+    other_params: int
+    """Final norm and anything else outside blocks, embedding and head (fp32)."""
+    lora_targets: tuple[str, ...]
+
+    @property
+    def act_width(self) -> int:
+        """Sum of the block's linear output features: its per-token activation width."""
+        return sum(lin.out_features for lin in self.block_linears)
+
+    @property
+    def block_params(self) -> int:
+        """Parameters of one block."""
+        return sum(lin.out_features * lin.in_features for lin in self.block_linears) + self.block_other_params
+
+    def params_total(self, layers: int) -> int:
+        """Parameters of a submodel with ``layers`` blocks."""
+        return self.embed_params + self.head_params + self.other_params + layers * self.block_params
+
+    def lora_params(self, layers: int, rank: int) -> int:
+        """Trainable LoRA parameters (A and B of every target) of ``layers`` blocks."""
+        per_block = sum(rank * (lin.in_features + lin.out_features)
+                        for lin in self.block_linears if lin.name in self.lora_targets)
+        return layers * per_block
+
+
+def model_shape(config: object) -> ModelShape:
+    """Count a HF config's model on a meta-device skeleton (no weights are allocated)."""
+    import torch
+    from accelerate import init_empty_weights
+    from torch import nn
+    from transformers import AutoModelForCausalLM
+
+    from devft_edge.layers import architecture_of, decoder_layers, num_layers
+
+    arch = architecture_of(config)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    block = decoder_layers(model)[0]
+    linears, other = [], 0
+    for name, module in block.named_modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D":
+            out_f, in_f = (weight.shape[1], weight.shape[0]) if type(module).__name__ == "Conv1D" else weight.shape
+            linears.append(Linear(name.rpartition(".")[2], int(out_f), int(in_f)))
+            other += module.bias.numel() if module.bias is not None else 0
+        else:
+            other += sum(p.numel() for p in module.parameters(recurse=False))
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    # The config says whether the head is tied (a meta skeleton may not share the tensor yet).
+    tied = head is None or bool(getattr(config, "tie_word_embeddings", False)) or head.weight is embed.weight
+    total = sum(p.numel() for p in model.parameters() if not (tied and head is not None and p is head.weight))
+    blocks = num_layers(config) * (sum(lin.out_features * lin.in_features for lin in linears) + other)
+    head_params = 0 if tied else head.weight.numel()
+    hidden = int(embed.weight.shape[1])
+    return ModelShape(
+        model_type=arch.model_type,
+        num_layers=num_layers(config),
+        hidden=hidden,
+        vocab=int(embed.weight.shape[0]),
+        heads=int(getattr(config, "num_attention_heads", 1)),
+        block_linears=tuple(linears),
+        block_other_params=int(other),
+        embed_params=int(embed.weight.numel()),
+        head_params=int(head_params),
+        other_params=int(total - blocks - embed.weight.numel() - head_params),
+        lora_targets=arch.lora_targets,
+    )
+
+
+QUANTS = ("none", "int8", "int4", "nf4")
+
+
+@dataclass(frozen=True)
+class StepConfig:
+    """One local training step to predict: submodel depth, batch and LoRA settings."""
+
+    layers: int
+    batch: int = 4
+    seq: int = 64
+    rank: int = 8
+    quant: str = "none"
+    quant_embeddings: bool = True
+    checkpointing: bool = False
+    backend: str = "cpu"
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name in ("layers", "batch", "seq", "rank"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and value >= 1):
+                problems.append(f"{name} must be an int >= 1, got {value!r}")
+        if self.quant not in QUANTS:
+            problems.append(f"quant must be one of {', '.join(QUANTS)}, got {self.quant!r}")
+        if self.backend not in ("cpu", "cuda"):
+            problems.append(f"backend must be cpu or cuda, got {self.backend!r}")
+        if problems:
+            raise ConfigError(problems)
+
+
+def weight_bytes(shape: ModelShape, out_features: int, in_features: int, quant: str) -> int:
+    """Bytes of one ``out x in`` weight stored at ``quant``."""
+    if quant == "nf4":
+        return nf4_nbytes(out_features, in_features)
+    return QuantSpec(quant).quantizer().nbytes(out_features, in_features)
+
+
+def base_weight_bytes(shape: ModelShape, layers: int, quant: str, quant_embeddings: bool = True) -> int:
+    """Frozen base weights of a ``layers``-block submodel at ``quant`` (what a pack carries)."""
+    block = sum(weight_bytes(shape, lin.out_features, lin.in_features, quant) for lin in shape.block_linears)
+    block += FLOAT * shape.block_other_params
+    table_quant = quant if quant_embeddings else "none"
+    embed = weight_bytes(shape, shape.vocab, shape.hidden, table_quant)
+    head = weight_bytes(shape, shape.head_params // shape.hidden, shape.hidden, table_quant) if shape.head_params else 0
+    return layers * block + embed + head + FLOAT * shape.other_params
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Predicted peak resident memory of a training step, by part (bytes)."""
+
+    parts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def peak_bytes(self) -> int:
+        """The sum of the parts."""
+        return sum(self.parts.values())
+
+
+def estimate_memory(shape: ModelShape, step: StepConfig) -> MemoryEstimate:
+    """Predicted peak of one steady-state training step (see the module docstring for the terms)."""
+    if step.layers > shape.num_layers:
+        raise ConfigError(f"layers={step.layers} exceeds the model's {shape.num_layers}")
+    tokens = step.batch * step.seq
+    attn = step.batch * shape.heads * step.seq**2 * ATTN_COEF
+    per_block = tokens * shape.act_width * ACT_COEF + attn
+    if step.checkpointing:
+        activations = step.layers * tokens * shape.hidden + per_block
+    else:
+        activations = step.layers * per_block
+    quantized_head = step.quant != "none" and step.quant_embeddings
+    runtime = RUNTIME_BYTES + (CUDA_RUNTIME_BYTES if step.backend == "cuda" else 0)
+    return MemoryEstimate(
+        parts={
+            "runtime": runtime,
+            "weights": base_weight_bytes(shape, step.layers, step.quant, step.quant_embeddings),
+            "lora": 4 * FLOAT * shape.lora_params(step.layers, step.rank),
+            "activations": int(FLOAT * activations),
+            "logits": int(FLOAT * LOGIT_COEF * tokens * shape.vocab),
+            "dequant": FLOAT * shape.vocab * shape.hidden if quantized_head else 0,
+        }
+    )
+
+
+def step_flops(shape: ModelShape, step: StepConfig) -> float:
+    """FLOPs of one training step: forward, backward to the inputs (frozen weights), LoRA grads.
+
+    A frozen linear layer costs ``2 * tokens * in * out`` forward and the same again backward
+    (input gradient only); attention ``4 * b * s^2 * hidden`` per block forward, twice that
+    backward; gradient checkpointing recomputes the blocks' forward once more.
+    """
+    tokens = step.batch * step.seq
+    block_linear = sum(lin.out_features * lin.in_features for lin in shape.block_linears)
+    linear_fwd = step.layers * 2 * tokens * block_linear
+    attn_fwd = step.layers * 4 * step.batch * step.seq**2 * shape.hidden
+    head_fwd = 2 * tokens * shape.hidden * shape.vocab
+    lora = 6 * tokens * shape.lora_params(step.layers, step.rank)
+    recompute = linear_fwd + attn_fwd if step.checkpointing else 0
+    return 2 * linear_fwd + 3 * attn_fwd + 2 * head_fwd + lora + recompute
+
+
+def estimate_step_seconds(shape: ModelShape, step: StepConfig, sustained_gflops: float) -> float:
+    """Predicted seconds per training step on a device sustaining ``sustained_gflops`` on GEMM."""
+    return step_flops(shape, step) / (sustained_gflops * 1e9 * STEP_EFFICIENCY)
+
+
+def max_batch(shape: ModelShape, step: StepConfig, budget_bytes: int, limit: int = 4096) -> int:
+    """Largest batch (<= ``limit``) whose predicted peak fits ``budget_bytes``; 0 if none does.
+
+    Peak memory grows with the batch, so a binary search is exact for the model.
+    """
+    def fits(batch: int) -> bool:
+        return estimate_memory(shape, _with(step, batch=batch)).peak_bytes <= budget_bytes
+
+    if not fits(1):
+        return 0
+    low, high = 1, limit
+    while low < high:
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid - 1)
+    return low
+
+
+def max_layers(shape: ModelShape, step: StepConfig, budget_bytes: int) -> int:
+    """Deepest submodel (<= the model's depth) that fits ``budget_bytes``; 0 if none."""
+    fitting = [n for n in range(1, shape.num_layers + 1)
+               if estimate_memory(shape, _with(step, layers=n)).peak_bytes <= budget_bytes]
+    return max(fitting, default=0)
+
+
+def _with(step: StepConfig, **changes: object) -> StepConfig:
+    return replace(step, **changes)  # type: ignore[arg-type]
+
+
+def gib(n_bytes: float) -> str:
+    """Human-readable size for tables."""
+    return f"{n_bytes / 2**30:.2f} GiB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:.0f} MiB"
+

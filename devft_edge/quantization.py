@@ -1,0 +1,301 @@
+"""Weight-only quantization of a pack's frozen base weights, and layers that train on top of it.
+
+Edge devices hold the stage submodel's base weights in 4-8 GB shared with everything else, and
+the weights dominate a small model's footprint, so packs store them quantized and the device
+dequantizes each weight when a layer runs (the weights are frozen: only LoRA trains).
+
+Schemes (registry ``QUANTIZERS``):
+
+- ``none``: fp32, as the model is.
+- ``int8``: symmetric per output channel, ``w = q * s[o]`` with ``q`` in [-127, 127].
+- ``int4``: symmetric per group of ``group_size`` input columns, ``w = q * s[o, g]`` with ``q`` in
+  [-7, 7], stored as ``q + 8`` packed two per byte; fp16 scales. Columns are padded to a whole
+  group, the padding is dropped on dequantization.
+
+A quantized linear layer saves nothing for backward: its weight is frozen, so the only gradient
+it passes on is ``grad_x = grad_y @ W``, and ``W`` is dequantized again in backward instead of
+being kept alive between forward and backward (which would bring back the fp32 footprint).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from devft_edge.errors import ConfigError
+from devft_edge.registry import Registry
+
+QuantParts = dict[str, Tensor]
+"""A quantized tensor: named parts (``qweight``, ``scale``) stored as buffers and in packs."""
+
+
+class Quantizer:
+    """A weight-only scheme for 2-D weights ``[out, in]``; rows are output channels."""
+
+    name = "none"
+
+    def nbytes(self, out_features: int, in_features: int) -> int:
+        """Bytes the quantized weight takes (what packs and the memory model count)."""
+        return 4 * out_features * in_features
+
+    def quantize(self, weight: Tensor) -> QuantParts:
+        """Quantize ``weight`` [out, in] (fp32)."""
+        return {"qweight": weight.detach().float().contiguous()}
+
+    def dequantize(self, parts: QuantParts, in_features: int) -> Tensor:
+        """The fp32 weight [out, in] the parts stand for."""
+        return parts["qweight"]
+
+    def dequantize_rows(self, parts: QuantParts, rows: Tensor, in_features: int) -> Tensor:
+        """Only the rows ``rows`` (any shape of indices) of the weight: an embedding lookup."""
+        return F.embedding(rows, self.dequantize(parts, in_features))
+
+    def empty_parts(self, out_features: int, in_features: int, device: str | torch.device = "meta") -> QuantParts:
+        """Correctly shaped uninitialised parts, to load a saved quantized model into."""
+        return {"qweight": torch.empty(out_features, in_features, device=device)}
+
+
+QUANTIZERS: Registry[Quantizer] = Registry("quantization")
+
+
+@QUANTIZERS.register("none")
+class NoQuantization(Quantizer):
+    """fp32 weights (the reference every other scheme is measured against)."""
+
+
+@QUANTIZERS.register("int8")
+class Int8(Quantizer):
+    """Symmetric int8 per output channel: 1 byte per weight plus one fp32 scale per row."""
+
+    name = "int8"
+
+    def nbytes(self, out_features: int, in_features: int) -> int:
+        return out_features * in_features + 4 * out_features
+
+    def quantize(self, weight: Tensor) -> QuantParts:
+        w = weight.detach().float()
+        scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
+        q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+        return {"qweight": q.contiguous(), "scale": scale.contiguous()}
+
+    def dequantize(self, parts: QuantParts, in_features: int) -> Tensor:
+        return parts["qweight"].float() * parts["scale"][:, None]
+
+    def dequantize_rows(self, parts: QuantParts, rows: Tensor, in_features: int) -> Tensor:
+        return parts["qweight"][rows].float() * parts["scale"][rows].unsqueeze(-1)
+
+    def empty_parts(self, out_features: int, in_features: int, device: str | torch.device = "meta") -> QuantParts:
+        return {
+            "qweight": torch.empty(out_features, in_features, dtype=torch.int8, device=device),
+            "scale": torch.empty(out_features, device=device),
+        }
+
+
+@QUANTIZERS.register("int4", group_size=64)
+class Int4(Quantizer):
+    """Symmetric int4 per group of input columns, packed two per byte, fp16 scale per group."""
+
+    name = "int4"
+
+    def __init__(self, group_size: int = 64) -> None:
+        if not (isinstance(group_size, int) and group_size >= 2 and group_size % 2 == 0):
+            raise ConfigError(f"int4 group_size must be an even int >= 2, got {group_size!r}")
+        self.group_size = group_size
+
+    def _groups(self, in_features: int) -> int:
+        return math.ceil(in_features / self.group_size)
+
+    def nbytes(self, out_features: int, in_features: int) -> int:
+        groups = self._groups(in_features)
+        return out_features * groups * (self.group_size // 2 + 2)
+
+    def quantize(self, weight: Tensor) -> QuantParts:
+        w = weight.detach().float()
+        out_features, in_features = w.shape
+        groups = self._groups(in_features)
+        padded = F.pad(w, (0, groups * self.group_size - in_features)).view(out_features, groups, self.group_size)
+        scale = (padded.abs().amax(dim=2) / 7.0).clamp(min=1e-8).half()
+        q = torch.round(padded / scale.float()[..., None]).clamp(-7, 7).to(torch.int16) + 8
+        q = q.to(torch.uint8).view(out_features, -1)
+        packed = q[:, 0::2] | (q[:, 1::2] << 4)
+        return {"qweight": packed.contiguous(), "scale": scale.contiguous()}
+
+    def _unpack(self, packed: Tensor, scale: Tensor, in_features: int) -> Tensor:
+        low = (packed & 0x0F).to(torch.int8) - 8
+        high = (packed >> 4).to(torch.int8) - 8
+        q = torch.stack((low, high), dim=-1).flatten(-2)
+        shape = (*q.shape[:-1], scale.shape[-1], self.group_size)
+        w = q.view(shape).float() * scale.float().unsqueeze(-1)
+        return w.flatten(-2)[..., :in_features]
+
+    def dequantize(self, parts: QuantParts, in_features: int) -> Tensor:
+        return self._unpack(parts["qweight"], parts["scale"], in_features)
+
+    def dequantize_rows(self, parts: QuantParts, rows: Tensor, in_features: int) -> Tensor:
+        return self._unpack(parts["qweight"][rows], parts["scale"][rows], in_features)
+
+    def empty_parts(self, out_features: int, in_features: int, device: str | torch.device = "meta") -> QuantParts:
+        groups = self._groups(in_features)
+        return {
+            "qweight": torch.empty(out_features, groups * self.group_size // 2, dtype=torch.uint8, device=device),
+            "scale": torch.empty(out_features, groups, dtype=torch.float16, device=device),
+        }
+
+
+def nf4_nbytes(out_features: int, in_features: int, block: int = 64) -> int:
+    """bitsandbytes nf4: 4 bits per weight plus one fp32 absmax per block of 64 (no double quant)."""
+    n = out_features * in_features
+    return math.ceil(n / 2) + 4 * math.ceil(n / block)
+
+
+class _DequantLinear(torch.autograd.Function):
+    """``y = x W^T + b`` with ``W`` dequantized in forward and again in backward, never saved."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, layer: QuantizedLinear) -> Tensor:  # type: ignore[override]
+        ctx.layer = layer
+        return F.linear(x, layer.dequantized(), layer.bias)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, None]:  # type: ignore[override]
+        if not ctx.needs_input_grad[0]:
+            return None, None
+        return grad_out @ ctx.layer.dequantized(), None
+
+
+class QuantizedLinear(nn.Linear):
+    """A frozen ``nn.Linear`` whose weight lives quantized in buffers.
+
+    It subclasses ``nn.Linear`` so peft wraps it with its ordinary LoRA ``Linear``; ``weight`` is
+    ``None`` and peft places the adapter by the ``qweight`` buffer instead.
+    """
+
+    def __init__(self, in_features: int, out_features: int, quantizer: Quantizer, bias: bool, device: str) -> None:
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = in_features, out_features
+        self.quantizer = quantizer
+        self.register_parameter("weight", None)
+        for name, part in quantizer.empty_parts(out_features, in_features, device).items():
+            self.register_buffer(name, part)
+        self.bias = nn.Parameter(torch.empty(out_features, device=device), requires_grad=False) if bias else None
+
+    def parts(self) -> QuantParts:
+        """The quantized weight's parts (buffers named as the quantizer names them)."""
+        return dict(self.named_buffers(recurse=False))
+
+    def dequantized(self) -> Tensor:
+        """The fp32 weight, materialised for one matmul."""
+        return self.quantizer.dequantize(self.parts(), self.in_features)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _DequantLinear.apply(x, self)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, quant={self.quantizer.name}"
+
+
+class QuantizedEmbedding(nn.Module):
+    """A frozen embedding table stored quantized; a lookup dequantizes only the rows it reads."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, quantizer: Quantizer, device: str) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.quantizer = quantizer
+        for name, part in quantizer.empty_parts(num_embeddings, embedding_dim, device).items():
+            self.register_buffer(name, part)
+
+    def parts(self) -> QuantParts:
+        """The quantized table's parts (buffers named as the quantizer names them)."""
+        return dict(self.named_buffers(recurse=False))
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.quantizer.dequantize_rows(self.parts(), ids, self.embedding_dim)
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How a pack stores its base weights."""
+
+    scheme: str = "none"
+    """A name in ``QUANTIZERS``."""
+    group_size: int = 64
+    """int4 group width (input columns per scale)."""
+    embeddings: bool = True
+    """Also quantize the token embedding and LM head; they are most of a small model's bytes
+    (SmolLM2-135M: 28 M of 135 M parameters, and all of a shallow stage's non-block weights)."""
+
+    def __post_init__(self) -> None:
+        if self.scheme not in QUANTIZERS:
+            raise ConfigError(f"unknown quantization {self.scheme!r}; known: {', '.join(QUANTIZERS.names())}")
+        self.quantizer()
+
+    def quantizer(self) -> Quantizer:
+        """The configured scheme instance."""
+        return QUANTIZERS.get(self.scheme, **({"group_size": self.group_size} if self.scheme == "int4" else {}))
+
+
+def _linear_weight(module: nn.Module) -> Tensor:
+    """``[out, in]`` weight of a Linear, or of a GPT-2 ``Conv1D`` (which stores ``[in, out]``)."""
+    return module.weight.T if type(module).__name__ == "Conv1D" else module.weight
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def quantize_model(model: nn.Module, spec: QuantSpec) -> nn.Module:
+    """Replace the frozen linear layers (and, per ``spec``, embedding and head) by quantized ones.
+
+    Works in place on a real model (weights are quantized) or on a meta-device skeleton (the
+    layers get empty parts to be filled by ``load_state_dict(..., assign=True)``). A tied LM head
+    shares its embedding's quantized buffers, as the fp32 model shares one tensor.
+    """
+    quantizer = spec.quantizer()
+    if spec.scheme == "none":
+        return model
+    embed = model.get_input_embeddings()  # type: ignore[operator]
+    head = model.get_output_embeddings()  # type: ignore[operator]
+    tied = head is not None and embed is not None and head.weight is embed.weight
+    for parent in list(model.modules()):
+        for child_name, child in list(parent.named_children()):
+            is_embed, is_head = child is embed, child is head
+            if (is_embed or is_head) and not spec.embeddings:
+                continue
+            if is_embed:
+                new: nn.Module = _replace_embedding(child, quantizer)
+            elif _is_linear(child):
+                new = _replace_linear(child, quantizer)
+            else:
+                continue
+            setattr(parent, child_name, new)
+    if tied and spec.embeddings:
+        new_embed, new_head = model.get_input_embeddings(), model.get_output_embeddings()  # type: ignore[operator]
+        for name, buf in new_embed.named_buffers(recurse=False):
+            setattr(new_head, name, buf)
+    return model
+
+
+def _replace_linear(layer: nn.Module, quantizer: Quantizer) -> QuantizedLinear:
+    weight = _linear_weight(layer)
+    out_features, in_features = weight.shape
+    device = weight.device
+    new = QuantizedLinear(in_features, out_features, quantizer, layer.bias is not None, device=str(device))
+    if device.type != "meta":
+        for name, part in quantizer.quantize(weight).items():
+            setattr(new, name, part)
+        if layer.bias is not None:
+            new.bias = nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
+    return new
+
+
+def _replace_embedding(embed: nn.Module, quantizer: Quantizer) -> QuantizedEmbedding:
+    weight = embed.weight
+    new = QuantizedEmbedding(weight.shape[0], weight.shape[1], quantizer, device=str(weight.device))
+    if weight.device.type != "meta":
+        for name, part in quantizer.quantize(weight).items():
+            setattr(new, name, part)
+    return new

@@ -1,0 +1,136 @@
+"""Frozen base weights on disk: write a (quantized) model, read it back into a trainable skeleton.
+
+A device's memory budget is tight, so reading must not hold two copies: the file is read with
+plain ``readinto`` into one buffer (page cache, not process memory, holds the file's pages) and
+every tensor is a view into that buffer, so loading costs the weights' bytes once. ``safetensors``
+orders tensors by decreasing dtype size, which keeps every view aligned.
+
+The directory holds ``config.json`` (the HF config), ``quant.json`` (:class:`QuantSpec`) and
+``model.safetensors``; packs (issue 5) add a manifest, signature, tokenizer and LoRA around it.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from safetensors.torch import save_file
+from torch import Tensor, nn
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+from devft_edge.errors import DataError
+from devft_edge.quantization import QuantSpec, quantize_model
+
+WEIGHTS_FILE = "model.safetensors"
+QUANT_FILE = "quant.json"
+
+_DTYPES = {
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "I16": torch.int16,
+    "I32": torch.int32,
+    "I64": torch.int64,
+}
+
+
+def _unique_state(model: nn.Module) -> dict[str, Tensor]:
+    """State dict with each shared tensor once (a tied head is re-tied on load)."""
+    seen: set[int] = set()
+    state = {}
+    for key, tensor in model.state_dict().items():
+        if tensor.data_ptr() in seen:
+            continue
+        seen.add(tensor.data_ptr())
+        state[key] = tensor.detach().contiguous()
+    return state
+
+
+def save_base(model: PreTrainedModel, spec: QuantSpec, directory: str | Path) -> Path:
+    """Quantize ``model`` (in place) per ``spec`` and write it to ``directory``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    quantize_model(model, spec)
+    model.config.save_pretrained(directory)
+    (directory / QUANT_FILE).write_text(json.dumps(asdict(spec), indent=2) + "\n")
+    save_file(_unique_state(model), str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+    return directory
+
+
+def read_safetensors(path: str | Path) -> dict[str, Tensor]:
+    """All tensors of a safetensors file as views into one buffer (one copy of the data in memory).
+
+    Raises:
+        DataError: for a truncated file, a bad header or an unknown dtype, naming the file.
+    """
+    path = Path(path)
+    with path.open("rb") as f:
+        head = f.read(8)
+        if len(head) != 8:
+            raise DataError(f"{path}: truncated safetensors file (no header length)")
+        (header_len,) = struct.unpack("<Q", head)
+        try:
+            header = json.loads(f.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise DataError(f"{path}: bad safetensors header: {error}") from None
+        header.pop("__metadata__", None)
+        size = max((int(info["data_offsets"][1]) for info in header.values()), default=0)
+        buffer = bytearray(size)
+        if f.readinto(memoryview(buffer)) != size:
+            raise DataError(f"{path}: truncated safetensors file (expected {size} data bytes)")
+    tensors = {}
+    for name, info in header.items():
+        dtype = _DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise DataError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
+        start, end = (int(x) for x in info["data_offsets"])
+        count = (end - start) // torch.empty((), dtype=dtype).element_size()
+        flat = torch.frombuffer(buffer, dtype=dtype, count=count, offset=start) if count else torch.empty(0, dtype=dtype)
+        tensors[name] = flat.view(info["shape"])
+    return tensors
+
+
+def load_base(directory: str | Path) -> PreTrainedModel:
+    """Build the model in ``directory`` with its quantized layers, frozen, in eval mode.
+
+    The skeleton is built on the meta device and takes the file's tensors by assignment, so the
+    weights are in memory once.
+    """
+    directory = Path(directory)
+    config = AutoConfig.from_pretrained(directory)
+    spec = QuantSpec(**json.loads((directory / QUANT_FILE).read_text()))
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    quantize_model(model, spec)
+    state = read_safetensors(directory / WEIGHTS_FILE)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    tied = {k for k in missing if _is_tied_copy(model, k)}
+    if set(missing) - tied or unexpected:
+        raise DataError(f"{directory}: weights do not match the config: missing {sorted(set(missing) - tied)}, "
+                        f"unexpected {sorted(unexpected)}")
+    if getattr(config, "tie_word_embeddings", False):
+        _retie(model)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def _is_tied_copy(model: PreTrainedModel, key: str) -> bool:
+    head = model.get_output_embeddings()
+    head_prefix = next((n for n, m in model.named_modules() if m is head), None)
+    return bool(getattr(model.config, "tie_word_embeddings", False) and head_prefix and key.startswith(head_prefix + "."))
+
+
+def _retie(model: PreTrainedModel) -> None:
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if hasattr(embed, "weight") and isinstance(embed.weight, Tensor):
+        head.weight = embed.weight
+    else:
+        for name, buf in embed.named_buffers(recurse=False):
+            setattr(head, name, buf)
