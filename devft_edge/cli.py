@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from devft_edge.errors import DevFTError
@@ -130,6 +131,85 @@ DEMO_DEFAULTS: dict[str, object] = dict(
 )
 
 
+def _run_plan(args: argparse.Namespace) -> int:
+    from devft_edge.memcheck import measure_stages
+    from devft_edge.memory import model_shape
+    from devft_edge.models import load_config, tokenizer_bytes
+    from devft_edge.planner import PlanSettings, plan, render
+    from devft_edge.profiles import load_profiles
+    from devft_edge.quantization import QuantSpec
+
+    settings = PlanSettings(
+        stages=args.stages,
+        rank=args.rank,
+        batch=args.batch,
+        seq=args.seq,
+        quant=args.quant,
+        quant_embeddings=not args.fp32_embeddings,
+        checkpointing=args.checkpointing,
+        tokenizer_bytes=tokenizer_bytes(args.model),
+    )
+    profiles = load_profiles(args.profile, args.profiles_dir)
+    result = plan(model_shape(load_config(args.model)), args.model, profiles, settings)
+    if args.check:
+        if args.quant == "nf4":
+            raise DevFTError("--check measures CPU training; nf4 needs bitsandbytes on CUDA")
+        measured = measure_stages(
+            args.model,
+            [s.layers for s in result.stages],
+            QuantSpec(args.quant, embeddings=not args.fp32_embeddings),
+            args.batch,
+            args.seq,
+            args.rank,
+            args.checkpointing,
+        )
+        result = replace(
+            result,
+            stages=[
+                replace(s, measured_peak_bytes=m.train_peak_bytes) for s, m in zip(result.stages, measured, strict=True)
+            ],
+        )
+    if args.json:
+        print(json.dumps(result.to_json(), indent=2))
+        return 0
+    print(render(result))
+    if args.check:
+        print("\npredicted vs measured peak of one training step on this machine (fresh process per stage):")
+        for s in result.stages:
+            predicted = next(iter(s.profiles.values()))
+            predicted_cpu = predicted.parts and sum(predicted.parts.values()) - _cuda_extra(predicted.parts)
+            error = 100.0 * (predicted_cpu - s.measured_peak_bytes) / s.measured_peak_bytes
+            print(
+                f"  stage {s.stage} ({s.layers:>2} layers): predicted {predicted_cpu / 2**20:7.0f} MiB, "
+                f"measured {s.measured_peak_bytes / 2**20:7.0f} MiB, error {error:+.1f}%"
+            )
+    return 0
+
+
+def _cuda_extra(parts: dict[str, int]) -> int:
+    from devft_edge.memory import CUDA_RUNTIME_BYTES, RUNTIME_BYTES
+
+    return CUDA_RUNTIME_BYTES if parts.get("runtime", 0) > RUNTIME_BYTES else 0
+
+
+def _run_profile(args: argparse.Namespace) -> int:
+    from devft_edge.device_probe import measure_profile
+    from devft_edge.profiles import dump_profile
+
+    profile = measure_profile(args.name, probe_seconds=args.probe_seconds)
+    text = dump_profile(profile)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(f"# {args.name}: written by devft-edge profile\n{text}")
+        print(
+            f"wrote {args.out} (usable budget {profile.budget_bytes / 2**30:.2f} GiB, "
+            f"{profile.compute.sustained_gflops} GFLOP/s {profile.compute.backend})"
+        )
+    else:
+        print(text, end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every sub-command."""
     parser = argparse.ArgumentParser(
@@ -143,6 +223,27 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="the main job: DevFT on SmolLM2-135M, simulated federation")
     _add_simulation_options(demo, DEMO_DEFAULTS)
     demo.set_defaults(func=_run_simulation)
+
+    pl = sub.add_parser("plan", help="plan each stage's submodel against device memory profiles")
+    pl.add_argument("--model", default="smollm2", help="smollm2 | tiny[-family] | PATH")
+    pl.add_argument("--profile", action="append", required=True, help="profile name or YAML path (repeatable)")
+    pl.add_argument("--profiles-dir", action="append", default=[], help="extra directory of profile YAML files")
+    pl.add_argument("--stages", type=int, default=4, help="DevFT stages S")
+    pl.add_argument("--rank", type=int, default=8, help="LoRA rank")
+    pl.add_argument("--batch", type=int, default=4, help="examples per local step")
+    pl.add_argument("--seq", type=int, default=64, help="tokens per example")
+    pl.add_argument("--quant", choices=["none", "int8", "int4", "nf4"], default="none", help="pack base weights")
+    pl.add_argument("--fp32-embeddings", action="store_true", help="keep embedding/head fp32 in quantized packs")
+    pl.add_argument("--checkpointing", action="store_true", help="gradient checkpointing on the devices")
+    pl.add_argument("--check", action="store_true", help="measure one training step per stage on this machine")
+    pl.add_argument("--json", action="store_true", help="print the plan as JSON")
+    pl.set_defaults(func=_run_plan)
+
+    pr = sub.add_parser("profile", help="measure this machine and write a device profile YAML")
+    pr.add_argument("--name", default="this-device", help="profile name (the YAML file stem)")
+    pr.add_argument("--out", type=Path, default=None, help="YAML file to write (default: print)")
+    pr.add_argument("--probe-seconds", type=float, default=2.0, help="length of the matmul throughput probe")
+    pr.set_defaults(func=_run_profile)
     return parser
 
 

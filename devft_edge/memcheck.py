@@ -18,13 +18,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from devft_edge.errors import DevFTError
+from devft_edge.layers import num_layers
+from devft_edge.quantization import QuantSpec
 
 STEPS = 2
 
@@ -66,10 +71,14 @@ def probe(directory: Path, batch: int, seq: int, rank: int, checkpointing: bool)
     model = load_base(directory)
     peft_model = attach_lora(model, LoraSettings(rank=rank, alpha=2.0 * rank))
     if checkpointing:
-        peft_model.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        peft_model.base_model.model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
     load_peak = _status_kb("VmHWM") * 1024
     if not _reset_peak():
-        raise DevFTError("cannot reset the peak-memory mark (/proc/self/clear_refs); the measurement would mix load and training")
+        raise DevFTError(
+            "cannot reset the peak-memory mark (/proc/self/clear_refs); the measurement would mix load and training"
+        )
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     generator = torch.Generator().manual_seed(0)
@@ -95,12 +104,59 @@ def measure(
     env = dict(os.environ)
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
-    command = [sys.executable, "-m", "devft_edge.memcheck", str(directory), "--batch", str(batch), "--seq", str(seq),
-               "--rank", str(rank)] + (["--checkpointing"] if checkpointing else [])
+    command = [
+        sys.executable,
+        "-m",
+        "devft_edge.memcheck",
+        str(directory),
+        "--batch",
+        str(batch),
+        "--seq",
+        str(seq),
+        "--rank",
+        str(rank),
+    ] + (["--checkpointing"] if checkpointing else [])
     done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
     if done.returncode != 0:
         raise DevFTError(f"memory probe failed (exit {done.returncode}): {done.stderr.strip()[-2000:]}")
     return Measurement(**json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def measure_stages(
+    model_spec: str,
+    capacities: Sequence[int],
+    quant: QuantSpec,
+    batch: int,
+    seq: int,
+    rank: int = 8,
+    checkpointing: bool = False,
+    threads: int | None = None,
+) -> list[Measurement]:
+    """Build each stage's submodel of ``model_spec`` and measure a training step of it.
+
+    Layers are grouped evenly and fused with DBLF: peak memory depends on the submodel's shape,
+    not on which layers were fused, so the planner's check does not need the similarity pass.
+    """
+    from devft_edge.fusion import FUSIONS
+    from devft_edge.grouping import even_sizes
+    from devft_edge.models import load_model
+    from devft_edge.submodel import build_submodel
+    from devft_edge.weights import save_base
+
+    base = load_model(model_spec)
+    total = num_layers(base.config)
+    results = []
+    with tempfile.TemporaryDirectory(prefix="devft-memcheck-") as tmp:
+        for capacity in capacities:
+            sizes = even_sizes(total, capacity)
+            starts = [sum(sizes[:i]) for i in range(len(sizes))]
+            groups = [list(range(a, a + n)) for a, n in zip(starts, sizes, strict=True)]
+            sub = build_submodel(base, groups, FUSIONS.get("dblf")).model
+            directory = save_base(sub, quant, Path(tmp) / f"layers-{capacity}")
+            del sub
+            results.append(measure(directory, batch, seq, rank, checkpointing, threads))
+            shutil.rmtree(directory)
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,15 +19,15 @@ family is counted exactly) and a few calibrated coefficients:
   only each block's input (``hidden`` floats per token) is kept, plus one block recomputed.
 - ``logits``: ``b * s * vocab`` floats times ``LOGIT_COEF`` (logits, their log-softmax and
   gradient; for a 135M model with a 49k vocabulary this is the largest activation).
-- ``dequant``: with quantized embeddings the tied LM head is dequantized to fp32 for its matmul.
+- ``dequant``: a quantized layer's fp32 weight exists while it computes, at most
+  ``CHUNK_ROWS`` rows at a time (the LM head is the biggest).
 
 The coefficients are fitted to measured peaks on the development machine and validated on
 other configurations by ``benchmarks/memory_model.py`` (see ``docs/memory_model.md``); the fit
 and the validation error are reported there, not assumed.
 
 Step time is FLOPs over the device's sustained GEMM throughput times an efficiency factor
-measured here (training is not one big GEMM). Importing this module does not import torch; only
-:func:`model_shape` builds a skeleton.
+measured here (training is not one big GEMM).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from devft_edge.errors import ConfigError
-from devft_edge.quantization import QuantSpec, nf4_nbytes
+from devft_edge.quantization import CHUNK_ROWS, QuantSpec, nf4_nbytes
 
 FLOAT = 4
 """Bytes of one fp32 value: training computes in fp32 on CPU devices."""
@@ -102,8 +102,9 @@ class ModelShape:
 
     def lora_params(self, layers: int, rank: int) -> int:
         """Trainable LoRA parameters (A and B of every target) of ``layers`` blocks."""
-        per_block = sum(rank * (lin.in_features + lin.out_features)
-                        for lin in self.block_linears if lin.name in self.lora_targets)
+        per_block = sum(
+            rank * (lin.in_features + lin.out_features) for lin in self.block_linears if lin.name in self.lora_targets
+        )
         return layers * per_block
 
 
@@ -221,7 +222,12 @@ def estimate_memory(shape: ModelShape, step: StepConfig) -> MemoryEstimate:
         activations = step.layers * tokens * shape.hidden + per_block
     else:
         activations = step.layers * per_block
-    quantized_head = step.quant != "none" and step.quant_embeddings
+    dequant = 0
+    if step.quant != "none":
+        widest = [(lin.out_features, lin.in_features) for lin in shape.block_linears]
+        if step.quant_embeddings:
+            widest.append((shape.vocab, shape.hidden))
+        dequant = max(min(out_f, CHUNK_ROWS) * in_f for out_f, in_f in widest) * FLOAT
     runtime = RUNTIME_BYTES + (CUDA_RUNTIME_BYTES if step.backend == "cuda" else 0)
     return MemoryEstimate(
         parts={
@@ -230,7 +236,7 @@ def estimate_memory(shape: ModelShape, step: StepConfig) -> MemoryEstimate:
             "lora": 4 * FLOAT * shape.lora_params(step.layers, step.rank),
             "activations": int(FLOAT * activations),
             "logits": int(FLOAT * LOGIT_COEF * tokens * shape.vocab),
-            "dequant": FLOAT * shape.vocab * shape.hidden if quantized_head else 0,
+            "dequant": dequant,
         }
     )
 
@@ -262,6 +268,7 @@ def max_batch(shape: ModelShape, step: StepConfig, budget_bytes: int, limit: int
 
     Peak memory grows with the batch, so a binary search is exact for the model.
     """
+
     def fits(batch: int) -> bool:
         return estimate_memory(shape, _with(step, batch=batch)).peak_bytes <= budget_bytes
 
@@ -276,8 +283,11 @@ def max_batch(shape: ModelShape, step: StepConfig, budget_bytes: int, limit: int
 
 def max_layers(shape: ModelShape, step: StepConfig, budget_bytes: int) -> int:
     """Deepest submodel (<= the model's depth) that fits ``budget_bytes``; 0 if none."""
-    fitting = [n for n in range(1, shape.num_layers + 1)
-               if estimate_memory(shape, _with(step, layers=n)).peak_bytes <= budget_bytes]
+    fitting = [
+        n
+        for n in range(1, shape.num_layers + 1)
+        if estimate_memory(shape, _with(step, layers=n)).peak_bytes <= budget_bytes
+    ]
     return max(fitting, default=0)
 
 
@@ -288,4 +298,3 @@ def _with(step: StepConfig, **changes: object) -> StepConfig:
 def gib(n_bytes: float) -> str:
     """Human-readable size for tables."""
     return f"{n_bytes / 2**30:.2f} GiB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:.0f} MiB"
-

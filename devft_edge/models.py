@@ -112,6 +112,44 @@ def tiny_config(family: str = "llama", vocab_size: int = 49152, num_layers: int 
     return AutoConfig.for_model(family, **common, **per_family[family])
 
 
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+)
+"""Files that make up a tokenizer in a model directory (what a pack ships)."""
+
+
+def model_dir(spec: str) -> Path:
+    """Directory holding the config and tokenizer for ``spec`` (tiny models borrow SmolLM2's tokenizer)."""
+    if spec == "smollm2" or spec.startswith("tiny"):
+        return smollm2_dir()
+    if not Path(spec).is_dir():
+        raise ConfigError(f"model {spec!r}: no such directory (and not 'smollm2' or 'tiny[-family]')")
+    return Path(spec)
+
+
+def tokenizer_bytes(spec: str) -> int:
+    """Bytes of the tokenizer files a pack of ``spec`` carries."""
+    directory = model_dir(spec)
+    return sum((directory / name).stat().st_size for name in TOKENIZER_FILES if (directory / name).is_file())
+
+
+def load_config(spec: str) -> PretrainedConfig:
+    """The model config for ``spec`` without loading weights (checked against the layer table)."""
+    config = (
+        tiny_config(spec.partition("-")[2] or "llama")
+        if spec.startswith("tiny")
+        else AutoConfig.from_pretrained(model_dir(spec))
+    )
+    architecture_of(config)
+    return config
+
+
 def load_tokenizer(spec: str) -> PreTrainedTokenizerBase:
     """The tokenizer for a model spec (tiny models use SmolLM2's)."""
     path = smollm2_dir() if spec == "smollm2" or spec.startswith("tiny") else spec

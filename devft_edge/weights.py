@@ -91,7 +91,9 @@ def read_safetensors(path: str | Path) -> dict[str, Tensor]:
             raise DataError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
         start, end = (int(x) for x in info["data_offsets"])
         count = (end - start) // torch.empty((), dtype=dtype).element_size()
-        flat = torch.frombuffer(buffer, dtype=dtype, count=count, offset=start) if count else torch.empty(0, dtype=dtype)
+        flat = (
+            torch.frombuffer(buffer, dtype=dtype, count=count, offset=start) if count else torch.empty(0, dtype=dtype)
+        )
         tensors[name] = flat.view(info["shape"])
     return tensors
 
@@ -112,8 +114,10 @@ def load_base(directory: str | Path) -> PreTrainedModel:
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     tied = {k for k in missing if _is_tied_copy(model, k)}
     if set(missing) - tied or unexpected:
-        raise DataError(f"{directory}: weights do not match the config: missing {sorted(set(missing) - tied)}, "
-                        f"unexpected {sorted(unexpected)}")
+        raise DataError(
+            f"{directory}: weights do not match the config: missing {sorted(set(missing) - tied)}, "
+            f"unexpected {sorted(unexpected)}"
+        )
     if getattr(config, "tie_word_embeddings", False):
         _retie(model)
     model.eval()
@@ -124,7 +128,9 @@ def load_base(directory: str | Path) -> PreTrainedModel:
 def _is_tied_copy(model: PreTrainedModel, key: str) -> bool:
     head = model.get_output_embeddings()
     head_prefix = next((n for n, m in model.named_modules() if m is head), None)
-    return bool(getattr(model.config, "tie_word_embeddings", False) and head_prefix and key.startswith(head_prefix + "."))
+    return bool(
+        getattr(model.config, "tie_word_embeddings", False) and head_prefix and key.startswith(head_prefix + ".")
+    )
 
 
 def _retie(model: PreTrainedModel) -> None:

@@ -1,0 +1,113 @@
+"""Measure the machine this runs on and describe it as a device profile.
+
+``devft-edge profile`` (and a device agent joining a fleet) reports what the device really has:
+total and available memory from ``/proc/meminfo``, CPU cores and model, architecture, a CUDA
+accelerator if torch sees one, and a short fp32 matmul probe for the sustained throughput the
+planner's step-time estimate divides by. Optionally it also measures the peak memory of a real
+training step (:mod:`devft_edge.memcheck`), which the planner can be checked against.
+
+What cannot be measured quickly is estimated and the ``sources`` section says so: reserved
+memory is what the OS and other processes use right now (total - available) plus a margin, and
+link speeds are placeholders until the agent measures a transfer.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from pathlib import Path
+
+from devft_edge.profiles import GB, DeviceProfile, parse_profile
+
+RESERVE_MARGIN_GB = 0.25
+"""Headroom added to what is in use now, for the agent's own services and page cache."""
+
+
+def _meminfo() -> dict[str, int]:
+    values = {}
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        key, _, rest = line.partition(":")
+        values[key] = int(rest.split()[0]) * 1024
+    return values
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith(("model name", "hardware", "cpu model")):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def matmul_gflops(size: int = 1024, seconds: float = 2.0) -> float:
+    """Sustained fp32 GEMM throughput: repeated ``size x size`` matmuls for about ``seconds``."""
+    import torch
+
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.mm(a, b)  # warm-up: thread pool and caches
+    runs, start = 0, time.perf_counter()
+    while True:
+        torch.mm(a, b)
+        runs += 1
+        elapsed = time.perf_counter() - start
+        if elapsed >= seconds:
+            return 2 * size**3 * runs / elapsed / 1e9
+
+
+def _cuda() -> tuple[str | None, float | None]:
+    """Compute capability and fp32 GEMM GFLOP/s of a CUDA device torch can use, else (None, None)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None, None
+    major, minor = torch.cuda.get_device_capability(0)
+    size = 2048
+    a, b = torch.randn(size, size, device="cuda"), torch.randn(size, size, device="cuda")
+    torch.mm(a, b)
+    torch.cuda.synchronize()
+    runs, start = 0, time.perf_counter()
+    while time.perf_counter() - start < 2.0:
+        torch.mm(a, b)
+        runs += 1
+    torch.cuda.synchronize()
+    return f"{major}.{minor}", 2 * size**3 * runs / (time.perf_counter() - start) / 1e9
+
+
+def measure_profile(name: str, probe_seconds: float = 2.0, storage_path: str | Path = ".") -> DeviceProfile:
+    """A validated profile of this machine (see the module docstring for what is measured)."""
+    import shutil
+
+    mem = _meminfo()
+    total_gb = mem["MemTotal"] / GB
+    in_use_gb = (mem["MemTotal"] - mem.get("MemAvailable", mem["MemFree"])) / GB
+    reserved_gb = min(round(in_use_gb + RESERVE_MARGIN_GB, 2), round(total_gb * 0.9, 2))
+    arch = platform.machine()
+    arch = {"arm64": "aarch64", "AMD64": "x86_64"}.get(arch, arch)
+    capability, cuda_gflops = _cuda()
+    cpu_gflops = matmul_gflops(seconds=probe_seconds)
+    backend = "cuda" if capability else "cpu"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    data = {
+        "description": f"measured by devft-edge profile on {platform.node() or 'this machine'} "
+        f"({time.strftime('%Y-%m-%d', time.gmtime())})",
+        "memory": {"total_gb": round(total_gb, 2), "reserved_gb": reserved_gb, "shared_with_gpu": bool(capability)},
+        "cpu": {"arch": arch, "cores": cores, "model": _cpu_model()},
+        "accelerator": {"kind": "cuda", "compute_capability": capability} if capability else {"kind": "none"},
+        "quantizations": ["none", "int8", "int4", "nf4"] if capability else ["none", "int8", "int4"],
+        "compute": {"sustained_gflops": round(cuda_gflops or cpu_gflops, 1), "backend": backend},
+        "storage_gb": round(shutil.disk_usage(storage_path).total / GB, 1),
+        "network": {"uplink_mbps": 10.0, "downlink_mbps": 10.0},
+        "sources": {
+            "memory": "measured: /proc/meminfo MemTotal",
+            "reserved": f"measured: MemTotal - MemAvailable at profiling time + {RESERVE_MARGIN_GB} GiB margin",
+            "cpu": "measured: /proc/cpuinfo, usable cores from the scheduler affinity mask",
+            "compute": f"measured: fp32 {'CUDA' if capability else 'CPU'} matmul probe ({probe_seconds:.0f} s)"
+            + (f"; CPU probe {cpu_gflops:.1f} GFLOP/s" if capability else ""),
+            "storage": f"measured: size of the file system holding {Path(storage_path).resolve()}",
+            "network": "placeholder: not measured by the profiler; edit, or let the agent measure transfers",
+        },
+    }
+    return parse_profile(data, name, f"<measured profile {name}>")

@@ -1,0 +1,106 @@
+"""Memory model: exact counts against real models, monotonicity, batch/depth search."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from devft_edge.errors import ConfigError
+from devft_edge.lora import LoraSettings, attach_lora
+from devft_edge.memory import (
+    ModelShape,
+    StepConfig,
+    base_weight_bytes,
+    estimate_memory,
+    estimate_step_seconds,
+    max_batch,
+    max_layers,
+    model_shape,
+)
+from devft_edge.models import TINY_FAMILIES, load_config, load_model
+from devft_edge.quantization import QuantSpec
+from devft_edge.weights import save_base
+
+
+@pytest.fixture(scope="module")
+def smollm2_shape() -> ModelShape:
+    return model_shape(load_config("smollm2"))
+
+
+def test_smollm2_counts(smollm2_shape):
+    s = smollm2_shape
+    assert (s.num_layers, s.hidden, s.vocab, s.heads) == (30, 576, 49152, 9)
+    assert s.params_total(30) == 134_515_008  # SmolLM2-135M with its tied head
+    assert s.head_params == 0
+    # r(in + out) per projection: q, k, v, o, gate, up, down
+    assert s.lora_params(1, 8) == 8 * ((576 + 576) * 2 + (576 + 192) * 2 + (576 + 1536) * 3)
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_counts_match_real_tiny_models(family):
+    model = load_model(f"tiny-{family}")
+    shape = model_shape(model.config)
+    assert shape.params_total(shape.num_layers) == sum(p.numel() for p in model.parameters())
+    peft_model = attach_lora(model, LoraSettings(rank=4))
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    assert shape.lora_params(shape.num_layers, 4) == trainable
+
+
+@pytest.mark.parametrize("scheme", ["none", "int8", "int4"])
+def test_weight_bytes_match_saved_file(tmp_path, scheme):
+    model = load_model("tiny")
+    shape = model_shape(model.config)
+    directory = save_base(model, QuantSpec(scheme), tmp_path / scheme)
+    tensors_bytes = (directory / "model.safetensors").stat().st_size
+    predicted = base_weight_bytes(shape, shape.num_layers, scheme)
+    # the file adds a JSON header of a few KB and nothing else
+    assert 0 <= tensors_bytes - predicted < 16_384
+
+
+def test_prediction_never_decreases_with_depth_batch_or_seq(smollm2_shape):
+    grid = itertools.product(
+        [1, 4, 8, 15, 30], [1, 2, 8], [16, 64, 256], ["none", "int8", "int4", "nf4"], [False, True]
+    )
+    peaks = {}
+    for layers, batch, seq, quant, ckpt in grid:
+        step = StepConfig(layers=layers, batch=batch, seq=seq, quant=quant, checkpointing=ckpt)
+        peaks[(layers, batch, seq, quant, ckpt)] = estimate_memory(smollm2_shape, step).peak_bytes
+    for (layers, batch, seq, quant, ckpt), peak in peaks.items():
+        for bigger in [(layers + 1, batch, seq), (layers, batch * 2, seq), (layers, batch, seq * 2)]:
+            key = (*bigger, quant, ckpt)
+            if key in peaks:
+                assert peaks[key] >= peak, (key, peak)
+        if layers >= 2:  # one block: checkpointing keeps its input *and* recomputes it
+            assert peaks[(layers, batch, seq, quant, True)] <= peaks[(layers, batch, seq, quant, False)]
+    for layers, batch, seq, ckpt in itertools.product([1, 4, 30], [1, 8], [16, 256], [False, True]):
+        by_quant = [peaks[(layers, batch, seq, q, ckpt)] for q in ("none", "int8", "int4")]
+        assert by_quant == sorted(by_quant, reverse=True)
+
+
+def test_max_batch_and_layers_are_the_fit_boundary(smollm2_shape):
+    step = StepConfig(layers=15, batch=1, seq=128)
+    budget = 2 * 2**30
+    best = max_batch(smollm2_shape, step, budget)
+    assert best >= 1
+    assert estimate_memory(smollm2_shape, StepConfig(layers=15, batch=best, seq=128)).peak_bytes <= budget
+    assert estimate_memory(smollm2_shape, StepConfig(layers=15, batch=best + 1, seq=128)).peak_bytes > budget
+    deepest = max_layers(smollm2_shape, StepConfig(layers=1, batch=8, seq=128), budget)
+    assert 1 <= deepest < 30
+    assert estimate_memory(smollm2_shape, StepConfig(layers=deepest + 1, batch=8, seq=128)).peak_bytes > budget
+    assert max_batch(smollm2_shape, step, 10 * 2**20) == 0
+
+
+def test_step_time_scales_with_throughput(smollm2_shape):
+    step = StepConfig(layers=8, batch=4, seq=64)
+    assert estimate_step_seconds(smollm2_shape, step, 10.0) == pytest.approx(
+        10 * estimate_step_seconds(smollm2_shape, step, 100.0)
+    )
+
+
+def test_bad_step_configs_list_every_problem(smollm2_shape):
+    with pytest.raises(ConfigError) as error:
+        StepConfig(layers=0, batch=-1, seq=64, quant="int3")
+    assert len(error.value.problems) == 3
+    with pytest.raises(ConfigError, match="exceeds"):
+        estimate_memory(smollm2_shape, StepConfig(layers=31))

@@ -1,0 +1,144 @@
+"""Planning: the plan's numbers, its JSON document, advice, capped schedules, and the CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from devft_edge.cli import main
+from devft_edge.errors import ConfigError
+from devft_edge.memory import model_shape
+from devft_edge.models import load_config
+from devft_edge.planner import PlanSettings, capped_capacities, plan
+from devft_edge.profiles import load_profile
+
+
+@pytest.fixture(scope="module")
+def shape():
+    return model_shape(load_config("smollm2"))
+
+
+def test_plan_counts_and_fits(shape):
+    profiles = [load_profile("rpi4-4gb"), load_profile("jetson-agx-orin-64gb")]
+    result = plan(shape, "smollm2", profiles, PlanSettings(stages=4, batch=4, seq=64))
+    assert [s.layers for s in result.stages] == [4, 8, 15, 30]
+    assert [s.params_total for s in result.stages] == [shape.params_total(n) for n in (4, 8, 15, 30)]
+    assert result.stages[-1].params_trainable == 2_442_240
+    assert all(s.bytes_up == s.bytes_down == 4 * s.params_trainable for s in result.stages)
+    assert all(s.pack_bytes > s.bytes_down for s in result.stages)
+    big = [s.profiles["jetson-agx-orin-64gb"] for s in result.stages]
+    assert all(f.fits and f.max_batch >= 4 and not f.advice for f in big)
+    peaks = [s.profiles["rpi4-4gb"].peak_bytes for s in result.stages]
+    assert peaks == sorted(peaks)
+
+
+def test_unfit_stage_gets_advice_and_capped_schedule(shape):
+    tight = load_profile("rpi4-4gb")
+    result = plan(shape, "smollm2", [tight], PlanSettings(batch=16, seq=256))
+    last = result.stages[-1].profiles["rpi4-4gb"]
+    assert not last.fits
+    assert any("--batch" in a for a in last.advice) or any("cap this device" in a for a in last.advice)
+    cap = result.max_layers["rpi4-4gb"]
+    assert cap < 30
+    assert result.capped_capacities is not None and max(result.capped_capacities) <= max(cap, 1)
+
+
+def test_unsupported_quantization_does_not_fit(shape):
+    result = plan(shape, "smollm2", [load_profile("rpi5-8gb")], PlanSettings(quant="nf4"))
+    fit = result.stages[0].profiles["rpi5-8gb"]
+    assert not fit.fits and fit.max_batch == 0 and "cannot compute with nf4" in fit.advice[0]
+
+
+def test_capped_capacities():
+    assert capped_capacities((4, 8, 15, 30), 30) is None
+    assert capped_capacities((4, 8, 15, 30), 12) == (4, 8, 12)
+    assert capped_capacities((4, 8, 15, 30), 8) == (4, 8)
+    assert capped_capacities((4, 8, 15, 30), 2) == (2,)
+
+
+def test_plan_needs_profiles(shape):
+    with pytest.raises(ConfigError, match="at least one device profile"):
+        plan(shape, "smollm2", [], PlanSettings())
+
+
+def test_cli_plan_json_schema(capsys):
+    code = main(
+        ["plan", "--model", "smollm2", "--profile", "rpi4-4gb", "--profile", "x86-cpu", "--quant", "int4", "--json"]
+    )
+    assert code == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["model"] == "smollm2" and len(doc["stages"]) == 4
+    for stage in doc["stages"]:
+        assert {
+            "stage",
+            "layers",
+            "params_total",
+            "params_trainable",
+            "pack_bytes",
+            "bytes_down",
+            "bytes_up",
+            "profiles",
+        } <= set(stage)
+        assert "measured_peak_bytes" not in stage
+        for fit in stage["profiles"].values():
+            assert {"peak_bytes", "fits", "max_batch", "step_seconds"} <= set(fit)
+            assert isinstance(fit["fits"], bool) and fit["peak_bytes"] > 0 and fit["step_seconds"] > 0
+    assert set(doc["stages"][0]["profiles"]) == {"rpi4-4gb", "x86-cpu"}
+
+
+def test_cli_plan_text_and_errors(capsys, tmp_path):
+    assert main(["plan", "--profile", "rpi4-4gb", "--stages", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "stage 2 (30 layers)" in out and "rpi4-4gb" in out
+    assert main(["plan", "--profile", "no-such-device"]) == 2
+    assert "unknown device profile 'no-such-device'" in capsys.readouterr().err
+    bad = tmp_path / "broken.yaml"
+    bad.write_text("description: x\n")
+    assert main(["plan", "--profile", "broken", "--profiles-dir", str(tmp_path)]) == 2
+    assert "broken.yaml: memory: Field required" in capsys.readouterr().err
+
+
+def test_cli_plan_check_on_tiny_model():
+    """--check measures a real training step per stage in fresh processes and reports it."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "devft_edge",
+            "plan",
+            "--model",
+            "tiny",
+            "--profile",
+            "x86-cpu",
+            "--stages",
+            "2",
+            "--batch",
+            "2",
+            "--seq",
+            "32",
+            "--quant",
+            "int8",
+            "--check",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    doc = json.loads(done.stdout)
+    measured = [s["measured_peak_bytes"] for s in doc["stages"]]
+    assert all(200 * 2**20 < m < 4 * 2**30 for m in measured)
+
+
+def test_cli_profile_writes_a_loadable_profile(tmp_path, capsys):
+    out = tmp_path / "mine.yaml"
+    assert main(["profile", "--name", "mine", "--out", str(out), "--probe-seconds", "0.2"]) == 0
+    profile = load_profile("mine", [tmp_path])
+    assert profile.cpu.cores >= 1 and profile.budget_bytes > 0 and profile.compute.sustained_gflops > 0
+    assert profile.sources["network"].startswith("placeholder")
+    assert main(["plan", "--profile", "mine", "--profiles-dir", str(tmp_path), "--json"]) == 0
