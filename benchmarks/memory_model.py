@@ -31,6 +31,8 @@ from devft_edge import memory
 from devft_edge.memory import FLOAT, StepConfig, estimate_memory, model_shape, step_flops
 
 RESULTS = Path(__file__).resolve().parent / "results-memory" / "measurements.json"
+DEFAULT_HEAP_RESULTS = RESULTS.with_name("measurements-default-heap.json")
+"""The same cases with glibc's default (dynamic) mmap threshold, for the allocator comparison."""
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,13 @@ def _shape() -> memory.ModelShape:
 
 
 def cmd_measure(args: argparse.Namespace) -> int:
+    import os
+
+    from devft_edge.allocator import HEAP_ENV
+
+    results = DEFAULT_HEAP_RESULTS if args.default_heap else RESULTS
+    if args.default_heap:
+        os.environ[HEAP_ENV] = "default"
     from devft_edge.fusion import FUSIONS
     from devft_edge.grouping import even_sizes
     from devft_edge.memcheck import measure
@@ -113,8 +122,8 @@ def cmd_measure(args: argparse.Namespace) -> int:
             )
     from devft_edge.device_probe import matmul_gflops
 
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.write_text(
         json.dumps(
             {
                 "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -127,22 +136,26 @@ def cmd_measure(args: argparse.Namespace) -> int:
         )
         + "\n"
     )
-    print(f"wrote {RESULTS}")
+    print(f"wrote {results}")
     return 0
 
 
 def _features(shape: memory.ModelShape, case: Case) -> tuple[np.ndarray, float]:
-    """Regressors (runtime, act, attn, logits) and the fixed part of the prediction, in bytes."""
+    """Regressors (runtime, per-block bytes, activations, logits) and the fixed part, in bytes."""
     step = case.step()
     tokens = step.batch * step.seq
-    act = tokens * shape.act_width * FLOAT
-    attn = step.batch * shape.heads * step.seq**2 * FLOAT
-    blocks = 1 if step.checkpointing else step.layers
-    fixed_parts = estimate_memory(shape, step).parts
-    fixed = fixed_parts["weights"] + fixed_parts["lora"] + fixed_parts["dequant"]
+    act = (1 if step.checkpointing else step.layers) * tokens * shape.act_width * FLOAT
+    parts = estimate_memory(shape, step).parts
+    fixed = parts["weights"] + parts["lora"] + parts["dequant"]
     if step.checkpointing:
         fixed += step.layers * tokens * shape.hidden * FLOAT
-    return np.array([1.0, blocks * act, blocks * attn, tokens * shape.vocab * FLOAT]), float(fixed)
+    return np.array([1.0, step.layers, act, tokens * shape.vocab * FLOAT]), float(fixed)
+
+
+def fit_efficiency(rows: list[dict], shape: memory.ModelShape, gflops: float) -> float:
+    """Median fraction of the matmul probe's throughput the calibration steps achieved."""
+    cal = [r for r in rows if r["role"] == "calibration"]
+    return float(np.median([step_flops(shape, _case(r).step()) / (r["step_seconds"] * gflops * 1e9) for r in cal]))
 
 
 def fit(rows: list[dict], shape: memory.ModelShape) -> dict[str, float]:
@@ -158,7 +171,7 @@ def fit(rows: list[dict], shape: memory.ModelShape) -> dict[str, float]:
     # Relative least squares: every configuration counts the same, whatever its size.
     a = np.array(features) / np.array(targets)[:, None]
     coef, _ = nnls(a, np.ones(len(targets)))
-    return {"RUNTIME_BYTES": coef[0], "ACT_COEF": coef[1], "ATTN_COEF": coef[2], "LOGIT_COEF": coef[3]}
+    return {"RUNTIME_BYTES": coef[0], "BLOCK_BYTES": coef[1], "ACT_COEF": coef[2], "LOGIT_COEF": coef[3]}
 
 
 def _case(row: dict) -> Case:
@@ -169,8 +182,10 @@ def cmd_fit(args: argparse.Namespace) -> int:
     data = json.loads(RESULTS.read_text())
     coef = fit(data["rows"], _shape())
     print(f"RUNTIME_BYTES = {coef['RUNTIME_BYTES'] / 2**20:.0f} * 2**20")
-    for name in ("ACT_COEF", "ATTN_COEF", "LOGIT_COEF"):
+    print(f"BLOCK_BYTES = {coef['BLOCK_BYTES'] / 2**20:.2f} * 2**20")
+    for name in ("ACT_COEF", "LOGIT_COEF"):
         print(f"{name} = {coef[name]:.3f}")
+    print(f"STEP_EFFICIENCY = {fit_efficiency(data['rows'], _shape(), data['matmul_gflops']):.3f}")
     return 0
 
 
@@ -185,22 +200,25 @@ def cmd_report(args: argparse.Namespace) -> int:
         f"`{data['command']}`; this table by `python benchmarks/memory_model.py report --markdown ...`.",
         "",
         "Coefficients in `devft_edge/memory.py` (fit on the calibration rows of these measurements: "
-        f"runtime {fitted['RUNTIME_BYTES'] / 2**20:.0f} MiB, activations {fitted['ACT_COEF']:.3f}, "
-        f"attention {fitted['ATTN_COEF']:.3f}, logits {fitted['LOGIT_COEF']:.3f}):",
-        f"runtime {memory.RUNTIME_BYTES / 2**20:.0f} MiB, activations {memory.ACT_COEF}, "
-        f"attention {memory.ATTN_COEF}, logits {memory.LOGIT_COEF}, step efficiency {memory.STEP_EFFICIENCY}.",
+        f"runtime {fitted['RUNTIME_BYTES'] / 2**20:.0f} MiB, per block {fitted['BLOCK_BYTES'] / 2**20:.2f} MiB, "
+        f"activations {fitted['ACT_COEF']:.3f}, logits {fitted['LOGIT_COEF']:.3f}, "
+        f"step efficiency {fit_efficiency(data['rows'], shape, data['matmul_gflops']):.3f}) and in use: "
+        f"runtime {memory.RUNTIME_BYTES / 2**20:.0f} MiB, per block {memory.BLOCK_BYTES / 2**20:.2f} MiB, "
+        f"activations {memory.ACT_COEF}, logits {memory.LOGIT_COEF}, step efficiency {memory.STEP_EFFICIENCY}.",
         "",
         "| role | layers | batch | seq | quant | ckpt | predicted MiB | measured MiB | error % | load peak MiB "
         "| step s | predicted step s |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    errors = {"calibration": [], "validation": []}
+    errors: dict[str, list[float]] = {"calibration": [], "validation": []}
+    step_errors: list[float] = []
     for row in data["rows"]:
         case = _case(row)
         predicted = estimate_memory(shape, case.step()).peak_bytes
         error = 100.0 * (predicted - row["train_peak_bytes"]) / row["train_peak_bytes"]
         errors[case.role].append(error)
         step_s = step_flops(shape, case.step()) / (data["matmul_gflops"] * 1e9 * memory.STEP_EFFICIENCY)
+        step_errors.append(100.0 * (step_s - row["step_seconds"]) / row["step_seconds"])
         lines.append(
             f"| {case.role} | {case.layers} | {case.batch} | {case.seq} | {case.quant} | "
             f"{'yes' if case.checkpointing else 'no'} | {predicted / 2**20:.0f} | "
@@ -215,6 +233,12 @@ def cmd_report(args: argparse.Namespace) -> int:
                 f"- {role}: {within}/{len(errs)} within ±10%, max |error| {max(map(abs, errs)):.1f}%, "
                 f"mean |error| {np.mean(np.abs(errs)):.1f}%."
             )
+    lines.append(
+        f"- step time (all rows): mean |error| {np.mean(np.abs(step_errors)):.1f}%, "
+        f"max |error| {max(map(abs, step_errors)):.1f}%."
+    )
+    if DEFAULT_HEAP_RESULTS.exists():
+        lines += _heap_comparison(data["rows"], json.loads(DEFAULT_HEAP_RESULTS.read_text()))
     text = "\n".join(lines) + "\n"
     if args.markdown:
         Path(args.markdown).write_text(text)
@@ -222,11 +246,38 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _heap_comparison(bounded: list[dict], default: dict) -> list[str]:
+    """Peak and step time with glibc's default heap against the bounded heap the agent uses."""
+    lines = [
+        "",
+        "## Allocator: glibc default against the bounded heap",
+        "",
+        f"Same cases measured with `DEVFT_EDGE_HEAP=default` on {default['date']} by `{default['command']}`.",
+        "",
+        "| layers | batch | seq | quant | ckpt | default heap MiB | bounded MiB | ratio | default step s | bounded step s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    keys = ("layers", "batch", "seq", "quant", "checkpointing")
+    by_key = {tuple(r[k] for k in keys): r for r in default["rows"]}
+    for row in bounded:
+        other = by_key.get(tuple(row[k] for k in keys))
+        if other is None:
+            continue
+        lines.append(
+            f"| {row['layers']} | {row['batch']} | {row['seq']} | {row['quant']} | "
+            f"{'yes' if row['checkpointing'] else 'no'} | {other['train_peak_bytes'] / 2**20:.0f} | "
+            f"{row['train_peak_bytes'] / 2**20:.0f} | {other['train_peak_bytes'] / row['train_peak_bytes']:.2f} | "
+            f"{other['step_seconds']:.2f} | {row['step_seconds']:.2f} |"
+        )
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     m = sub.add_parser("measure", help="measure every configuration (fresh process each)")
     m.add_argument("--threads", type=int, default=None, help="torch threads per probe")
+    m.add_argument("--default-heap", action="store_true", help="keep glibc's dynamic mmap threshold (comparison)")
     m.set_defaults(func=cmd_measure)
     sub.add_parser("fit", help="print fitted coefficients").set_defaults(func=cmd_fit)
     r = sub.add_parser("report", help="predicted vs measured table")

@@ -63,6 +63,9 @@ def _reset_peak() -> bool:
 
 def probe(directory: Path, batch: int, seq: int, rank: int, checkpointing: bool) -> Measurement:
     """Load the submodel in ``directory`` and take :data:`STEPS` LoRA training steps."""
+    from devft_edge.allocator import bound_heap
+
+    bound_heap()  # as the device agent does: measure the configuration devices run
     import torch
 
     from devft_edge.lora import LoraSettings, attach_lora

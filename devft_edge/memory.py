@@ -14,9 +14,12 @@ family is counted exactly) and a few calibrated coefficients:
 - ``lora``: LoRA factors, their gradients and AdamW's two moments: 16 bytes per parameter.
 - ``activations``: what autograd keeps between forward and backward. Per token and block it is
   proportional to the block's activation width (the sum of its linear layers' output features:
-  every projection's output and LoRA input is saved), coefficient ``ACT_COEF``; the attention
-  scores add ``b * heads * s^2`` floats per block times ``ATTN_COEF``. With gradient checkpointing
-  only each block's input (``hidden`` floats per token) is kept, plus one block recomputed.
+  every projection's output and LoRA input is saved), coefficient ``ACT_COEF``, plus a fixed
+  ``BLOCK_BYTES`` per block (small tensors and allocator slack that do not scale with tokens).
+  No ``s^2`` term: torch's CPU ``scaled_dot_product_attention`` uses a flash kernel that never
+  materialises the scores (the calibration includes seq 512 and fits no quadratic term). With
+  gradient checkpointing only each block's input (``hidden`` floats per token) is kept, plus one
+  block recomputed.
 - ``logits``: ``b * s * vocab`` floats times ``LOGIT_COEF`` (logits, their log-softmax and
   gradient; for a 135M model with a 49k vocabulary this is the largest activation).
 - ``dequant``: a quantized layer's fp32 weight exists while it computes, at most
@@ -42,15 +45,15 @@ FLOAT = 4
 
 # Calibrated on the development machine (2-core x86-64, torch 2.13 CPU, transformers 5.23, peft
 # 0.21) by ``benchmarks/memory_model.py fit``; see docs/memory_model.md for data and error.
-RUNTIME_BYTES = 420 * 2**20
+RUNTIME_BYTES = 481 * 2**20
 """Resident memory of the training process before any weight is loaded."""
-ACT_COEF = 2.0
+ACT_COEF = 2.425
 """Saved fp32 values per token per unit of block activation width."""
-ATTN_COEF = 1.0
-"""Saved fp32 attention-score tensors per block (0 for a fused kernel that saves none)."""
-LOGIT_COEF = 3.0
+BLOCK_BYTES = int(7.09 * 2**20)
+"""Fixed bytes per block on top of the per-token activations."""
+LOGIT_COEF = 2.374
 """fp32 ``[tokens, vocab]`` tensors alive at the loss."""
-STEP_EFFICIENCY = 0.5
+STEP_EFFICIENCY = 0.651
 """Fraction of the sustained GEMM throughput a LoRA training step achieves."""
 CUDA_RUNTIME_BYTES = 1 * 2**30
 """Extra process memory of a CUDA context with cuBLAS on Jetson-class devices. Not calibrated
@@ -216,8 +219,7 @@ def estimate_memory(shape: ModelShape, step: StepConfig) -> MemoryEstimate:
     if step.layers > shape.num_layers:
         raise ConfigError(f"layers={step.layers} exceeds the model's {shape.num_layers}")
     tokens = step.batch * step.seq
-    attn = step.batch * shape.heads * step.seq**2 * ATTN_COEF
-    per_block = tokens * shape.act_width * ACT_COEF + attn
+    per_block = tokens * shape.act_width * ACT_COEF
     if step.checkpointing:
         activations = step.layers * tokens * shape.hidden + per_block
     else:
@@ -234,7 +236,7 @@ def estimate_memory(shape: ModelShape, step: StepConfig) -> MemoryEstimate:
             "runtime": runtime,
             "weights": base_weight_bytes(shape, step.layers, step.quant, step.quant_embeddings),
             "lora": 4 * FLOAT * shape.lora_params(step.layers, step.rank),
-            "activations": int(FLOAT * activations),
+            "activations": int(FLOAT * activations) + step.layers * BLOCK_BYTES,
             "logits": int(FLOAT * LOGIT_COEF * tokens * shape.vocab),
             "dequant": dequant,
         }
