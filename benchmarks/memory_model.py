@@ -254,7 +254,8 @@ def _heap_comparison(bounded: list[dict], default: dict) -> list[str]:
         "",
         f"Same cases measured with `DEVFT_EDGE_HEAP=default` on {default['date']} by `{default['command']}`.",
         "",
-        "| layers | batch | seq | quant | ckpt | default heap MiB | bounded MiB | ratio | default step s | bounded step s |",
+        "| layers | batch | seq | quant | ckpt | default heap MiB | bounded MiB | ratio "
+        "| default step s | bounded step s |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     keys = ("layers", "batch", "seq", "quant", "checkpointing")
