@@ -3,12 +3,13 @@
 glibc's malloc serves allocations below a *dynamic* mmap threshold (it rises up to 32 MiB as big
 blocks are freed) from its heap arenas, and a freed heap block stays resident. A training step
 allocates and frees many activations of 1-30 MiB, so the heap keeps growing: on SmolLM2 stage
-submodels the measured peak RSS was up to 2.5x what the live tensors needed (30 layers, batch 16 x
-128 tokens with gradient checkpointing: 5.3 GiB with the default, 2.2 GiB with a fixed 1 MiB
-threshold; see docs/memory_model.md). Fixing the threshold at 1 MiB makes every larger tensor
-its own mapping that goes back to the OS when freed, at a cost of about 19% step time (median of
-19 measured configurations, up to 41% with gradient checkpointing: fresh mappings fault in). The device agent and the memory probe call :func:`bound_heap` before
-loading a model; the in-process simulator does not (it measures speed, not memory).
+submodels the measured peak RSS was up to 2.3x higher than with a fixed 1 MiB threshold (30
+layers, batch 16 x 128 tokens with gradient checkpointing: 5.3 GiB against 2.2 GiB; see
+docs/memory_model.md). With the threshold fixed, every larger tensor is its own mapping that goes
+back to the OS when freed, at a cost of about 19% step time (median of 19 measured
+configurations, up to 41% with gradient checkpointing: fresh mappings fault their pages in).
+The device agent and the memory probe call :func:`bound_heap` before loading a model; the
+in-process simulator does not (it measures speed, not memory).
 """
 
 from __future__ import annotations
