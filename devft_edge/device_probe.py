@@ -76,8 +76,14 @@ def _cuda() -> tuple[str | None, float | None]:
     return f"{major}.{minor}", 2 * size**3 * runs / (time.perf_counter() - start) / 1e9
 
 
-def measure_profile(name: str, probe_seconds: float = 2.0, storage_path: str | Path = ".") -> DeviceProfile:
-    """A validated profile of this machine (see the module docstring for what is measured)."""
+def measure_profile(
+    name: str, probe_seconds: float = 2.0, storage_path: str | Path = ".", step_model: str | None = None
+) -> DeviceProfile:
+    """A validated profile of this machine (see the module docstring for what is measured).
+
+    With ``step_model`` it also measures a real training step (the model's first DevFT stage of
+    four, batch 4 x 64 tokens, fp32) in a fresh process and records it as ``measured_step``.
+    """
     import shutil
 
     mem = _meminfo()
@@ -110,4 +116,28 @@ def measure_profile(name: str, probe_seconds: float = 2.0, storage_path: str | P
             "network": "placeholder: not measured by the profiler; edit, or let the agent measure transfers",
         },
     }
+    if step_model:
+        data["measured_step"] = measure_step(step_model)
+        data["sources"]["measured_step"] = "measured: devft_edge.memcheck in a fresh process"
     return parse_profile(data, name, f"<measured profile {name}>")
+
+
+def measure_step(model: str, batch: int = 4, seq: int = 64) -> dict[str, object]:
+    """Peak memory and time of one training step of ``model``'s first stage (S=4) on this machine."""
+    from devft_edge.layers import num_layers
+    from devft_edge.memcheck import measure_stages
+    from devft_edge.models import load_config
+    from devft_edge.quantization import QuantSpec
+    from devft_edge.schedule import StageSchedule
+
+    layers = StageSchedule(num_layers(load_config(model)), 4, 4).capacities[0]
+    (result,) = measure_stages(model, [layers], QuantSpec("none"), batch, seq)
+    return {
+        "model": model,
+        "layers": layers,
+        "batch": batch,
+        "seq": seq,
+        "quant": "none",
+        "peak_bytes": result.train_peak_bytes,
+        "step_seconds": round(result.step_seconds, 4),
+    }

@@ -38,7 +38,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from devft_edge.errors import ConfigError
-from devft_edge.quantization import CHUNK_ROWS, QuantSpec, nf4_nbytes
+from devft_edge.quantization import CHUNK_ROWS, QuantSpec
 
 FLOAT = 4
 """Bytes of one fp32 value: training computes in fp32 on CPU devices."""
@@ -187,8 +187,6 @@ class StepConfig:
 
 def weight_bytes(shape: ModelShape, out_features: int, in_features: int, quant: str) -> int:
     """Bytes of one ``out x in`` weight stored at ``quant``."""
-    if quant == "nf4":
-        return nf4_nbytes(out_features, in_features)
     return QuantSpec(quant).quantizer().nbytes(out_features, in_features)
 
 

@@ -32,6 +32,9 @@ from devft_edge.memory import (
 from devft_edge.profiles import DeviceProfile
 from devft_edge.schedule import StageSchedule
 
+CHECK_FIELDS = ("measured_peak_bytes", "predicted_local_bytes")
+"""Stage fields present only in a checked plan."""
+
 STRONGER = {"none": ("int8", "int4", "nf4"), "int8": ("int4", "nf4"), "int4": (), "nf4": ()}
 """Quantizations that store base weights in fewer bytes than the key, weakest first."""
 
@@ -72,6 +75,10 @@ class DeviceFit:
     """The predicted peak by part (see :mod:`devft_edge.memory`)."""
     advice: tuple[str, ...] = ()
     """What to change when it does not fit, cheapest first."""
+    pack_seconds: float = 0.0
+    """Downloading the stage's pack at the profile's downlink speed (once per stage)."""
+    round_transfer_seconds: float = 0.0
+    """Per round: the global LoRA down and the update up at the profile's link speeds."""
 
 
 @dataclass(frozen=True)
@@ -90,6 +97,9 @@ class StagePlan:
     """Per device and round: the trained LoRA (FedIT; FedSA-LoRA sends only A, about half)."""
     profiles: dict[str, DeviceFit]
     measured_peak_bytes: int | None = None
+    """``--check``: measured peak of a training step of this stage on the planning machine."""
+    predicted_local_bytes: int | None = None
+    """``--check``: the model's prediction for the planning machine (CPU backend), to compare."""
 
 
 @dataclass(frozen=True)
@@ -114,7 +124,7 @@ class Plan:
                     **{
                         k: v
                         for k, v in asdict(s).items()
-                        if k != "profiles" and (k != "measured_peak_bytes" or v is not None)
+                        if k != "profiles" and (v is not None or k not in CHECK_FIELDS)
                     },
                     "profiles": {name: asdict(fit) for name, fit in s.profiles.items()},
                 }
@@ -150,7 +160,27 @@ def _advice(shape: ModelShape, step: StepConfig, profile: DeviceProfile) -> tupl
     return tuple(advice) or ("nothing in reach: this device cannot train even one block at batch 1",)
 
 
-def fit_profile(shape: ModelShape, step: StepConfig, profile: DeviceProfile) -> DeviceFit:
+def step_seconds(shape: ModelShape, model_name: str, step: StepConfig, profile: DeviceProfile) -> float:
+    """Step time on ``profile``: the FLOP estimate, rescaled by a step measured on that device class
+    (``profile.measured_step``) when one was measured for the same model."""
+    estimate = estimate_step_seconds(shape, step, profile.compute.sustained_gflops)
+    measured = profile.measured_step
+    if measured is None or measured.model != model_name:
+        return estimate
+    at_measured = StepConfig(
+        layers=measured.layers,
+        batch=measured.batch,
+        seq=measured.seq,
+        rank=step.rank,
+        quant=measured.quant,
+        backend=step.backend,
+    )
+    return (
+        estimate * measured.step_seconds / estimate_step_seconds(shape, at_measured, profile.compute.sustained_gflops)
+    )
+
+
+def fit_profile(shape: ModelShape, step: StepConfig, profile: DeviceProfile, model_name: str = "") -> DeviceFit:
     """Predict ``step`` on ``profile``."""
     step = replace(step, backend=profile.compute.backend)
     estimate = estimate_memory(shape, step)
@@ -169,9 +199,18 @@ def fit_profile(shape: ModelShape, step: StepConfig, profile: DeviceProfile) -> 
         budget_bytes=budget,
         fits=fits,
         max_batch=max_batch(shape, step, budget) if supported else 0,
-        step_seconds=round(estimate_step_seconds(shape, step, profile.compute.sustained_gflops), 4),
+        step_seconds=round(step_seconds(shape, model_name, step, profile), 4),
         parts=estimate.parts,
         advice=advice,
+    )
+
+
+def _with_transfer(fit: DeviceFit, profile: DeviceProfile, pack_bytes: int, lora_bytes: int) -> DeviceFit:
+    down, up = profile.network.downlink_mbps * 1e6 / 8, profile.network.uplink_mbps * 1e6 / 8
+    return replace(
+        fit,
+        pack_seconds=round(pack_bytes / down, 2),
+        round_transfer_seconds=round(lora_bytes / down + lora_bytes / up, 2),
     )
 
 
@@ -204,18 +243,24 @@ def plan(shape: ModelShape, model_name: str, profiles: Sequence[DeviceProfile], 
             checkpointing=settings.checkpointing,
         )
         lora_bytes = FLOAT * shape.lora_params(layers, settings.rank)
+        pack_bytes = (
+            base_weight_bytes(shape, layers, settings.quant, settings.quant_embeddings)
+            + lora_bytes
+            + settings.tokenizer_bytes
+        )
         stages.append(
             StagePlan(
                 stage=number,
                 layers=layers,
                 params_total=shape.params_total(layers),
                 params_trainable=shape.lora_params(layers, settings.rank),
-                pack_bytes=base_weight_bytes(shape, layers, settings.quant, settings.quant_embeddings)
-                + lora_bytes
-                + settings.tokenizer_bytes,
+                pack_bytes=pack_bytes,
                 bytes_down=lora_bytes,
                 bytes_up=lora_bytes,
-                profiles={p.name: fit_profile(shape, step, p) for p in profiles},
+                profiles={
+                    p.name: _with_transfer(fit_profile(shape, step, p, model_name), p, pack_bytes, lora_bytes)
+                    for p in profiles
+                },
             )
         )
     top = StepConfig(
@@ -243,6 +288,26 @@ def plan(shape: ModelShape, model_name: str, profiles: Sequence[DeviceProfile], 
     )
 
 
+def with_measurements(plan_: Plan, shape: ModelShape, measured_peaks: Sequence[int]) -> Plan:
+    """The plan with each stage's measured peak and the prediction for the measuring (CPU) machine."""
+    s = plan_.settings
+    stages = []
+    for stage, measured in zip(plan_.stages, measured_peaks, strict=True):
+        step = StepConfig(
+            layers=stage.layers,
+            batch=s.batch,
+            seq=s.seq,
+            rank=s.rank,
+            quant=s.quant,
+            quant_embeddings=s.quant_embeddings,
+            checkpointing=s.checkpointing,
+        )
+        stages.append(
+            replace(stage, measured_peak_bytes=measured, predicted_local_bytes=estimate_memory(shape, step).peak_bytes)
+        )
+    return replace(plan_, stages=stages)
+
+
 def render(plan_: Plan) -> str:
     """The human-readable plan ``devft-edge plan`` prints."""
     s = plan_.settings
@@ -264,11 +329,10 @@ def render(plan_: Plan) -> str:
         lines += ["", f"stage {st.stage} ({st.layers} layers):"]
         for name in names:
             fit = st.profiles[name]
-            measured = f", measured {gib(st.measured_peak_bytes)}" if st.measured_peak_bytes else ""
             lines.append(
                 f"  {name:<{width}}  peak {gib(fit.peak_bytes):>9} of {gib(fit.budget_bytes):>9}  "
                 f"{'fits' if fit.fits else 'DOES NOT FIT':<12}  max batch {fit.max_batch:>4}  "
-                f"step {fit.step_seconds:.2f} s{measured}"
+                f"step {fit.step_seconds:.2f} s  pack {fit.pack_seconds:.0f} s"
             )
             lines += [f"  {'':<{width}}  -> {a}" for a in fit.advice]
     lines += ["", "deepest submodel per profile: " + ", ".join(f"{n} {k}" for n, k in plan_.max_layers.items())]
@@ -278,4 +342,13 @@ def render(plan_: Plan) -> str:
             f"schedule capped to the weakest profile: stage depths {caps} "
             "(the last stage's LoRA is transferred to the full model)"
         )
+    checked = [st for st in plan_.stages if st.measured_peak_bytes and st.predicted_local_bytes]
+    if checked:
+        lines += ["", "predicted vs measured peak of a training step on this machine (fresh process per stage):"]
+        for st in checked:
+            error = 100.0 * (st.predicted_local_bytes - st.measured_peak_bytes) / st.measured_peak_bytes  # type: ignore[operator]
+            lines.append(
+                f"  stage {st.stage} ({st.layers:>2} layers): predicted {gib(st.predicted_local_bytes)}, "  # type: ignore[arg-type]
+                f"measured {gib(st.measured_peak_bytes)}, error {error:+.1f}%"
+            )  # type: ignore[arg-type]
     return "\n".join(lines)

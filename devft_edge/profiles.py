@@ -88,6 +88,18 @@ class Network(_Strict):
     downlink_mbps: float = Field(gt=0)
 
 
+class MeasuredStep(_Strict):
+    """A real local training step measured on the device (``devft-edge profile --measure-step``)."""
+
+    model: str = Field(min_length=1, description="model spec the step trained, e.g. smollm2")
+    layers: int = Field(ge=1)
+    batch: int = Field(ge=1)
+    seq: int = Field(ge=1)
+    quant: Quantization
+    peak_bytes: int = Field(gt=0, description="peak resident memory of the training process")
+    step_seconds: float = Field(gt=0, description="wall time of one steady-state step")
+
+
 class DeviceProfile(_Strict):
     """One device class: the schema of ``profiles/*.yaml``."""
 
@@ -101,6 +113,8 @@ class DeviceProfile(_Strict):
     storage_gb: float = Field(gt=0)
     network: Network
     sources: dict[str, str]
+    measured_step: MeasuredStep | None = None
+    """Optional: the planner scales its step-time estimate for this device by this measurement."""
 
     def problems(self) -> list[str]:
         """Cross-field problems as ``field: message`` (checked by the loader after the schema)."""

@@ -11,6 +11,7 @@ Schemes (registry ``QUANTIZERS``):
 - ``int4``: symmetric per group of ``group_size`` input columns, ``w = q * s[o, g]`` with ``q`` in
   [-7, 7], stored as ``q + 8`` packed two per byte; fp16 scales. Columns are padded to a whole
   group, the padding is dropped on dequantization.
+- ``nf4``: bitsandbytes' 4-bit NormalFloat with an fp32 absmax per block of 64 (QLoRA's format).
 
 A quantized linear layer saves nothing for backward: its weight is frozen, so the only gradient
 it passes on is ``grad_x = grad_y @ W``, and ``W`` is dequantized again in backward instead of
@@ -146,10 +147,66 @@ class Int4(Quantizer):
         }
 
 
-def nf4_nbytes(out_features: int, in_features: int, block: int = 64) -> int:
-    """bitsandbytes nf4: 4 bits per weight plus one fp32 absmax per block of 64 (no double quant)."""
-    n = out_features * in_features
-    return math.ceil(n / 2) + 4 * math.ceil(n / block)
+@QUANTIZERS.register("nf4", block_size=64)
+class NF4(Quantizer):
+    """bitsandbytes NF4 (QLoRA): 4-bit normal-float codes, one fp32 absmax per block of 64.
+
+    Rows are padded to whole blocks so every row owns its blocks (an embedding lookup
+    dequantizes only its rows). Quantize and dequantize use bitsandbytes' kernels, which run on
+    CPU and CUDA; bitsandbytes is imported only when an nf4 weight is touched.
+    """
+
+    name = "nf4"
+
+    def __init__(self, block_size: int = 64) -> None:
+        self.block_size = block_size
+
+    def _blocks(self, in_features: int) -> int:
+        return math.ceil(in_features / self.block_size)
+
+    def nbytes(self, out_features: int, in_features: int) -> int:
+        return out_features * self._blocks(in_features) * (self.block_size // 2 + 4)
+
+    def quantize(self, weight: Tensor) -> QuantParts:
+        import bitsandbytes.functional as bnb
+
+        w = weight.detach().float()
+        out_features, in_features = w.shape
+        padded = F.pad(w, (0, self._blocks(in_features) * self.block_size - in_features)).contiguous()
+        packed, state = bnb.quantize_4bit(padded, blocksize=self.block_size, quant_type="nf4")
+        return {
+            "qweight": packed.view(out_features, -1).contiguous(),
+            "absmax": state.absmax.view(out_features, -1).float().contiguous(),
+        }
+
+    def _unpack(self, packed: Tensor, absmax: Tensor, in_features: int) -> Tensor:
+        import bitsandbytes.functional as bnb
+
+        rows = packed.shape[:-1]
+        width = self._blocks(in_features) * self.block_size
+        state = bnb.QuantState(
+            absmax=absmax.reshape(-1).contiguous(),
+            shape=torch.Size((math.prod(rows), width)),
+            code=bnb.get_4bit_type("nf4", device=packed.device),
+            blocksize=self.block_size,
+            quant_type="nf4",
+            dtype=torch.float32,
+        )
+        w = bnb.dequantize_4bit(packed.reshape(-1, 1).contiguous(), state)
+        return w.view(*rows, width)[..., :in_features]
+
+    def dequantize(self, parts: QuantParts, in_features: int) -> Tensor:
+        return self._unpack(parts["qweight"], parts["absmax"], in_features)
+
+    def dequantize_rows(self, parts: QuantParts, rows: Tensor, in_features: int) -> Tensor:
+        return self._unpack(parts["qweight"][rows], parts["absmax"][rows], in_features)
+
+    def empty_parts(self, out_features: int, in_features: int, device: str | torch.device = "meta") -> QuantParts:
+        blocks = self._blocks(in_features)
+        return {
+            "qweight": torch.empty(out_features, blocks * self.block_size // 2, dtype=torch.uint8, device=device),
+            "absmax": torch.empty(out_features, blocks, device=device),
+        }
 
 
 CHUNK_ROWS = 4096
@@ -329,3 +386,32 @@ def _replace_embedding(embed: nn.Module, quantizer: Quantizer) -> QuantizedEmbed
         for name, part in quantizer.quantize(weight).items():
             setattr(new, name, part)
     return new
+
+
+def dequantize_model(model: nn.Module) -> nn.Module:
+    """Replace quantized layers by plain fp32 ``nn.Linear``/``nn.Embedding`` (in place), re-tying the head.
+
+    For consumers that need ordinary modules, such as the ONNX exporter: the weights are the
+    dequantized ones, so the result computes exactly what the quantized model computes.
+    """
+    tables: dict[int, nn.Parameter] = {}
+    for parent in list(model.modules()):
+        for child_name, child in list(parent.named_children()):
+            if isinstance(child, QuantizedEmbedding):
+                key = id(child.qweight)
+                tables.setdefault(key, nn.Parameter(child.quantizer.dequantize(child.parts(), child.embedding_dim),
+                                                    requires_grad=False))
+                new: nn.Module = nn.Embedding(child.num_embeddings, child.embedding_dim, _weight=tables[key])
+            elif isinstance(child, QuantizedLinear):
+                key = id(child.qweight)
+                new = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None, device="meta")
+                if key not in tables:
+                    tables[key] = nn.Parameter(child.dequantized(), requires_grad=False)
+                new.weight = tables[key]
+                if child.bias is not None:
+                    new.bias = nn.Parameter(child.bias.detach().clone(), requires_grad=False)
+            else:
+                continue
+            new.requires_grad_(False)
+            setattr(parent, child_name, new)
+    return model

@@ -15,6 +15,7 @@ to cap a stage at what the weakest device can train; the same rules apply to the
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from itertools import pairwise
 
@@ -38,6 +39,9 @@ def _capacity_problems(caps: tuple[int, ...], num_layers: int, what: str) -> lis
     return problems
 
 
+ROUND_SPLITS = ("equal", "depth")
+
+
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -55,12 +59,17 @@ class StageSchedule:
     capacities_override: tuple[int, ...] | None = None
     """Stage depths chosen by a planner instead of the doubling rule; one per stage, strictly
     increasing, each in ``[1, L]``, the last equal to ``L``."""
+    round_split: str = "equal"
+    """How the rounds are shared out: ``equal`` (the paper) or ``depth`` (in proportion to each
+    stage's depth, at least one each: deeper, costlier stages get more of the budget)."""
 
     def __post_init__(self) -> None:
         problems: list[str] = []
         for field in ("num_layers", "num_stages", "total_rounds"):
             if not _is_int(getattr(self, field)):
                 problems.append(f"{field} must be an int, got {getattr(self, field)!r}")
+        if self.round_split not in ROUND_SPLITS:
+            problems.append(f"round_split must be one of {', '.join(ROUND_SPLITS)}, got {self.round_split!r}")
         raise_if(problems)
         if self.num_layers < 1:
             problems.append(f"num_layers must be >= 1, got {self.num_layers}")
@@ -103,9 +112,24 @@ class StageSchedule:
 
     @property
     def rounds_per_stage(self) -> tuple[int, ...]:
-        """Rounds of each stage: an equal split, the remainder one each to the deepest stages."""
-        base, extra = divmod(self.total_rounds, self.num_stages)
-        return tuple(base + (s >= self.num_stages - extra) for s in range(self.num_stages))
+        """Rounds of each stage.
+
+        ``equal``: an equal split, the remainder one each to the deepest stages. ``depth``: shares
+        proportional to the stage depths, floored (at least 1), the rounds left over going to the
+        largest remainders (the deeper stage on a tie).
+        """
+        if self.round_split == "equal":
+            base, extra = divmod(self.total_rounds, self.num_stages)
+            return tuple(base + (s >= self.num_stages - extra) for s in range(self.num_stages))
+        caps = self.capacities
+        shares = [self.total_rounds * c / sum(caps) for c in caps]
+        rounds = [max(1, math.floor(x)) for x in shares]
+        by_remainder = sorted(range(len(caps)), key=lambda s: (shares[s] - rounds[s], s), reverse=True)
+        for s in by_remainder[: max(0, self.total_rounds - sum(rounds))]:
+            rounds[s] += 1
+        while sum(rounds) > self.total_rounds:  # the minimum of 1 overshot: take from the largest
+            rounds[max(range(len(rounds)), key=lambda s: (rounds[s], -s))] -= 1
+        return tuple(rounds)
 
     def stage_of_round(self, r: int) -> int:
         """0-based stage that 0-based round ``r`` belongs to."""

@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from devft_edge.errors import ConfigError
 from devft_edge.fusion import Fusion, fuse_layers
+from devft_edge.grouping import Grouping
 from devft_edge.layers import architecture_of, decoder_layers, layer_prefix, num_layers
 from devft_edge.lora import LoraSettings, LoraState, join_layers, lora_applied, split_layers
 from devft_edge.similarity import LayerEvidence, Similarity, collect_layer_outputs
@@ -129,6 +130,28 @@ def layer_evidence(
         ]
         # Copies: unloading LoRA afterwards must not invalidate what we return.
         return LayerEvidence(params=[{k: v.clone() for k, v in p.items()} for p in params], outputs=None)
+
+
+def stage_groups(
+    base: PreTrainedModel,
+    capacity: int,
+    similarity: Similarity,
+    grouping: Grouping,
+    settings: LoraSettings,
+    lora_state: Mapping[str, Tensor],
+    calibration_ids: Tensor,
+    seed: int,
+) -> list[list[int]]:
+    """The groups of a stage with ``capacity`` blocks, from the full model with its current LoRA.
+
+    The full-depth stage is all singletons (no similarity needed); shallower stages group by the
+    similarity of the LoRA-adapted layers, as the simulator and the aggregator both do.
+    """
+    total = num_layers(base.config)
+    if capacity == total:
+        return [[j] for j in range(total)]
+    evidence = layer_evidence(base, similarity, settings, lora_state, calibration_ids)
+    return grouping.group(similarity.compute(evidence), capacity, seed)
 
 
 def add_weight_delta(model: nn.Module, delta: Mapping[str, Tensor], scaling: float) -> None:

@@ -40,7 +40,7 @@ _DTYPES = {
 }
 
 
-def _unique_state(model: nn.Module) -> dict[str, Tensor]:
+def unique_state(model: nn.Module) -> dict[str, Tensor]:
     """State dict with each shared tensor once (a tied head is re-tied on load)."""
     seen: set[int] = set()
     state = {}
@@ -59,7 +59,7 @@ def save_base(model: PreTrainedModel, spec: QuantSpec, directory: str | Path) ->
     quantize_model(model, spec)
     model.config.save_pretrained(directory)
     (directory / QUANT_FILE).write_text(json.dumps(asdict(spec), indent=2) + "\n")
-    save_file(_unique_state(model), str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+    save_file(unique_state(model), str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
     return directory
 
 
@@ -98,15 +98,17 @@ def read_safetensors(path: str | Path) -> dict[str, Tensor]:
     return tensors
 
 
-def load_base(directory: str | Path) -> PreTrainedModel:
+def load_base(directory: str | Path, spec: QuantSpec | None = None) -> PreTrainedModel:
     """Build the model in ``directory`` with its quantized layers, frozen, in eval mode.
 
-    The skeleton is built on the meta device and takes the file's tensors by assignment, so the
-    weights are in memory once.
+    ``spec`` is the weights' quantization (default: the directory's ``quant.json``). The skeleton
+    is built on the meta device and takes the file's tensors by assignment, so the weights are in
+    memory once.
     """
     directory = Path(directory)
     config = AutoConfig.from_pretrained(directory)
-    spec = QuantSpec(**json.loads((directory / QUANT_FILE).read_text()))
+    if spec is None:
+        spec = QuantSpec(**json.loads((directory / QUANT_FILE).read_text()))
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     quantize_model(model, spec)

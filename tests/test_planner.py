@@ -132,13 +132,42 @@ def test_cli_plan_check_on_tiny_model():
     assert done.returncode == 0, done.stderr
     doc = json.loads(done.stdout)
     measured = [s["measured_peak_bytes"] for s in doc["stages"]]
+    predicted = [s["predicted_local_bytes"] for s in doc["stages"]]
+    assert all(abs(p - m) < 0.5 * m for p, m in zip(predicted, measured, strict=True))
     assert all(200 * 2**20 < m < 4 * 2**30 for m in measured)
 
 
 def test_cli_profile_writes_a_loadable_profile(tmp_path, capsys):
     out = tmp_path / "mine.yaml"
-    assert main(["profile", "--name", "mine", "--out", str(out), "--probe-seconds", "0.2"]) == 0
+    assert (
+        main(["profile", "--name", "mine", "--out", str(out), "--probe-seconds", "0.2", "--measure-step", "tiny"]) == 0
+    )
     profile = load_profile("mine", [tmp_path])
     assert profile.cpu.cores >= 1 and profile.budget_bytes > 0 and profile.compute.sustained_gflops > 0
     assert profile.sources["network"].startswith("placeholder")
+    step = profile.measured_step
+    assert step is not None and step.model == "tiny" and step.layers == 1 and step.peak_bytes > 100 * 2**20
     assert main(["plan", "--profile", "mine", "--profiles-dir", str(tmp_path), "--json"]) == 0
+
+
+def test_measured_step_calibrates_step_time(shape):
+    from devft_edge.profiles import MeasuredStep
+
+    base = load_profile("rpi5-8gb")
+    measured = MeasuredStep(
+        model="smollm2", layers=4, batch=4, seq=64, quant="none", peak_bytes=2**30, step_seconds=7.0
+    )
+    profile = base.model_copy(update={"measured_step": measured})
+    settings = PlanSettings(stages=4, batch=4, seq=64)
+    with_measure = plan(shape, "smollm2", [profile], settings)
+    without = plan(shape, "smollm2", [base], settings)
+    assert with_measure.stages[0].profiles["rpi5-8gb"].step_seconds == pytest.approx(7.0, rel=1e-3)
+    ratio = 7.0 / without.stages[0].profiles["rpi5-8gb"].step_seconds
+    for a, b in zip(with_measure.stages, without.stages, strict=True):
+        assert a.profiles["rpi5-8gb"].step_seconds == pytest.approx(
+            b.profiles["rpi5-8gb"].step_seconds * ratio, rel=1e-2
+        )
+    other_model = plan(shape, "other", [profile], settings)  # a step measured on another model is not used
+    assert (
+        other_model.stages[0].profiles["rpi5-8gb"].step_seconds == without.stages[0].profiles["rpi5-8gb"].step_seconds
+    )

@@ -85,3 +85,17 @@ def test_schedule_is_frozen() -> None:
     schedule = StageSchedule(32, 4, 10)
     with pytest.raises(AttributeError):
         schedule.num_layers = 8  # type: ignore[misc]
+
+
+def test_depth_round_split_follows_stage_depth():
+    assert StageSchedule(30, 4, 12, round_split="depth").rounds_per_stage == (1, 2, 3, 6)
+    assert StageSchedule(30, 2, 12, round_split="depth").rounds_per_stage == (4, 8)
+    for layers, stages, rounds in [(30, 4, 4), (30, 4, 5), (8, 3, 7), (30, 3, 100), (12, 5, 9)]:
+        split = StageSchedule(layers, stages, rounds, round_split="depth").rounds_per_stage
+        assert sum(split) == rounds and min(split) >= 1
+        assert list(split) == sorted(split), split  # deeper stages never get fewer rounds
+
+
+def test_unknown_round_split_is_refused():
+    with pytest.raises(ConfigError, match="round_split"):
+        StageSchedule(30, 4, 12, round_split="random")

@@ -65,7 +65,8 @@ def test_two_stage_simulation_end_to_end(method, tmp_path):
     assert json.loads((tmp_path / "summary.json").read_text())["final_eval_loss"] == summary["final_eval_loss"]
     assert (tmp_path / "curves.png").stat().st_size > 1000
     if method.startswith("devft"):
-        assert [r["layers"] for r in rows] == [4, 4, 8, 8] and [r["stage"] for r in rows] == [1, 1, 2, 2]
+        # default depth split of 4 rounds over stages of 4 and 8 layers: 1 and 3 rounds
+        assert [r["layers"] for r in rows] == [4, 8, 8, 8] and [r["stage"] for r in rows] == [1, 2, 2, 2]
     else:
         assert [r["layers"] for r in rows] == [8] * 4
     # Byte counters are cumulative and positive both ways.
@@ -113,7 +114,9 @@ def test_one_stage_devft_equals_fedit(tmp_path):
 def test_adaptive_schedule_advances_on_plateau(tmp_path):
     # min_delta so large that no evaluation counts as progress: each stage but the last ends after
     # its first two evaluations (the first sets the best), and the unused rounds carry over.
-    cfg = replace(BASE, stages=2, rounds=6, eval_every=1, adaptive_patience=1, adaptive_min_delta=100.0)
+    cfg = replace(
+        BASE, stages=2, rounds=6, eval_every=1, adaptive_patience=1, adaptive_min_delta=100.0, round_split="equal"
+    )
     summary = simulate(cfg, tmp_path, progress=False)
     rows = _lines(tmp_path / "metrics.jsonl")
     assert [r["layers"] for r in rows] == [4, 4, 8, 8, 8, 8]

@@ -1,0 +1,85 @@
+"""The aggregator's configuration (``devft-edge serve --config aggregator.yaml``), validated on load."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from devft_edge.blobs import DEFAULT_CHUNK_BYTES
+from devft_edge.errors import ConfigError
+from devft_edge.update_check import DEFAULT_MAX_UPDATE_NORM
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Train(_Strict):
+    """Local training each selected device runs per round."""
+
+    steps: int = Field(8, ge=1)
+    batch: int = Field(4, ge=1)
+    seq: int = Field(64, ge=8)
+    lr: float = Field(3e-4, gt=0)
+
+
+class AggregatorConfig(_Strict):
+    """Everything one federated run of the aggregator depends on."""
+
+    run_id: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    fleet: str = Field("default", pattern=r"^[A-Za-z0-9_.-]+$")
+    broker: str | None = Field(None, description="mqtt://host:port; none: start the embedded broker")
+    model: str = "smollm2"
+    method: Literal["devft", "fedit"] = "devft"
+    stages: int = Field(4, ge=1)
+    rounds: int = Field(12, ge=1)
+    round_split: Literal["depth", "equal"] = "depth"
+    per_round: int = Field(2, ge=1, description="devices selected per round (K)")
+    quorum: int = Field(1, ge=1, description="updates needed to close a round at its deadline")
+    round_timeout_s: float = Field(600.0, gt=0)
+    train: Train = Train()
+    rank: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    quant: Literal["none", "int8", "int4", "nf4"] = "int4"
+    chunk_bytes: int = Field(DEFAULT_CHUNK_BYTES, ge=1024, le=64 * 2**20)
+    max_update_norm: float | None = Field(DEFAULT_MAX_UPDATE_NORM, gt=0)
+    similarity: str = "cka"
+    grouping: str = "contiguous"
+    fusion: str = "dblf"
+    beta: float = Field(0.1, gt=0, le=1)
+    seed: int = 0
+    sign_key: Path
+    state_dir: Path = Path("runs/aggregator/state")
+    out_dir: Path = Path("runs/aggregator/out")
+    profiles_dir: list[Path] = []
+    eval_examples: int = Field(48, ge=0, description="held-out synthetic examples evaluated after each round (0: off)")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> AggregatorConfig:
+        if self.quorum > self.per_round:
+            raise ValueError(f"quorum {self.quorum} exceeds per_round {self.per_round}")
+        if self.method == "devft" and self.rounds < self.stages:
+            raise ValueError(f"rounds {self.rounds} < stages {self.stages}: every stage needs a round")
+        return self
+
+    @property
+    def prefix(self) -> str:
+        """Topic prefix of the fleet."""
+        return f"devft/{self.fleet}"
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> AggregatorConfig:
+        """Load and validate a YAML config; errors name the file and field."""
+        try:
+            data = yaml.safe_load(Path(path).read_text())
+        except (OSError, yaml.YAMLError) as error:
+            raise ConfigError(f"{path}: cannot read config: {error}") from None
+        try:
+            return cls.model_validate(data or {})
+        except ValidationError as error:
+            raise ConfigError(
+                [f"{path}: {'.'.join(map(str, e['loc'])) or '(top level)'}: {e['msg']}" for e in error.errors()]
+            ) from None

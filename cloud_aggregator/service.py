@@ -1,0 +1,593 @@
+"""The cloud aggregator: a thin service over the core that runs DevFT across real devices.
+
+One worker thread drains the MQTT inbox and drives the run; every state change that matters is
+checkpointed (:mod:`cloud_aggregator.state`) before it is acted on, so ``kill -9`` at any moment
+and a restart resume the run. The stage/round logic is the simulator's, with the network in
+between: open a stage (group, fuse, pack, sign), per round select devices whose profile fits the
+stage, send tasks, pull and validate updates, close the round at quorum or deadline by streaming
+the accepted updates through the aggregation rule, and at the end of a stage transfer the LoRA
+to the full model. After the last stage the adapter is exported.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import random
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import save as safetensors_save
+
+from cloud_aggregator.config import AggregatorConfig
+from cloud_aggregator.state import Accepted, Device, OpenRound, RunState, load_state, now, save_state
+from devft_edge.blobs import WINDOW, BlobInfo, BlobStore, Download
+from devft_edge.errors import ConfigError
+from devft_edge.mqtt import BrokerAddress, Connection, Incoming
+from devft_edge.protocol import AGGREGATOR, Envelope, Kind, ProtocolError, Reason, Topics, decode
+from devft_edge.update_check import check_update
+
+logger = logging.getLogger(__name__)
+
+
+class Aggregator:
+    """The service; ``run()`` until the run is finished."""
+
+    def __init__(self, cfg: AggregatorConfig, broker: str) -> None:
+        import torch
+
+        from devft_edge.aggregation import RULES
+        from devft_edge.fusion import FUSIONS
+        from devft_edge.grouping import GROUPINGS
+        from devft_edge.layers import num_layers
+        from devft_edge.lora import LoraSettings
+        from devft_edge.memory import model_shape
+        from devft_edge.models import load_model, load_tokenizer
+        from devft_edge.schedule import StageSchedule
+        from devft_edge.signing import load_private_key
+        from devft_edge.similarity import SIMILARITIES
+        from devft_edge.tasks import train_eval_split
+
+        self.cfg = cfg
+        self.topics = Topics(cfg.prefix)
+        self.key = load_private_key(cfg.sign_key)
+        self.store = BlobStore(cfg.state_dir / "blobs")
+        state = load_state(cfg.state_dir)
+        if state is not None and state.run_id != cfg.run_id:
+            raise ConfigError(f"{cfg.state_dir} holds run {state.run_id!r}, not {cfg.run_id!r}")
+        self.state = state or RunState(run_id=cfg.run_id)
+        torch.manual_seed(cfg.seed)
+        self.base = load_model(cfg.model, seed=cfg.seed)
+        self.tokenizer = load_tokenizer(cfg.model)
+        self.shape = model_shape(self.base.config)
+        self.lora = LoraSettings(rank=cfg.rank, alpha=cfg.alpha)
+        total = num_layers(self.base.config)
+        self.schedule = StageSchedule(
+            total, cfg.stages if cfg.method == "devft" else 1, cfg.rounds, round_split=cfg.round_split
+        )
+        self.similarity = SIMILARITIES.get(cfg.similarity)
+        self.grouping = GROUPINGS.get(cfg.grouping)
+        self.fusion = FUSIONS.get(cfg.fusion, **({"beta": cfg.beta} if cfg.fusion == "dblf" else {}))
+        self.rule = RULES.get("fedit")
+        self.held_out = train_eval_split(0, cfg.eval_examples, seed=cfg.seed)[1] if cfg.eval_examples else []
+        self.uploads: dict[str, Download] = {}
+        """device -> the pull of its update blob."""
+        self.update_meta: dict[str, dict[str, Any]] = {}
+        """device -> the UPDATE message's data (and ``re``: its id) while its blob is pulled."""
+        self.submodel: Any = None
+        self.boot = uuid.uuid4().hex
+        """Changes on every start: agents re-announce themselves when they see a new one in the status."""
+        self.connection = Connection(
+            BrokerAddress.parse(broker), f"aggregator-{cfg.fleet}", [self.topics.all_up, self.topics.all_presence]
+        )
+
+    # ---- run loop -------------------------------------------------------------------------------
+
+    def run(self, idle_exit_seconds: float | None = None) -> RunState:
+        """Serve until the run is finished (or nothing happened for ``idle_exit_seconds``)."""
+        self.connection.start()
+        self._publish_status()
+        if self.state.open_round is not None:  # resumed mid-round: tell the devices again
+            self._ensure_submodel()
+            for device in self.state.open_round.selected:
+                if device not in self.state.open_round.accepted:
+                    self._send_task(device)
+        last_event = time.monotonic()
+        while not self.state.finished:
+            try:
+                item = self.connection.inbox.get(timeout=0.2)
+            except queue.Empty:
+                item = None
+            if item is not None:
+                last_event = time.monotonic()
+                self._dispatch(item)
+            self._tick()
+            if idle_exit_seconds and time.monotonic() - last_event > idle_exit_seconds:
+                logger.warning("no message for %.0f s; stopping (the run can be resumed)", idle_exit_seconds)
+                break
+        self._publish_status()
+        self.connection.stop()
+        return self.state
+
+    def _dispatch(self, item: Incoming) -> None:
+        try:
+            device = self.topics.device_of(item.topic)
+            message = decode(item.payload)
+            if message.sender != device:
+                raise ProtocolError(Reason.WRONG_SENDER, f"header says {message.sender!r} on {device!r}'s topic")
+            if not self.state.remember(message.id):
+                logger.debug("duplicate message %s from %s ignored", message.id, device)
+                return
+            handler = {
+                Kind.HELLO: self._on_hello,
+                Kind.PRESENCE: self._on_presence,
+                Kind.CHUNK_REQUEST: self._on_chunk_request,
+                Kind.UPDATE: self._on_update,
+                Kind.CHUNK: self._on_chunk,
+                Kind.REFUSAL: self._on_refusal,
+                Kind.BLOB_RECEIVED: lambda d, m: None,
+            }.get(message.kind)
+            if handler is None:
+                raise ProtocolError(Reason.MALFORMED, f"a device may not send {message.kind.value}")
+            handler(device, message)
+        except ProtocolError as error:
+            logger.warning("message on %s rejected: %s", item.topic, error)
+
+    # ---- handlers -------------------------------------------------------------------------------
+
+    def _on_hello(self, device: str, message: Envelope) -> None:
+        from devft_edge.profiles import parse_profile
+
+        profile = parse_profile(message.data.get("profile"), device, f"<hello from {device}>")
+        self.state.devices[device] = Device(
+            profile=profile.model_dump(mode="json", exclude={"name"}),
+            last_seen=now(),
+            backends=list(message.data.get("backends", ["torch"])),
+            cached=list(message.data.get("cached", [])),
+        )
+        save_state(self.cfg.state_dir, self.state)
+        logger.info("device %s joined (%s, budget %.2f GiB)", device, profile.description, profile.budget_bytes / 2**30)
+        round_ = self.state.open_round
+        if round_ is not None and device in round_.selected and device not in round_.accepted:
+            self._send_task(device)
+        self._publish_status()
+
+    def _on_presence(self, device: str, message: Envelope) -> None:
+        known = self.state.devices.get(device)
+        if known is not None:
+            known.online = bool(message.data.get("online"))
+            known.last_seen = now()
+            self._publish_status()
+
+    def _on_chunk_request(self, device: str, message: Envelope) -> None:
+        self._require_known(device)
+        info = BlobInfo.from_json(message.data)
+        if info.sha256 not in (self.state.pack, self.state.stage_lora) or not self.store.has(info.sha256):
+            raise ProtocolError(Reason.STALE, f"{device} asked for blob {info.sha256[:12]}..., not in the open stage")
+        missing = [int(i) for i in message.data.get("missing", [])][:WINDOW]
+        for index, chunk in self.store.chunks(info, missing):
+            data = {**info.to_json(), "index": index}
+            self._send(
+                device,
+                Envelope(
+                    kind=Kind.CHUNK,
+                    sender=AGGREGATOR,
+                    run=self.state.run_id,
+                    stage=self.state.stage,
+                    round=self.state.rounds_done,
+                    data=data,
+                    body=chunk,
+                ),
+            )
+            self.state.bytes_down += len(chunk)
+
+    def _on_update(self, device: str, message: Envelope) -> None:
+        round_ = self._check_current(device, message)
+        if device in round_.accepted:
+            self._verdict(device, message, None, note="duplicate: already accepted")
+            return
+        info = BlobInfo.from_json(message.data)
+        expected = 4 * self.shape.lora_params(len(self.state.groups), self.cfg.rank)
+        if info.size > 2 * expected + 65536:
+            raise ProtocolError(Reason.SHAPE, f"update of {info.size} bytes for a LoRA of {expected}")
+        self.update_meta[device] = dict(message.data, re=message.id)
+        download = Download(self.store.receiver(info))
+        self.uploads[device] = download
+        if download.complete:
+            self._finish_update(device)
+        else:
+            self._request_chunks(device, download)
+
+    def _on_chunk(self, device: str, message: Envelope) -> None:
+        download = self.uploads.get(device)
+        info = BlobInfo.from_json(message.data)
+        if download is None or download.receiver.info.sha256 != info.sha256:
+            raise ProtocolError(Reason.STALE, f"chunk of blob {info.sha256[:12]}... from {device} is not awaited")
+        try:
+            complete = download.add(int(message.data.get("index", -1)), message.body, time.monotonic())
+        except ProtocolError as error:
+            self.uploads.pop(device)
+            meta = self.update_meta.pop(device, {})
+            self._verdict(device, None, error.reason, note=str(error), re=str(meta.get("re", "")))
+            return
+        self.state.bytes_up += len(message.body)
+        if complete:
+            self._finish_update(device)
+        else:
+            self._request_chunks(device, download)
+
+    def _on_refusal(self, device: str, message: Envelope) -> None:
+        logger.warning("device %s refused its task: %s (%s)", device, message.reason, message.data.get("detail"))
+        round_ = self.state.open_round
+        if round_ is not None and device in round_.selected and device not in round_.accepted:
+            round_.selected.remove(device)
+            round_.tasks.pop(device, None)
+            save_state(self.cfg.state_dir, self.state)
+
+    # ---- updates --------------------------------------------------------------------------------
+
+    def _finish_update(self, device: str) -> None:
+        from devft_edge.weights import read_safetensors
+
+        receiver = self.uploads.pop(device).receiver
+        meta = self.update_meta.pop(device, {})
+        message_id = str(meta.get("re", ""))
+        round_ = self.state.open_round
+        if round_ is None or device not in round_.selected:
+            return
+        try:
+            update = read_safetensors(self.store.path(receiver.info.sha256))
+            start = read_safetensors(self.store.path(self.state.stage_lora))
+            norm = check_update(update, start, self.cfg.max_update_norm)
+            samples = int(meta.get("num_samples", 0))
+            if samples < 1:
+                raise ProtocolError(Reason.MALFORMED, f"num_samples {meta.get('num_samples')!r} must be >= 1")
+        except ProtocolError as error:
+            logger.warning("update from %s rejected: %s", device, error)
+            self._verdict(device, None, error.reason, note=str(error), re=message_id)
+            return
+        round_.accepted[device] = Accepted(
+            blob=receiver.info.sha256,
+            num_samples=samples,
+            message_id=message_id,
+            train_loss=float(meta.get("train_loss", float("nan"))),
+        )
+        save_state(self.cfg.state_dir, self.state)  # accepted only once it is durable
+        logger.info("round %d: update from %s accepted (norm %.3f, %d samples)", round_.index, device, norm, samples)
+        self._verdict(device, None, None, re=message_id)
+        self._publish_status()
+
+    def _verdict(
+        self, device: str, message: Envelope | None, reason: Reason | None, note: str = "", re: str = ""
+    ) -> None:
+        data = {"re": re or (message.id if message else ""), "accepted": reason is None, "note": note}
+        self._send(
+            device,
+            Envelope(
+                kind=Kind.VERDICT,
+                sender=AGGREGATOR,
+                run=self.state.run_id,
+                stage=self.state.stage,
+                round=self.state.rounds_done,
+                data=data,
+                reason=reason,
+            ),
+        )
+
+    def _request_chunks(self, device: str, download: Download) -> None:
+        missing = download.request(time.monotonic())
+        if not missing:
+            return
+        data = {**download.receiver.info.to_json(), "missing": missing}
+        self._send(
+            device,
+            Envelope(
+                kind=Kind.CHUNK_REQUEST,
+                sender=AGGREGATOR,
+                run=self.state.run_id,
+                stage=self.state.stage,
+                round=self.state.rounds_done,
+                data=data,
+            ),
+        )
+
+    def _check_current(self, device: str, message: Envelope) -> OpenRound:
+        self._require_known(device)
+        if message.run != self.state.run_id:
+            raise ProtocolError(Reason.WRONG_RUN, f"{device} sent run {message.run!r}")
+        round_ = self.state.open_round
+        if round_ is None or message.round != round_.index or message.stage != self.state.stage:
+            raise ProtocolError(Reason.STALE, f"{device}: stage {message.stage} round {message.round} is not open")
+        if device not in round_.selected:
+            raise ProtocolError(Reason.WRONG_SENDER, f"round {round_.index} has no task for {device}")
+        return round_
+
+    def _require_known(self, device: str) -> None:
+        if device not in self.state.devices:
+            raise ProtocolError(Reason.UNKNOWN_DEVICE, f"{device} has not said hello")
+
+    # ---- stages and rounds ----------------------------------------------------------------------
+
+    def _tick(self) -> None:
+        if self.state.finished:
+            return
+        if self.state.stage == 0:
+            self._open_stage(1)
+        round_ = self.state.open_round
+        if round_ is None:
+            self._open_round()
+            return
+        for device, download in list(self.uploads.items()):
+            if download.stalled(time.monotonic()):
+                self._request_chunks(device, download)
+        if round_.selected and len(round_.accepted) == len(round_.selected):
+            self._close_round()
+        elif now() >= round_.deadline:
+            if len(round_.accepted) >= self.cfg.quorum:
+                logger.warning(
+                    "round %d: deadline with %d of %d updates; closing at quorum",
+                    round_.index,
+                    len(round_.accepted),
+                    len(round_.selected),
+                )
+                self._close_round()
+            else:
+                logger.warning(
+                    "round %d: deadline with %d updates (< quorum %d); selecting again",
+                    round_.index,
+                    len(round_.accepted),
+                    self.cfg.quorum,
+                )
+                self._reselect(round_)
+
+    def _open_stage(self, number: int) -> None:
+        from devft_edge.calibration import calibration_ids
+        from devft_edge.lora import init_lora_state, lora_shapes
+        from devft_edge.pack import write_pack
+        from devft_edge.quantization import QuantSpec
+        from devft_edge.submodel import build_submodel, stage_groups, stage_lora
+        from devft_edge.training import TrainSettings
+        from devft_edge.weights import read_safetensors
+
+        capacity = self.schedule.capacities[number - 1]
+        if self.state.full_lora:
+            full = read_safetensors(self.store.path(self.state.full_lora))
+        else:
+            full = init_lora_state(lora_shapes(self.base, self.lora), self.lora.rank, self.cfg.seed)
+            self.state.full_lora = self.store.add_bytes(safetensors_save(full), self.cfg.chunk_bytes).sha256
+        groups = stage_groups(
+            self.base,
+            capacity,
+            self.similarity,
+            self.grouping,
+            self.lora,
+            full,
+            calibration_ids(self.tokenizer),
+            self.cfg.seed + number,
+        )
+        start = stage_lora(full, groups, self.fusion)
+        sub = build_submodel(self.base, groups, self.fusion)
+        t = self.cfg.train
+        with tempfile.TemporaryDirectory(dir=self.cfg.state_dir) as tmp:
+            path = Path(tmp) / "stage.devpack"
+            write_pack(
+                path,
+                sub.model,
+                start,
+                model_name=self.cfg.model,
+                stage=number,
+                stages=len(self.schedule.capacities),
+                groups=groups,
+                lora=self.lora,
+                quant=QuantSpec(self.cfg.quant),
+                training=TrainSettings(steps=t.steps, batch_size=t.batch, seq_len=t.seq, lr=t.lr),
+                tokenizer_dir=_tokenizer_dir(self.cfg.model),
+                created=_iso(time.time()),
+                sign_key=self.key,
+            )
+            self.state.pack = self.store.add_file(path, self.cfg.chunk_bytes).sha256
+        self.state.stage_lora = self.store.add_bytes(safetensors_save(start), self.cfg.chunk_bytes).sha256
+        self.state.groups, self.state.stage, self.state.stage_rounds_done = groups, number, 0
+        save_state(self.cfg.state_dir, self.state)
+        self.submodel = None
+        logger.info("stage %d: %d layers, pack %s", number, capacity, self.state.pack[:12])
+        self._publish_status()
+
+    def _eligible(self) -> list[str]:
+        from devft_edge.memory import StepConfig
+        from devft_edge.planner import fit_profile
+        from devft_edge.profiles import parse_profile
+
+        t = self.cfg.train
+        step = StepConfig(
+            layers=len(self.state.groups), batch=t.batch, seq=t.seq, rank=self.cfg.rank, quant=self.cfg.quant
+        )
+        eligible = []
+        for device, known in sorted(self.state.devices.items()):
+            if not known.online:
+                continue
+            profile = parse_profile(known.profile, device)
+            if fit_profile(self.shape, step, profile, self.cfg.model).fits:
+                eligible.append(device)
+            else:
+                logger.info("device %s cannot train stage %d (memory or quantization)", device, self.state.stage)
+        return eligible
+
+    def _open_round(self, exclude: frozenset[str] = frozenset()) -> None:
+        eligible = [d for d in self._eligible() if d not in exclude]
+        if len(eligible) < self.cfg.per_round:
+            return
+        rng = random.Random(f"{self.cfg.seed}/{self.state.rounds_done}/{len(exclude)}")
+        selected = sorted(rng.sample(eligible, self.cfg.per_round))
+        self.state.open_round = OpenRound(
+            index=self.state.rounds_done,
+            selected=selected,
+            tasks={d: _task_id(self.state, d) for d in selected},
+            deadline=now() + self.cfg.round_timeout_s,
+        )
+        save_state(self.cfg.state_dir, self.state)
+        logger.info("round %d (stage %d): tasks to %s", self.state.rounds_done, self.state.stage, ", ".join(selected))
+        for device in selected:
+            self._send_task(device)
+        self._publish_status()
+
+    def _reselect(self, round_: OpenRound) -> None:
+        failed = frozenset(d for d in round_.selected if d not in round_.accepted)
+        eligible = [d for d in self._eligible() if d not in failed and d not in round_.accepted]
+        needed = self.cfg.per_round - len(round_.accepted)
+        extra = sorted(
+            random.Random(f"{self.cfg.seed}/{round_.index}/retry/{len(failed)}").sample(
+                eligible, min(needed, len(eligible))
+            )
+        )
+        round_.selected = sorted(round_.accepted) + extra
+        round_.tasks = {d: round_.tasks.get(d) or _task_id(self.state, d) for d in round_.selected}
+        round_.deadline = now() + self.cfg.round_timeout_s
+        save_state(self.cfg.state_dir, self.state)
+        for device in extra:
+            self._send_task(device)
+
+    def _send_task(self, device: str) -> None:
+        round_ = self.state.open_round
+        assert round_ is not None and device in round_.tasks  # callers only send tasks of the open round
+        data = {
+            "pack": self.store.info(self.state.pack, self.cfg.chunk_bytes).to_json(),
+            "lora": self.store.info(self.state.stage_lora, self.cfg.chunk_bytes).to_json(),
+            "train": self.cfg.train.model_dump(),
+            "deadline": round_.deadline,
+            "seed": self.cfg.seed * 1_000_003 + round_.index,
+        }
+        self._send(
+            device,
+            Envelope(
+                kind=Kind.TASK,
+                sender=AGGREGATOR,
+                run=self.state.run_id,
+                stage=self.state.stage,
+                round=round_.index,
+                data=data,
+                id=round_.tasks[device],
+            ),
+        )
+
+    def _close_round(self) -> None:
+        from devft_edge.aggregation import GlobalState
+        from devft_edge.weights import read_safetensors
+
+        round_ = self.state.open_round
+        assert round_ is not None  # only called with a round open
+        start = read_safetensors(self.store.path(self.state.stage_lora))
+        updates = ((read_safetensors(self.store.path(a.blob)), float(a.num_samples)) for a in round_.accepted.values())
+        server = self.rule.aggregate(GlobalState(lora=dict(start)), updates, round_.index, self.cfg.seed)
+        self.state.stage_lora = self.store.add_bytes(safetensors_save(server.lora), self.cfg.chunk_bytes).sha256
+        entry: dict[str, Any] = {
+            "round": round_.index,
+            "stage": self.state.stage,
+            "layers": len(self.state.groups),
+            "devices": sorted(round_.accepted),
+            "train_loss": [a.train_loss for a in round_.accepted.values()],
+            "bytes_up": self.state.bytes_up,
+            "bytes_down": self.state.bytes_down,
+            "time": now(),
+        }
+        entry.update(self._evaluate(server.lora))
+        self.state.history.append(entry)
+        self.state.rounds_done += 1
+        self.state.stage_rounds_done += 1
+        self.state.open_round = None
+        logger.info(
+            "round %d closed: %s", round_.index, json.dumps({k: entry[k] for k in entry if k.startswith("eval")})
+        )
+        if self.state.stage_rounds_done >= self.schedule.rounds_per_stage[self.state.stage - 1]:
+            self._close_stage(server.lora)
+        save_state(self.cfg.state_dir, self.state)
+        self._publish_status()
+
+    def _close_stage(self, lora: dict[str, Any]) -> None:
+        from devft_edge.export import export_adapter
+        from devft_edge.transfer import transfer_lora
+
+        full = transfer_lora(lora, self.state.groups)
+        self.state.full_lora = self.store.add_bytes(safetensors_save(full), self.cfg.chunk_bytes).sha256
+        if self.state.stage < len(self.schedule.capacities):
+            save_state(self.cfg.state_dir, self.state)
+            self._open_stage(self.state.stage + 1)
+            return
+        out = export_adapter(self.base, self.lora, full, self.cfg.out_dir / "adapter")
+        (self.cfg.out_dir / "history.json").write_text(json.dumps(self.state.history, indent=1))
+        self.state.finished = True
+        logger.info("run %s finished; adapter in %s", self.state.run_id, out)
+
+    def _ensure_submodel(self) -> Any:
+        from devft_edge.lora import attach_lora
+        from devft_edge.submodel import build_submodel
+
+        if self.submodel is None:
+            self.submodel = attach_lora(build_submodel(self.base, self.state.groups, self.fusion).model, self.lora)
+        return self.submodel
+
+    def _evaluate(self, lora: dict[str, Any]) -> dict[str, float]:
+        if not self.held_out:
+            return {}
+        from devft_edge.lora import set_lora_state
+        from devft_edge.training import evaluate
+
+        model = self._ensure_submodel()
+        set_lora_state(model, lora)
+        result = evaluate(model, self.tokenizer, self.held_out, self.cfg.train.seq)
+        return {"eval_loss": result.loss, "eval_accuracy": result.accuracy}
+
+    # ---- output ---------------------------------------------------------------------------------
+
+    def _send(self, device: str, message: Envelope) -> None:
+        self.connection.publish(self.topics.down(device), message.encode())
+
+    def _publish_status(self) -> None:
+        s = self.state
+        last = s.history[-1] if s.history else {}
+        data = {
+            "run": s.run_id,
+            "boot": self.boot,
+            "stage": s.stage,
+            "stages": len(self.schedule.capacities),
+            "round": s.rounds_done,
+            "rounds": self.cfg.rounds,
+            "finished": s.finished,
+            "devices_online": sorted(d for d, v in s.devices.items() if v.online),
+            "devices_known": len(s.devices),
+            "round_open": None
+            if s.open_round is None
+            else {
+                "index": s.open_round.index,
+                "selected": s.open_round.selected,
+                "accepted": sorted(s.open_round.accepted),
+                "deadline": s.open_round.deadline,
+            },
+            "bytes_up": s.bytes_up,
+            "bytes_down": s.bytes_down,
+            "eval_loss": last.get("eval_loss"),
+            "eval_accuracy": last.get("eval_accuracy"),
+        }
+        status = Envelope(
+            kind=Kind.STATUS, sender=AGGREGATOR, run=s.run_id, stage=s.stage, round=s.rounds_done, data=data
+        )
+        self.connection.publish(self.topics.status, status.encode(), retain=True)
+
+
+def _task_id(state: RunState, device: str) -> str:
+    """Deterministic task id: a resent task after a restart is recognised as the same task."""
+    return f"task-{state.run_id}-{state.stage}-{state.rounds_done}-{device}"
+
+
+def _tokenizer_dir(model: str) -> Path:
+    from devft_edge.models import model_dir
+
+    return model_dir(model)
+
+
+def _iso(stamp: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(stamp))

@@ -1,0 +1,92 @@
+"""Trainer backends: how a device turns a verified pack and its local data into a LoRA update.
+
+Every backend returns the same :class:`TrainResult` (canonical LoRA state, sample count, mean
+training loss), so the aggregator cannot tell which one a device ran. ``torch`` trains with
+:func:`devft_edge.training.train_local`, the simulator's own code path, on the pack's quantized
+base; ``ort`` (``devft_edge.ort_backend``, optional extra) runs ONNX Runtime training artifacts
+built from the same pack.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from devft_edge.data import Example
+from devft_edge.lora import LoraState
+from devft_edge.pack import VerifiedPack
+from devft_edge.registry import Registry
+from devft_edge.training import TrainSettings
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a device sends back after a round (besides its metrics)."""
+
+    lora: LoraState
+    """Trained LoRA of the stage submodel, canonical keys, fp32."""
+    num_samples: int
+    """Local training examples (the aggregation weight)."""
+    train_loss: float
+    """Mean training loss over the round's steps."""
+
+
+class Trainer:
+    """A backend: one method, train a round from a pack."""
+
+    name = "base"
+
+    def train(
+        self,
+        pack: VerifiedPack,
+        examples: Sequence[Example],
+        settings: TrainSettings,
+        seed: int,
+        start: LoraState | None = None,
+    ) -> TrainResult:
+        """Train ``settings.steps`` steps from ``start`` (default: the pack's LoRA) on ``examples``."""
+        raise NotImplementedError
+
+
+TRAINERS: Registry[Trainer] = Registry("trainer backend")
+
+
+@TRAINERS.register("torch")
+class TorchTrainer(Trainer):
+    """PyTorch + peft on the pack's (quantized) base: the same ``train_local`` as the simulator."""
+
+    name = "torch"
+
+    def train(
+        self,
+        pack: VerifiedPack,
+        examples: Sequence[Example],
+        settings: TrainSettings,
+        seed: int,
+        start: LoraState | None = None,
+    ) -> TrainResult:
+        import torch
+        from transformers import AutoTokenizer
+
+        from devft_edge.data import batches
+        from devft_edge.lora import attach_lora, get_lora_state, set_lora_state
+        from devft_edge.pack import load_pack, lora_settings
+        from devft_edge.training import train_local
+
+        model, pack_lora = load_pack(pack)
+        tokenizer = AutoTokenizer.from_pretrained(pack.directory)
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        peft_model = attach_lora(model, lora_settings(pack.manifest))
+        set_lora_state(peft_model, start if start is not None else pack_lora)
+        torch.manual_seed(seed)
+        stream = batches(examples, settings.batch_size, seed, tokenizer, settings.seq_len)
+        loss = train_local(peft_model, stream, settings)
+        return TrainResult(lora=get_lora_state(peft_model), num_samples=len(examples), train_loss=loss)
+
+
+def get_trainer(name: str) -> Trainer:
+    """The backend called ``name`` (``ort`` registers itself when its module is importable)."""
+    if name == "ort" and "ort" not in TRAINERS:
+        import devft_edge.ort_backend  # noqa: F401  (registers "ort"; raises a clear error without the extra)
+    return TRAINERS.get(name)

@@ -1,0 +1,221 @@
+"""The wire protocol between aggregator and devices: message envelope, kinds, reason codes, topics.
+
+``docs/protocol.md`` is the specification; this module is its single implementation, used by both
+the aggregator and the agent. It works over plain MQTT 3.1.1: every message is one publish whose
+payload is ``[4-byte big-endian header length][header: UTF-8 JSON][body: bytes]``. The header
+names the protocol version, the message kind, the run/stage/round it belongs to, a unique
+message id (handlers are idempotent: a repeated id is a duplicate) and the sender; kind-specific
+fields go in ``data``. A message carries content or an error (``reason``), never both.
+
+Pure functions and frozen dataclasses only: no MQTT client, no I/O.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+import time
+import uuid
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from devft_edge.errors import DevFTError
+
+PROTOCOL_VERSION = 1
+AGGREGATOR = "aggregator"
+"""Sender id of the aggregator."""
+MAX_HEADER_BYTES = 64 * 1024
+DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+"""Device ids: safe as MQTT topic levels, client ids and file names."""
+
+
+class Kind(str, Enum):
+    """Message kinds (the header's ``kind``)."""
+
+    HELLO = "hello"  # device -> aggregator: identity, profile, backends, cached blobs
+    PRESENCE = "presence"  # device -> retained presence topic: online/offline (also the last will)
+    TASK = "task"  # aggregator -> device: train this stage/round from these blobs
+    CHUNK = "chunk"  # either way: one chunk of a blob (body = the bytes)
+    CHUNK_REQUEST = "chunk_request"  # either way: send me these chunks of this blob
+    BLOB_RECEIVED = "blob_received"  # either way: I have this blob, verified
+    UPDATE = "update"  # device -> aggregator: my update is blob X (sample count, metrics)
+    VERDICT = "verdict"  # aggregator -> device: update accepted, or rejected with a reason
+    REFUSAL = "refusal"  # device -> aggregator: I will not run this task (reason)
+    STATUS = "status"  # aggregator -> retained status topic: the run's progress
+
+
+class Reason(str, Enum):
+    """Reason codes of rejections, refusals and protocol errors."""
+
+    MALFORMED = "malformed"  # not an envelope, bad JSON, missing fields
+    VERSION = "version"  # unsupported protocol version
+    UNKNOWN_DEVICE = "unknown_device"  # sender never said hello / not in the registry
+    WRONG_SENDER = "wrong_sender"  # the update is not from the device the task was for
+    WRONG_RUN = "wrong_run"
+    STALE = "stale"  # for a stage/round that is not open (late update)
+    DUPLICATE = "duplicate"  # this device already delivered an update for the round
+    HASH = "hash"  # blob sha256 mismatch after reassembly
+    SHAPE = "shape"  # tensor names/shapes/dtypes differ from the task's LoRA
+    NOT_FINITE = "not_finite"  # NaN or inf in an update
+    NORM = "norm"  # update norm above the configured bound
+    PACK = "pack"  # the pack failed verification (detail: the pack's Refusal)
+    MEMORY = "memory"  # the task does not fit the device's memory budget
+    INTERNAL = "internal"  # the receiver failed; see its log
+
+
+class ProtocolError(DevFTError):
+    """A message that cannot be accepted; ``reason`` is the code to log or report."""
+
+    def __init__(self, reason: Reason, message: str) -> None:
+        self.reason = reason
+        super().__init__(f"{reason.value}: {message}")
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """One protocol message."""
+
+    kind: Kind
+    sender: str
+    run: str = ""
+    stage: int = 0
+    round: int = 0
+    data: dict[str, Any] = field(default_factory=dict)
+    body: bytes = b""
+    reason: Reason | None = None
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    sent: float = field(default_factory=time.time)
+    version: int = PROTOCOL_VERSION
+
+    def encode(self) -> bytes:
+        """The MQTT payload."""
+        header = {
+            "v": self.version,
+            "kind": self.kind.value,
+            "id": self.id,
+            "sender": self.sender,
+            "run": self.run,
+            "stage": self.stage,
+            "round": self.round,
+            "sent": self.sent,
+            "data": self.data,
+        }
+        if self.reason is not None:
+            header["reason"] = self.reason.value
+        raw = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
+        return struct.pack(">I", len(raw)) + raw + self.body
+
+    def reply(self, kind: Kind, sender: str, **fields: Any) -> Envelope:
+        """A message about the same run/stage/round, with ``data['re']`` naming this one."""
+        data = {"re": self.id, **fields.pop("data", {})}
+        return Envelope(kind=kind, sender=sender, run=self.run, stage=self.stage, round=self.round, data=data, **fields)
+
+
+def decode(payload: bytes) -> Envelope:
+    """Parse a payload; raises :class:`ProtocolError` (``malformed`` or ``version``) when it is not one."""
+    if len(payload) < 4:
+        raise ProtocolError(Reason.MALFORMED, f"payload of {len(payload)} bytes has no header length")
+    (length,) = struct.unpack(">I", payload[:4])
+    if length > MAX_HEADER_BYTES or 4 + length > len(payload):
+        raise ProtocolError(Reason.MALFORMED, f"header length {length} exceeds the payload or the limit")
+    try:
+        header = json.loads(payload[4 : 4 + length])
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ProtocolError(Reason.MALFORMED, f"header is not JSON: {error}") from None
+    if not isinstance(header, dict):
+        raise ProtocolError(Reason.MALFORMED, "header is not an object")
+    if header.get("v") != PROTOCOL_VERSION:
+        raise ProtocolError(Reason.VERSION, f"protocol version {header.get('v')!r}, expected {PROTOCOL_VERSION}")
+    try:
+        kind = Kind(header["kind"])
+        reason = Reason(header["reason"]) if "reason" in header else None
+        envelope = Envelope(
+            kind=kind,
+            sender=_text(header, "sender"),
+            run=_text(header, "run"),
+            stage=_count(header, "stage"),
+            round=_count(header, "round"),
+            data=header.get("data", {}),
+            body=payload[4 + length :],
+            reason=reason,
+            id=_text(header, "id"),
+            sent=float(header.get("sent", 0.0)),
+        )
+    except (KeyError, ValueError, TypeError) as error:
+        raise ProtocolError(Reason.MALFORMED, f"bad header field: {error}") from None
+    if not isinstance(envelope.data, dict) or not envelope.id:
+        raise ProtocolError(Reason.MALFORMED, "header needs an id and an object 'data'")
+    return envelope
+
+
+def _text(header: dict[str, Any], key: str) -> str:
+    value = header[key]
+    if not isinstance(value, str):
+        raise TypeError(f"{key} must be a string")
+    return value
+
+
+def _count(header: dict[str, Any], key: str) -> int:
+    value = header.get(key, 0)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"{key} must be a non-negative int")
+    return value
+
+
+def check_device_id(device_id: str) -> str:
+    """``device_id`` if it is a valid id, else a :class:`ProtocolError`."""
+    if not DEVICE_ID.match(device_id):
+        raise ProtocolError(Reason.MALFORMED, f"device id {device_id!r} must match {DEVICE_ID.pattern}")
+    return device_id
+
+
+@dataclass(frozen=True)
+class Topics:
+    """Every topic of one fleet, built in one place.
+
+    A device publishes only under ``<prefix>/dev/<id>/up`` and its retained presence topic and
+    subscribes only to ``<prefix>/dev/<id>/down`` and the aggregator status, so a broker ACL
+    pattern (``%c`` = client id = device id) confines each device to its own id.
+    """
+
+    prefix: str = "devft/default"
+
+    def __post_init__(self) -> None:
+        if not self.prefix or any(c in self.prefix for c in "#+") or self.prefix.endswith("/"):
+            raise ProtocolError(Reason.MALFORMED, f"topic prefix {self.prefix!r}: no wildcards, no trailing '/'")
+
+    def up(self, device_id: str) -> str:
+        """Device -> aggregator messages of one device."""
+        return f"{self.prefix}/dev/{check_device_id(device_id)}/up"
+
+    def down(self, device_id: str) -> str:
+        """Aggregator -> device messages of one device."""
+        return f"{self.prefix}/dev/{check_device_id(device_id)}/down"
+
+    def presence(self, device_id: str) -> str:
+        """Retained online/offline of one device (its last will says offline)."""
+        return f"{self.prefix}/dev/{check_device_id(device_id)}/presence"
+
+    @property
+    def status(self) -> str:
+        """Retained aggregator status."""
+        return f"{self.prefix}/agg/status"
+
+    @property
+    def all_up(self) -> str:
+        """What the aggregator subscribes to: every device's uplink."""
+        return f"{self.prefix}/dev/+/up"
+
+    @property
+    def all_presence(self) -> str:
+        """Every device's presence."""
+        return f"{self.prefix}/dev/+/presence"
+
+    def device_of(self, topic: str) -> str:
+        """The device id in a ``dev/<id>/...`` topic (checked)."""
+        parts = topic[len(self.prefix) + 1 :].split("/") if topic.startswith(self.prefix + "/") else []
+        if len(parts) != 3 or parts[0] != "dev":
+            raise ProtocolError(Reason.MALFORMED, f"topic {topic!r} is not a device topic of {self.prefix}")
+        return check_device_id(parts[1])

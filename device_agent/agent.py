@@ -1,0 +1,264 @@
+"""The on-device training agent: a thin service over the core.
+
+It connects (reconnecting with backoff), announces itself with its profile, and for each task
+pulls the stage pack and the starting LoRA (only the chunks it lacks: blobs are cached by
+sha256, so a pack is never downloaded twice), verifies the pack's signature against the
+provisioned public key (an unverified pack is never trained on: the task is refused with the
+pack's reason), checks that the stage fits its memory budget, trains with the configured backend
+on its local data, and offers the update for the aggregator to pull. Finished tasks are remembered
+on disk, so a redelivered task (after an aggregator or agent restart) re-offers the same update
+instead of training again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+from devft_edge.blobs import BlobInfo, BlobStore, Download
+from devft_edge.errors import DevFTError
+from devft_edge.mqtt import BrokerAddress, Connection, Incoming
+from devft_edge.protocol import AGGREGATOR, Envelope, Kind, ProtocolError, Reason, Topics, decode
+from device_agent.config import AgentConfig
+
+logger = logging.getLogger(__name__)
+
+TASKS_FILE = "tasks.json"
+
+
+class Agent:
+    """One device's agent; ``run()`` serves until stopped."""
+
+    def __init__(self, cfg: AgentConfig) -> None:
+        from devft_edge.allocator import bound_heap
+        from devft_edge.backends import get_trainer
+        from devft_edge.signing import load_public_key
+
+        bound_heap()  # before any model is loaded: the memory plan assumes it
+        self.cfg = cfg
+        self.cache = cfg.cache_dir.expanduser()
+        self.store = BlobStore(self.cache / "blobs")
+        self.packs = self.cache / "packs"
+        self.public_key = load_public_key(cfg.public_key)
+        self.profile = _load_profile(cfg)
+        self.examples = _load_data(cfg.data)
+        self.trainer = get_trainer(cfg.backend)
+        self.topics = Topics(cfg.prefix)
+        self.done: dict[str, dict[str, Any]] = _read_json(self.cache / TASKS_FILE)
+        self.task: Envelope | None = None
+        self.downloads: dict[str, Download] = {}
+        self.aggregator_boot = ""
+        offline = Envelope(kind=Kind.PRESENCE, sender=cfg.device_id, data={"online": False}).encode()
+        self.connection = Connection(
+            BrokerAddress.parse(cfg.broker),
+            cfg.device_id,
+            [self.topics.down(cfg.device_id), self.topics.status],
+            will=(self.topics.presence(cfg.device_id), offline),
+            on_connect=self._announce,
+        )
+
+    def run(self, max_seconds: float | None = None) -> None:
+        """Serve tasks; returns after ``max_seconds`` if given (tests), otherwise runs until killed."""
+        start = time.monotonic()
+        self.connection.start()
+        while max_seconds is None or time.monotonic() - start < max_seconds:
+            try:
+                item = self.connection.inbox.get(timeout=0.5)
+            except queue.Empty:
+                item = None
+            if item is not None:
+                self._dispatch(item)
+            for download in self.downloads.values():
+                if download.stalled(time.monotonic()):
+                    self._request(download)
+        self.connection.stop()
+
+    def _announce(self) -> None:
+        """On every (re)connect: presence and hello (the aggregator may have restarted)."""
+        me = self.cfg.device_id
+        online = Envelope(kind=Kind.PRESENCE, sender=me, data={"online": True})
+        self.connection.publish(self.topics.presence(me), online.encode(), retain=True)
+        hello = Envelope(
+            kind=Kind.HELLO,
+            sender=me,
+            data={
+                "profile": self.profile.model_dump(mode="json", exclude={"name"}),
+                "backends": [self.cfg.backend],
+                "cached": sorted(p.name for p in self.store.root.iterdir() if p.is_file() and len(p.name) == 64),
+                "agent_version": 1,
+            },
+        )
+        self.connection.publish(self.topics.up(me), hello.encode())
+
+    def _dispatch(self, item: Incoming) -> None:
+        try:
+            message = decode(item.payload)
+            if message.sender != AGGREGATOR:
+                raise ProtocolError(Reason.WRONG_SENDER, f"message from {message.sender!r} on my downlink")
+            handler = {
+                Kind.TASK: self._on_task,
+                Kind.CHUNK: self._on_chunk,
+                Kind.CHUNK_REQUEST: self._on_chunk_request,
+                Kind.VERDICT: self._on_verdict,
+                Kind.STATUS: self._on_status,
+            }.get(message.kind)
+            if handler is None:
+                raise ProtocolError(Reason.MALFORMED, f"unexpected {message.kind.value} on my downlink")
+            handler(message)
+        except ProtocolError as error:
+            logger.warning("message rejected: %s", error)
+
+    def _on_task(self, task: Envelope) -> None:
+        if task.id in self.done:
+            logger.info("task %s already done; offering its update again", task.id)
+            self._send(task.reply(Kind.UPDATE, self.cfg.device_id, data=self.done[task.id]))
+            return
+        if self.task is not None and self.task.id == task.id:
+            return
+        self.task, self.downloads = task, {}
+        for key in ("pack", "lora"):
+            info = BlobInfo.from_json(task.data[key])
+            if not self.store.has(info.sha256):
+                self.downloads[info.sha256] = Download(self.store.receiver(info))
+        if not self.downloads:
+            self._run_task()
+        for download in self.downloads.values():
+            self._request(download)
+
+    def _on_chunk(self, message: Envelope) -> None:
+        info = BlobInfo.from_json(message.data)
+        download = self.downloads.get(info.sha256)
+        if download is None:
+            return  # a late chunk of a finished or abandoned transfer
+        if download.add(int(message.data.get("index", -1)), message.body, time.monotonic()):
+            del self.downloads[info.sha256]
+            if not self.downloads:
+                self._run_task()
+        else:
+            self._request(download)
+
+    def _on_chunk_request(self, message: Envelope) -> None:
+        info = BlobInfo.from_json(message.data)
+        if not any(entry.get("blob") == info.sha256 for entry in self.done.values()):
+            raise ProtocolError(Reason.STALE, f"asked for blob {info.sha256[:12]}..., which is not one of my updates")
+        for index, chunk in self.store.chunks(info, [int(i) for i in message.data.get("missing", [])][:64]):
+            self._send(
+                message.reply(Kind.CHUNK, self.cfg.device_id, data={**info.to_json(), "index": index}, body=chunk)
+            )
+
+    def _on_status(self, message: Envelope) -> None:
+        """A (re)started aggregator may have missed our hello: announce again once per aggregator boot."""
+        boot = str(message.data.get("boot", ""))
+        if boot and boot != self.aggregator_boot:
+            self.aggregator_boot = boot
+            self._announce()
+
+    def _on_verdict(self, message: Envelope) -> None:
+        if message.data.get("accepted"):
+            logger.info("update for round %d accepted", message.round)
+        else:
+            logger.warning(
+                "update for round %d rejected: %s %s", message.round, message.reason, message.data.get("note")
+            )
+
+    def _request(self, download: Download) -> None:
+        missing = download.request(time.monotonic())
+        if missing and self.task is not None:
+            data = {**download.receiver.info.to_json(), "missing": missing}
+            self._send(self.task.reply(Kind.CHUNK_REQUEST, self.cfg.device_id, data=data))
+
+    def _run_task(self) -> None:
+        from safetensors.torch import save as safetensors_save
+
+        from devft_edge.pack import PackError, VerifiedPack, read_pack
+        from devft_edge.training import TrainSettings
+        from devft_edge.weights import read_safetensors
+
+        task = self.task
+        assert task is not None  # only called once a task's blobs are in
+        pack_sha, lora_sha = task.data["pack"]["blob"], task.data["lora"]["blob"]
+        directory = self.packs / pack_sha
+        try:
+            if not directory.exists():
+                read_pack(self.store.path(pack_sha), directory, self.public_key)
+            manifest = json.loads((directory / "manifest.json").read_text())
+            pack = VerifiedPack(directory=directory, manifest=manifest, signed=True)
+        except PackError as error:
+            logger.error("task %s refused: %s", task.id, error)
+            self.store.path(pack_sha).unlink(missing_ok=True)  # never keep or reuse a refused pack
+            self._send(
+                task.reply(Kind.REFUSAL, self.cfg.device_id, reason=Reason.PACK, data={"detail": error.reason.value})
+            )
+            self.task = None
+            return
+        train = task.data["train"]
+        settings = TrainSettings(steps=train["steps"], batch_size=train["batch"], seq_len=train["seq"], lr=train["lr"])
+        start = {k: v.clone() for k, v in read_safetensors(self.store.path(lora_sha)).items()}
+        began = time.monotonic()
+        try:
+            result = self.trainer.train(pack, self.examples, settings, seed=int(task.data.get("seed", 0)), start=start)
+        except (DevFTError, RuntimeError, ValueError) as error:
+            logger.exception("training failed")
+            self._send(
+                task.reply(Kind.REFUSAL, self.cfg.device_id, reason=Reason.INTERNAL, data={"detail": str(error)})
+            )
+            self.task = None
+            return
+        info = self.store.add_bytes(
+            safetensors_save({k: v.contiguous() for k, v in result.lora.items()}), int(task.data["lora"]["chunk_bytes"])
+        )
+        data = {
+            **info.to_json(),
+            "num_samples": result.num_samples,
+            "train_loss": result.train_loss,
+            "seconds": round(time.monotonic() - began, 3),
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        }
+        self.done[task.id] = data
+        _write_json(self.cache / TASKS_FILE, self.done)
+        logger.info("task %s trained: loss %.4f in %.1f s", task.id, result.train_loss, data["seconds"])
+        self._send(task.reply(Kind.UPDATE, self.cfg.device_id, data=data))
+        self.task = None
+
+    def _send(self, message: Envelope) -> None:
+        self.connection.publish(self.topics.up(self.cfg.device_id), message.encode())
+
+
+def _load_profile(cfg: AgentConfig) -> Any:
+    from devft_edge.device_probe import measure_profile
+    from devft_edge.profiles import load_profile
+
+    if cfg.profile == "measure":
+        return measure_profile(cfg.device_id, probe_seconds=1.0)
+    return load_profile(cfg.profile, cfg.profiles_dir)
+
+
+def _load_data(spec: str) -> list[Any]:
+    from devft_edge.data import load_jsonl
+    from devft_edge.tasks import generate_synthetic
+
+    if spec.startswith("synthetic:"):
+        _, n, seed = spec.split(":")
+        return generate_synthetic(int(n), seed=int(seed))
+    path = Path(spec)
+    files = sorted(path.glob("*.jsonl")) if path.is_dir() else [path]
+    return [example for f in files for example in load_jsonl(f)]
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(path)

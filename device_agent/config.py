@@ -1,0 +1,47 @@
+"""The device agent's configuration (``devft-edge agent --config agent.yaml``), validated on load."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from devft_edge.errors import ConfigError
+
+
+class AgentConfig(BaseModel):
+    """Identity, broker, trust anchor, data and resources of one device."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    device_id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    fleet: str = Field("default", pattern=r"^[A-Za-z0-9_.-]+$")
+    broker: str = "mqtt://127.0.0.1:1883"
+    public_key: Path = Field(description="the aggregator's pack-signing public key (PEM)")
+    profile: str = Field("measure", description="profile name or YAML path, or 'measure' to profile this machine")
+    profiles_dir: list[Path] = []
+    data: str = Field("synthetic:48:0", description="JSONL file/directory of local examples, or synthetic:N:SEED")
+    cache_dir: Path = Path("~/.cache/devft-edge/agent")
+    backend: Literal["torch", "ort"] = "torch"
+    threads: int | None = Field(None, ge=1, description="torch threads (default: all cores)")
+
+    @property
+    def prefix(self) -> str:
+        """Topic prefix of the fleet."""
+        return f"devft/{self.fleet}"
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> AgentConfig:
+        """Load and validate a YAML config; errors name the file and field."""
+        try:
+            data = yaml.safe_load(Path(path).read_text())
+        except (OSError, yaml.YAMLError) as error:
+            raise ConfigError(f"{path}: cannot read config: {error}") from None
+        try:
+            return cls.model_validate(data or {})
+        except ValidationError as error:
+            raise ConfigError(
+                [f"{path}: {'.'.join(map(str, e['loc'])) or '(top level)'}: {e['msg']}" for e in error.errors()]
+            ) from None

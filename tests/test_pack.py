@@ -1,0 +1,249 @@
+"""Packs: round trip, determinism, signature and tamper checks, loading and training on a pack, CLI."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from devft_edge.backends import get_trainer
+from devft_edge.cli import main
+from devft_edge.data import encode_batch
+from devft_edge.fusion import FUSIONS
+from devft_edge.lora import LoraSettings, attach_lora, init_lora_state, lora_shapes, set_lora_state
+from devft_edge.models import load_model, model_dir
+from devft_edge.pack import FORMAT_VERSION, PackError, Refusal, load_pack, read_pack, write_pack
+from devft_edge.quantization import QuantSpec
+from devft_edge.signing import generate_keypair, load_private_key, load_public_key, sign
+from devft_edge.submodel import build_submodel, stage_lora
+from devft_edge.tasks import generate_synthetic
+from devft_edge.training import TrainSettings
+
+GROUPS = [[0, 1, 2], [3, 4], [5, 6, 7]]
+LORA = LoraSettings(rank=4, alpha=8.0)
+CREATED = "2026-11-22T00:00:00Z"
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("keys")
+    private, public = generate_keypair(directory)
+    other_private, other_public = generate_keypair(directory / "other")
+    return load_private_key(private), load_public_key(public), load_public_key(other_public)
+
+
+def make_pack(path: Path, key=None, scheme: str = "int4", seed: int = 0, group_size: int = 32) -> dict:
+    base = load_model("tiny", seed=seed)
+    fusion = FUSIONS.get("dblf")
+    sub = build_submodel(base, GROUPS, fusion)
+    full_lora = init_lora_state(lora_shapes(base, LORA), LORA.rank, seed)
+    return write_pack(
+        path,
+        sub.model,
+        stage_lora(full_lora, GROUPS, fusion),
+        model_name="tiny",
+        stage=2,
+        stages=4,
+        groups=GROUPS,
+        lora=LORA,
+        quant=QuantSpec(scheme, group_size=group_size),
+        training=TrainSettings(steps=3, batch_size=2, seq_len=48),
+        tokenizer_dir=model_dir("tiny"),
+        created=CREATED,
+        sign_key=key,
+    )
+
+
+@pytest.fixture(scope="module")
+def signed_pack(tmp_path_factory, keys):
+    path = tmp_path_factory.mktemp("pack") / "stage2.devpack"
+    manifest = make_pack(path, keys[0])
+    return path, manifest
+
+
+def test_round_trip_and_manifest(signed_pack, keys, tmp_path):
+    path, manifest = signed_pack
+    pack = read_pack(path, tmp_path / "p", keys[1])
+    assert pack.signed and pack.manifest == manifest
+    assert manifest["format_version"] == FORMAT_VERSION and manifest["stage"] == 2 and manifest["layers"] == 3
+    assert manifest["groups"] == GROUPS and manifest["quant"]["scheme"] == "int4"
+    assert set(manifest["members"]) >= {"config.json", "model.safetensors", "lora.safetensors", "tokenizer.json"}
+    assert 0 < manifest["quant"]["error"]["mean_relative_rms"] <= manifest["quant"]["error"]["max_relative_rms"] < 0.2
+    assert manifest["members"]["model.safetensors"]["bytes"] < 0.2 * manifest["fp32_bytes"]  # tokenizer aside
+    model, lora = load_pack(pack)
+    assert len(model.model.layers) == 3
+    assert set(lora) == set(
+        stage_lora(init_lora_state(lora_shapes(load_model("tiny"), LORA), 4, 0), GROUPS, FUSIONS.get("dblf"))
+    )
+
+
+def test_packing_is_deterministic(tmp_path, keys):
+    a, b = tmp_path / "a.devpack", tmp_path / "b.devpack"
+    make_pack(a, keys[0])
+    make_pack(b, keys[0])
+    assert a.read_bytes() == b.read_bytes()
+    make_pack(b, keys[0], seed=1)
+    assert a.read_bytes() != b.read_bytes()
+
+
+def _members(path: Path) -> list[tuple[tarfile.TarInfo, int]]:
+    """Each member with the file offset of its data."""
+    with tarfile.open(path) as tar:
+        return [(m, m.offset_data) for m in tar.getmembers()]
+
+
+def test_any_tampered_byte_of_any_member_is_refused(signed_pack, keys, tmp_path):
+    path, _ = signed_pack
+    original = path.read_bytes()
+    for info, offset in _members(path):
+        for position in sorted({0, info.size // 2, info.size - 1}):
+            data = bytearray(original)
+            data[offset + position] ^= 0x01
+            bad = tmp_path / f"bad-{info.name}-{position}.devpack"
+            bad.write_bytes(bytes(data))
+            with pytest.raises(PackError) as error:
+                read_pack(bad, tmp_path / f"out-{info.name}-{position}", keys[1])
+            assert error.value.reason in (Refusal.HASH, Refusal.SIGNATURE, Refusal.MANIFEST), (info.name, position)
+            assert not (tmp_path / f"out-{info.name}-{position}").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".pack-")]  # staging cleaned up
+
+
+def test_wrong_key_unsigned_truncated_and_extra_member(signed_pack, keys, tmp_path):
+    path, _ = signed_pack
+    with pytest.raises(PackError) as error:
+        read_pack(path, tmp_path / "a", keys[2])
+    assert error.value.reason is Refusal.SIGNATURE
+    unsigned = tmp_path / "unsigned.devpack"
+    make_pack(unsigned, None)
+    with pytest.raises(PackError) as error:
+        read_pack(unsigned, tmp_path / "b", keys[1])
+    assert error.value.reason is Refusal.UNSIGNED
+    assert read_pack(unsigned, tmp_path / "b2", None).signed is False  # inspection only
+    truncated = tmp_path / "truncated.devpack"
+    truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(PackError) as error:
+        read_pack(truncated, tmp_path / "c", keys[1])
+    assert error.value.reason is Refusal.ARCHIVE
+    extra = tmp_path / "extra.devpack"
+    extra.write_bytes(path.read_bytes())
+    with tarfile.open(extra, "a") as tar:
+        info = tarfile.TarInfo("evil.sh")
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"rm "))
+    with pytest.raises(PackError) as error:
+        read_pack(extra, tmp_path / "d", keys[1])
+    assert error.value.reason is Refusal.MEMBER
+    assert not any((tmp_path / n).exists() for n in "abcd")
+
+
+def test_future_format_version_is_refused_even_when_signed(signed_pack, keys, tmp_path):
+    path, _ = signed_pack
+    with tarfile.open(path) as tar:
+        members = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+    manifest = json.loads(members[0][1])
+    manifest["format_version"] = FORMAT_VERSION + 1
+    new_manifest = json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
+    members[0] = ("manifest.json", new_manifest)
+    members[1] = ("manifest.sig", sign(keys[0], new_manifest))
+    future = tmp_path / "future.devpack"
+    with tarfile.open(future, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with pytest.raises(PackError) as error:
+        read_pack(future, tmp_path / "f", keys[1])
+    assert error.value.reason is Refusal.VERSION
+
+
+@pytest.mark.parametrize("scheme", ["int4", "nf4"])
+def test_training_on_a_quantized_pack_reduces_loss(tmp_path, keys, tokenizer, scheme):
+    path = tmp_path / f"{scheme}.devpack"
+    make_pack(path, keys[0], scheme=scheme)
+    pack = read_pack(path, tmp_path / "unpacked", keys[1])
+    examples = generate_synthetic(24, seed=3)
+    settings = TrainSettings(steps=12, batch_size=4, seq_len=48, lr=3e-3)
+    result = get_trainer("torch").train(pack, examples, settings, seed=0)
+    assert result.num_samples == 24 and torch.isfinite(torch.tensor(result.train_loss))
+
+    def loss_with(lora) -> float:
+        model, _ = load_pack(pack)
+        peft_model = attach_lora(model, LORA)
+        set_lora_state(peft_model, lora)
+        batch = encode_batch(tokenizer, examples, 48)
+        with torch.no_grad():
+            return float(peft_model(**batch).loss)
+
+    _, start = load_pack(pack)
+    assert set(result.lora) == set(start)
+    assert all(result.lora[k].shape == start[k].shape for k in start)
+    assert loss_with(result.lora) < loss_with(start) - 0.1
+
+
+def test_cli_keygen_pack_inspect_verify(tmp_path, capsys):
+    keys = tmp_path / "keys"
+    assert main(["keygen", "--out", str(keys)]) == 0
+    assert (keys / "private.pem").stat().st_mode & 0o777 == 0o600
+    assert main(["keygen", "--out", str(keys)]) == 2  # never overwrites a key
+    out = tmp_path / "s1.devpack"
+    assert (
+        main(
+            [
+                "pack",
+                "--model",
+                "tiny",
+                "--stage",
+                "1",
+                "--stages",
+                "3",
+                "--quant",
+                "int8",
+                "--sign-key",
+                str(keys / "private.pem"),
+                "--created",
+                CREATED,
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    capsys.readouterr()
+    assert main(["pack", "inspect", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert {"format_version", "stage", "layers", "quant", "bytes", "fp32_bytes"} <= set(info)
+    assert info["quant"] == "int8" and info["stage"] == 1 and info["signed"] is True
+    assert info["bytes"] == out.stat().st_size
+    assert info["members"]["model.safetensors"]["bytes"] < 0.3 * info["fp32_bytes"]
+    assert main(["pack", "inspect", str(out)]) == 0
+    assert "relative RMS error" in capsys.readouterr().out
+    assert main(["pack", "verify", str(out), "--public-key", str(keys / "public.pem")]) == 0
+    other = tmp_path / "other"
+    main(["keygen", "--out", str(other)])
+    assert main(["pack", "verify", str(out), "--public-key", str(other / "public.pem")]) == 1
+    assert "REFUSED (signature)" in capsys.readouterr().err
+    assert main(["pack", "--model", "tiny", "--out", str(out)]) == 2  # no --stage
+
+
+@pytest.mark.parametrize("scheme", ["none", "int8", "int4"])
+def test_planner_pack_bytes_match_a_real_pack(tmp_path, scheme):
+    """The planner's pack size is the payload; the tar adds headers and the manifest (a few KB)."""
+    from devft_edge.memory import model_shape
+    from devft_edge.models import load_config, tokenizer_bytes
+    from devft_edge.planner import PlanSettings, plan
+    from devft_edge.profiles import load_profile
+
+    path = tmp_path / f"{scheme}.devpack"
+    make_pack(path, None, scheme=scheme, group_size=64)
+    shape = model_shape(load_config("tiny"))
+    settings = PlanSettings(stages=4, rank=LORA.rank, quant=scheme, tokenizer_bytes=tokenizer_bytes("tiny"))
+    planned = plan(shape, "tiny", [load_profile("x86-cpu")], settings)
+    # tiny has 8 layers: S=4 stages of 1, 2, 4, 8; the test pack has 3 blocks, so interpolate per block
+    per_block = planned.stages[1].pack_bytes - planned.stages[0].pack_bytes
+    predicted = planned.stages[0].pack_bytes + 2 * per_block
+    overhead = path.stat().st_size - predicted
+    assert 0 <= overhead < 24_576, overhead

@@ -1,0 +1,112 @@
+"""Protocol envelope, topics and chunked blob transfer (no broker: pure encoding and files)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import struct
+
+import pytest
+
+from devft_edge.blobs import BlobInfo, BlobStore
+from devft_edge.protocol import Envelope, Kind, ProtocolError, Reason, Topics, decode
+
+
+def test_envelope_round_trip_with_body_and_reason():
+    message = Envelope(kind=Kind.CHUNK, sender="pi-7", run="r1", stage=2, round=5, data={"index": 3}, body=b"\x00\xff")
+    back = decode(message.encode())
+    assert back == message
+    refusal = message.reply(Kind.REFUSAL, "pi-7", reason=Reason.PACK, data={"detail": "hash"})
+    back = decode(refusal.encode())
+    assert back.reason is Reason.PACK and back.data == {"re": message.id, "detail": "hash"} and back.round == 5
+
+
+@pytest.mark.parametrize(
+    "payload,reason",
+    [
+        (b"", Reason.MALFORMED),
+        (b"\x00\x00\x00\x10{}", Reason.MALFORMED),  # header longer than payload
+        (struct.pack(">I", 3) + b"{x}", Reason.MALFORMED),
+        (struct.pack(">I", 2) + b"[]", Reason.MALFORMED),
+        (struct.pack(">I", 9) + b'{"v": 99}', Reason.VERSION),
+    ],
+)
+def test_malformed_payloads_are_refused_with_a_reason(payload, reason):
+    with pytest.raises(ProtocolError) as error:
+        decode(payload)
+    assert error.value.reason is reason
+
+
+def test_bad_header_fields():
+    good = json.loads(Envelope(kind=Kind.HELLO, sender="a").encode()[4:])
+    for change in ({"kind": "dance"}, {"stage": -1}, {"round": "3"}, {"sender": 5}, {"id": ""}, {"data": []}):
+        header = json.dumps({**good, **change}).encode()
+        with pytest.raises(ProtocolError) as error:
+            decode(struct.pack(">I", len(header)) + header)
+        assert error.value.reason is Reason.MALFORMED, change
+
+
+def test_topics_confine_devices():
+    t = Topics("devft/fleet1")
+    assert t.up("pi-7") == "devft/fleet1/dev/pi-7/up"
+    assert t.device_of("devft/fleet1/dev/pi-7/up") == "pi-7"
+    for bad in ("a/b", "+", "#", "", "x" * 65):
+        with pytest.raises(ProtocolError):
+            t.up(bad)
+    with pytest.raises(ProtocolError):
+        t.device_of("devft/other/dev/pi-7/up")
+    with pytest.raises(ProtocolError):
+        Topics("devft/#")
+
+
+def test_blob_transfer_out_of_order_with_duplicates_and_resume(tmp_path):
+    data = random.Random(0).randbytes(10_000)
+    sender = BlobStore(tmp_path / "a")
+    info = sender.add_bytes(data, chunk_bytes=1_000)
+    assert info.count == 10 and info.sha256 == hashlib.sha256(data).hexdigest()
+    receiving = BlobStore(tmp_path / "b")
+    rx = receiving.receiver(BlobInfo.from_json(info.to_json()))
+    order = list(sender.chunks(info))
+    random.Random(1).shuffle(order)
+    for index, chunk in order[:6] + order[:2]:  # some, plus duplicates
+        assert rx.add(index, chunk) is False
+    # a restart: a new receiver picks up what the sidecar recorded
+    rx = receiving.receiver(info)
+    assert sorted(rx.missing()) == sorted(i for i, _ in order[6:])
+    done = [rx.add(i, c) for i, c in sender.chunks(info, rx.missing())]
+    assert done[-1] is True and receiving.path(info.sha256).read_bytes() == data
+    assert rx.missing() == [] and receiving.receiver(info).complete
+    assert not list((tmp_path / "b" / "partial").iterdir())
+
+
+def test_corrupt_chunk_fails_the_hash_and_restarts(tmp_path):
+    data = bytes(range(256)) * 20
+    sender, receiving = BlobStore(tmp_path / "a"), BlobStore(tmp_path / "b")
+    info = sender.add_bytes(data, chunk_bytes=1024)
+    rx = receiving.receiver(info)
+    chunks = list(sender.chunks(info))
+    bad = bytes([chunks[0][1][0] ^ 1]) + chunks[0][1][1:]
+    rx.add(0, bad)
+    with pytest.raises(ProtocolError) as error:
+        for i, c in chunks[1:]:
+            rx.add(i, c)
+    assert error.value.reason is Reason.HASH
+    assert not receiving.has(info.sha256) and rx.missing() == list(range(info.count))
+
+
+def test_chunk_bounds_and_lengths_are_checked(tmp_path):
+    store = BlobStore(tmp_path)
+    info = BlobInfo(hashlib.sha256(b"abc").hexdigest(), 3, 2)
+    rx = store.receiver(info)
+    with pytest.raises(ProtocolError):
+        rx.add(2, b"c")
+    with pytest.raises(ProtocolError):
+        rx.add(1, b"cd")
+    assert rx.add(0, b"ab") is False and rx.add(1, b"c") is True
+    empty = store.receiver(BlobInfo(hashlib.sha256(b"").hexdigest(), 0, 1024))
+    assert empty.missing() == [0] and empty.add(0, b"") is True
+    for bad in ({"blob": "xyz", "size": 1, "chunk_bytes": 1}, {"blob": info.sha256, "size": -1, "chunk_bytes": 1},
+                {"blob": info.sha256, "size": 1}):
+        with pytest.raises(ProtocolError):
+            BlobInfo.from_json(bad)
