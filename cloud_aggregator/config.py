@@ -43,7 +43,7 @@ class AggregatorConfig(_Strict):
     train: Train = Train()
     rank: int = Field(8, ge=1)
     alpha: float = Field(16.0, gt=0)
-    quant: Literal["none", "int8", "int4", "nf4"] = "int4"
+    quant: Literal["none", "fp16", "bf16", "int8", "int4", "nf4"] = "int4"
     chunk_bytes: int = Field(DEFAULT_CHUNK_BYTES, ge=1024, le=64 * 2**20)
     max_update_norm: float | None = Field(DEFAULT_MAX_UPDATE_NORM, gt=0)
     similarity: str = "cka"

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from devft_edge.errors import DevFTError
+from devft_edge.profiles import QUANTIZATIONS
 
 
 def _beta(text: str) -> float | str:
@@ -392,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--rank", type=int, default=8, help="LoRA rank")
     pl.add_argument("--batch", type=int, default=4, help="examples per local step")
     pl.add_argument("--seq", type=int, default=64, help="tokens per example")
-    pl.add_argument("--quant", choices=["none", "int8", "int4", "nf4"], default="none", help="pack base weights")
+    pl.add_argument("--quant", choices=QUANTIZATIONS, default="none", help="pack base weights")
     pl.add_argument("--fp32-embeddings", action="store_true", help="keep embedding/head fp32 in quantized packs")
     pl.add_argument("--checkpointing", action="store_true", help="gradient checkpointing on the devices")
     pl.add_argument("--check", action="store_true", help="measure one training step per stage on this machine")
@@ -407,7 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
     pk.add_argument("--model", default="smollm2", help="smollm2 | tiny[-family] | PATH")
     pk.add_argument("--stage", type=int, default=None, help="stage number, 1-based")
     pk.add_argument("--stages", type=int, default=4, help="DevFT stages S")
-    pk.add_argument("--quant", choices=["none", "int8", "int4", "nf4"], default="int4", help="base-weight storage")
+    pk.add_argument("--quant", choices=QUANTIZATIONS, default="int4", help="base-weight storage")
     pk.add_argument("--group-size", type=int, default=64, help="int4 group size")
     pk.add_argument("--fp32-embeddings", action="store_true", help="do not quantize the embedding/head")
     pk.add_argument("--rank", type=int, default=8, help="LoRA rank")

@@ -102,7 +102,7 @@ def measure_profile(
         "memory": {"total_gb": round(total_gb, 2), "reserved_gb": reserved_gb, "shared_with_gpu": bool(capability)},
         "cpu": {"arch": arch, "cores": cores, "model": _cpu_model()},
         "accelerator": {"kind": "cuda", "compute_capability": capability} if capability else {"kind": "none"},
-        "quantizations": ["none", "int8", "int4", "nf4"] if capability else ["none", "int8", "int4"],
+        "quantizations": ["none", "fp16", "bf16", "int8", "int4"] + (["nf4"] if capability else []),
         "compute": {"sustained_gflops": round(cuda_gflops or cpu_gflops, 1), "backend": backend},
         "storage_gb": round(shutil.disk_usage(storage_path).total / GB, 1),
         "network": {"uplink_mbps": 10.0, "downlink_mbps": 10.0},

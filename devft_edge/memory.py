@@ -38,6 +38,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from devft_edge.errors import ConfigError
+from devft_edge.profiles import QUANTIZATIONS
 from devft_edge.quantization import CHUNK_ROWS, QuantSpec
 
 FLOAT = 4
@@ -155,7 +156,7 @@ def model_shape(config: object) -> ModelShape:
     )
 
 
-QUANTS = ("none", "int8", "int4", "nf4")
+QUANTS = QUANTIZATIONS
 
 
 @dataclass(frozen=True)

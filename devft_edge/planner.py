@@ -35,7 +35,14 @@ from devft_edge.schedule import StageSchedule
 CHECK_FIELDS = ("measured_peak_bytes", "predicted_local_bytes")
 """Stage fields present only in a checked plan."""
 
-STRONGER = {"none": ("int8", "int4", "nf4"), "int8": ("int4", "nf4"), "int4": (), "nf4": ()}
+STRONGER = {
+    "none": ("bf16", "fp16", "int8", "int4", "nf4"),
+    "fp16": ("int8", "int4", "nf4"),
+    "bf16": ("int8", "int4", "nf4"),
+    "int8": ("int4", "nf4"),
+    "int4": (),
+    "nf4": (),
+}
 """Quantizations that store base weights in fewer bytes than the key, weakest first."""
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -28,8 +28,10 @@ GB = 1024**3
 PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
 """The profiles shipped with devft-edge (``profiles/`` at the repository root)."""
 
-Quantization = Literal["none", "int8", "int4", "nf4"]
-"""Base-weight storage of a pack: fp32 (``none``), int8 per channel, int4 group-wise, bitsandbytes nf4."""
+Quantization = Literal["none", "fp16", "bf16", "int8", "int4", "nf4"]
+"""Base-weight storage of a pack: fp32 (``none``), 16-bit floats, int8 per channel, int4 group-wise,
+bitsandbytes nf4."""
+QUANTIZATIONS: tuple[str, ...] = get_args(Quantization)
 
 SOURCE_KEYS = ("memory", "reserved", "cpu", "compute", "storage", "network")
 """Figures whose provenance every profile must state under ``sources``."""

@@ -6,7 +6,7 @@ dequantizes each weight when a layer runs (the weights are frozen: only LoRA tra
 
 Schemes (registry ``QUANTIZERS``):
 
-- ``none``: fp32, as the model is.
+- ``none``: fp32, as the model is; ``fp16`` / ``bf16``: 16-bit floats, computed in fp32.
 - ``int8``: symmetric per output channel, ``w = q * s[o]`` with ``q`` in [-127, 127].
 - ``int4``: symmetric per group of ``group_size`` input columns, ``w = q * s[o, g]`` with ``q`` in
   [-7, 7], stored as ``q + 8`` packed two per byte; fp16 scales. Columns are padded to a whole
@@ -66,6 +66,31 @@ QUANTIZERS: Registry[Quantizer] = Registry("quantization")
 @QUANTIZERS.register("none")
 class NoQuantization(Quantizer):
     """fp32 weights (the reference every other scheme is measured against)."""
+
+
+@QUANTIZERS.register("fp16", dtype="float16")
+@QUANTIZERS.register("bf16", dtype="bfloat16")
+class HalfPrecision(Quantizer):
+    """Weights stored in 16-bit floats (half the fp32 bytes), computed in fp32."""
+
+    def __init__(self, dtype: str = "float16") -> None:
+        self.dtype = getattr(torch, dtype)
+        self.name = "fp16" if self.dtype == torch.float16 else "bf16"
+
+    def nbytes(self, out_features: int, in_features: int) -> int:
+        return 2 * out_features * in_features
+
+    def quantize(self, weight: Tensor) -> QuantParts:
+        return {"qweight": weight.detach().to(self.dtype).contiguous()}
+
+    def dequantize(self, parts: QuantParts, in_features: int) -> Tensor:
+        return parts["qweight"].float()
+
+    def dequantize_rows(self, parts: QuantParts, rows: Tensor, in_features: int) -> Tensor:
+        return parts["qweight"][rows].float()
+
+    def empty_parts(self, out_features: int, in_features: int, device: str | torch.device = "meta") -> QuantParts:
+        return {"qweight": torch.empty(out_features, in_features, dtype=self.dtype, device=device)}
 
 
 @QUANTIZERS.register("int8")
@@ -399,8 +424,10 @@ def dequantize_model(model: nn.Module) -> nn.Module:
         for child_name, child in list(parent.named_children()):
             if isinstance(child, QuantizedEmbedding):
                 key = id(child.qweight)
-                tables.setdefault(key, nn.Parameter(child.quantizer.dequantize(child.parts(), child.embedding_dim),
-                                                    requires_grad=False))
+                tables.setdefault(
+                    key,
+                    nn.Parameter(child.quantizer.dequantize(child.parts(), child.embedding_dim), requires_grad=False),
+                )
                 new: nn.Module = nn.Embedding(child.num_embeddings, child.embedding_dim, _weight=tables[key])
             elif isinstance(child, QuantizedLinear):
                 key = id(child.qweight)

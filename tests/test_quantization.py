@@ -116,3 +116,25 @@ def test_quantized_linear_gradient_matches_dense(out_features):
     y.backward(grad)
     y_ref.backward(grad)
     assert torch.allclose(x.grad, x_ref.grad, atol=1e-4)
+
+
+@pytest.mark.parametrize("scheme,dtype,bound", [("fp16", torch.float16, 2**-11), ("bf16", torch.bfloat16, 2**-8)])
+def test_half_precision_round_trip(scheme, dtype, bound):
+    q = QUANTIZERS.get(scheme)
+    w = torch.randn(30, 70)
+    parts = q.quantize(w)
+    assert parts["qweight"].dtype == dtype and q.nbytes(30, 70) == 2 * 30 * 70
+    assert torch.all((q.dequantize(parts, 70) - w).abs() <= w.abs() * bound + 1e-7)
+
+
+def test_nf4_round_trip_and_rows():
+    q = QUANTIZERS.get("nf4")
+    w = torch.randn(24, 100)  # 100 columns: padded to two blocks of 64
+    parts = q.quantize(w)
+    deq = q.dequantize(parts, 100)
+    assert deq.shape == w.shape and q.nbytes(24, 100) == sum(t.numel() * t.element_size() for t in parts.values())
+    # NF4 levels span [-1, 1] per block of 64; the widest gap (-1.0 to -0.696) bounds the error by 0.152
+    absmax = torch.nn.functional.pad(w, (0, 28)).view(24, 2, 64).abs().amax(-1).repeat_interleave(64, 1)[:, :100]
+    assert torch.all((deq - w).abs() <= 0.153 * absmax + 1e-6)
+    rows = torch.tensor([3, 0, 23])
+    assert torch.equal(q.dequantize_rows(parts, rows, 100), deq[rows])
