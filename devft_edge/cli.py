@@ -345,17 +345,62 @@ def _run_pack_verify(args: argparse.Namespace) -> int:
 
 
 def _run_serve(args: argparse.Namespace) -> int:
+    import contextlib
+
     from cloud_aggregator.config import AggregatorConfig
     from cloud_aggregator.service import Aggregator
+    from devft_edge.broker import EmbeddedBroker
 
     cfg = AggregatorConfig.from_file(args.config)
     broker = args.broker or cfg.broker
-    if broker is None:
-        raise DevFTError("no broker: give --broker mqtt://host:port or set broker in the config")
-    state = Aggregator(cfg, broker).run()
+    with contextlib.ExitStack() as stack:
+        if broker is None:
+            embedded = EmbeddedBroker(port=args.embedded_port)
+            broker = stack.enter_context(embedded)
+            print(f"embedded broker on {broker}: start agents with --broker {broker}", flush=True)
+        state = Aggregator(cfg, broker).run()
     print(
         f"run {state.run_id}: {'finished' if state.finished else 'stopped'} after {state.rounds_done} rounds, "
         f"stage {state.stage}; up {state.bytes_up / 1e6:.1f} MB, down {state.bytes_down / 1e6:.1f} MB"
+    )
+    return 0
+
+
+def _run_status(args: argparse.Namespace) -> int:
+    import queue
+    import time
+
+    from devft_edge.mqtt import BrokerAddress, Connection
+    from devft_edge.protocol import Kind, Topics, decode
+
+    topic = Topics(f"devft/{args.fleet}").status
+    connection = Connection(BrokerAddress.parse(args.broker), f"status-{args.fleet}-{id(args)}", [topic])
+    connection.start(timeout=args.timeout)
+    deadline = time.monotonic() + args.timeout
+    data = None
+    try:
+        while data is None:  # only the status topic's STATUS counts (some brokers also replay others)
+            item = connection.inbox.get(timeout=max(0.01, deadline - time.monotonic()))
+            message = decode(item.payload)
+            if item.topic == topic and message.kind is Kind.STATUS:
+                data = message.data
+    except queue.Empty:
+        raise DevFTError(f"no aggregator status on {topic} within {args.timeout:.0f} s") from None
+    finally:
+        connection.stop()
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    round_open = data.get("round_open") or {}
+    loss = data.get("eval_loss")
+    print(
+        f"run {data['run']}: stage {data['stage']}/{data['stages']}, round {data['round']}/{data['rounds']}"
+        f"{' (finished)' if data.get('finished') else ''}\n"
+        f"  devices online: {', '.join(data.get('devices_online', [])) or '-'} ({data.get('devices_known', 0)} known)\n"
+        f"  open round: {round_open.get('index', '-')}, updates {len(round_open.get('accepted', []))}"
+        f"/{len(round_open.get('selected', []))}\n"
+        f"  bytes up {data['bytes_up'] / 1e6:.1f} MB, down {data['bytes_down'] / 1e6:.1f} MB; "
+        f"last eval loss {'-' if loss is None else f'{loss:.4f}'}"
     )
     return 0
 
@@ -436,8 +481,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     sv = sub.add_parser("serve", help="run the cloud aggregator service")
     sv.add_argument("--config", type=Path, required=True, help="aggregator YAML config")
-    sv.add_argument("--broker", default=None, help="mqtt://host:port (overrides the config)")
+    sv.add_argument("--broker", default=None, help="mqtt://host:port (default: the config's, else embedded)")
+    sv.add_argument("--embedded-port", type=int, default=None, help="port of the embedded broker (default: free)")
     sv.set_defaults(func=_run_serve)
+
+    st = sub.add_parser("status", help="show a run's progress from the aggregator's retained status")
+    st.add_argument("--broker", required=True, help="mqtt://host:port")
+    st.add_argument("--fleet", default="default", help="fleet name (topic prefix devft/<fleet>)")
+    st.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the status")
+    st.add_argument("--json", action="store_true", help="print the status document")
+    st.set_defaults(func=_run_status)
 
     ag = sub.add_parser("agent", help="run the on-device training agent")
     ag.add_argument("--config", type=Path, required=True, help="agent YAML config")

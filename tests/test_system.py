@@ -184,3 +184,40 @@ def test_bad_messages_are_rejected_with_reasons_and_the_run_goes_on(tmp_path, br
     for reason in ("malformed", "unknown_device", "wrong_sender", "wrong_run", "stale"):
         assert f"rejected: {reason}" in log, reason
     assert _state(tmp_path)["finished"]
+
+
+def test_embedded_broker_serves_a_run_and_status_reports_it(tmp_path):
+    """No broker configured: serve starts the embedded amqtt broker (MQTT 3.1.1), the agents use
+    it, and `devft-edge status` reads the aggregator's retained status from it."""
+    pytest.importorskip("amqtt")
+    port = _free_port()
+    url = f"mqtt://127.0.0.1:{port}"
+    agg_config, agent_configs = _configs(tmp_path, url, devices=1, rounds=4)
+    data = yaml.safe_load(agg_config.read_text())
+    del data["broker"]
+    agg_config.write_text(yaml.safe_dump(data))
+    server = _start("serve", "--config", str(agg_config), "--embedded-port", str(port), log=tmp_path / "serve.log")
+    agents = [_start("agent", "--config", str(c), log=tmp_path / f"{c.stem}.log") for c in agent_configs]
+    try:
+        deadline = time.time() + 120
+        while not _state(tmp_path).get("open_round") and time.time() < deadline and server.poll() is None:
+            time.sleep(0.05)
+        status = subprocess.run(  # while the run is going: the embedded broker stops with the aggregator
+            [sys.executable, "-m", "devft_edge", "status", "--broker", url, "--fleet", "t", "--json"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert server.wait(timeout=240) == 0, (tmp_path / "serve.log").read_text()[-3000:]
+    finally:
+        for agent in agents:
+            agent.terminate()
+        for agent in agents:
+            agent.wait(timeout=30)
+    assert "embedded broker on" in (tmp_path / "serve.log").read_text()
+    assert status.returncode == 0, status.stderr[-2000:]
+    doc = json.loads(status.stdout)
+    assert doc["run"] == "test-run" and doc["stage"] >= 1 and doc["rounds"] == 4 and doc["boot"]
+    assert "dev-0" in doc["devices_online"]
+    assert _state(tmp_path)["finished"]
