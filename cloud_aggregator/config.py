@@ -40,6 +40,7 @@ class AggregatorConfig(_Strict):
     per_round: int = Field(2, ge=1, description="devices selected per round (K)")
     quorum: int = Field(1, ge=1, description="updates needed to close a round at its deadline")
     round_timeout_s: float = Field(600.0, gt=0)
+    selection_wait_s: float = Field(30.0, ge=0, description="wait this long for per_round devices, then use fewer")
     train: Train = Train()
     rank: int = Field(8, ge=1)
     alpha: float = Field(16.0, gt=0)

@@ -79,6 +79,8 @@ class Aggregator:
         self.update_meta: dict[str, dict[str, Any]] = {}
         """device -> the UPDATE message's data (and ``re``: its id) while its blob is pulled."""
         self.submodel: Any = None
+        self._waiting_since: float | None = None
+        self._next_selection = 0.0
         self.boot = uuid.uuid4().hex
         """Changes on every start: agents re-announce themselves when they see a new one in the status."""
         self.connection = Connection(
@@ -414,15 +416,38 @@ class Aggregator:
             if fit_profile(self.shape, step, profile, self.cfg.model).fits:
                 eligible.append(device)
             else:
-                logger.info("device %s cannot train stage %d (memory or quantization)", device, self.state.stage)
+                logger.debug("device %s cannot train stage %d (memory or quantization)", device, self.state.stage)
         return eligible
 
-    def _open_round(self, exclude: frozenset[str] = frozenset()) -> None:
-        eligible = [d for d in self._eligible() if d not in exclude]
-        if len(eligible) < self.cfg.per_round:
+    def _open_round(self) -> None:
+        """Select devices and send tasks; with fewer eligible devices than ``per_round`` it waits
+        ``selection_wait_s`` and then goes on with those it has, if they reach the quorum."""
+        if time.monotonic() < self._next_selection:
             return
-        rng = random.Random(f"{self.cfg.seed}/{self.state.rounds_done}/{len(exclude)}")
-        selected = sorted(rng.sample(eligible, self.cfg.per_round))
+        self._next_selection = time.monotonic() + 1.0
+        eligible = self._eligible()
+        if len(eligible) < self.cfg.per_round:
+            if self._waiting_since is None:
+                self._waiting_since = time.monotonic()
+                logger.info(
+                    "round %d: %d eligible devices online, waiting for %d",
+                    self.state.rounds_done,
+                    len(eligible),
+                    self.cfg.per_round,
+                )
+            waited = time.monotonic() - self._waiting_since
+            if len(eligible) < self.cfg.quorum or waited < self.cfg.selection_wait_s:
+                return
+            logger.warning(
+                "round %d: only %d of %d devices after %.0f s; going on with them",
+                self.state.rounds_done,
+                len(eligible),
+                self.cfg.per_round,
+                waited,
+            )
+        self._waiting_since = None
+        rng = random.Random(f"{self.cfg.seed}/{self.state.rounds_done}")
+        selected = sorted(rng.sample(eligible, min(self.cfg.per_round, len(eligible))))
         self.state.open_round = OpenRound(
             index=self.state.rounds_done,
             selected=selected,

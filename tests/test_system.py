@@ -221,3 +221,29 @@ def test_embedded_broker_serves_a_run_and_status_reports_it(tmp_path):
     assert doc["run"] == "test-run" and doc["stage"] >= 1 and doc["rounds"] == 4 and doc["boot"]
     assert "dev-0" in doc["devices_online"]
     assert _state(tmp_path)["finished"]
+
+
+def test_a_device_that_dies_mid_run_is_replaced_by_waiting_then_going_on(tmp_path, broker):
+    """SIGKILL one of two agents after the first round: its last will marks it offline, the
+    aggregator waits `selection_wait_s` for two devices, then runs the remaining rounds with one."""
+    agg_config, agent_configs = _configs(tmp_path, broker, devices=2, rounds=4)
+    data = yaml.safe_load(agg_config.read_text())
+    data.update(selection_wait_s=2.0, round_timeout_s=20.0)
+    agg_config.write_text(yaml.safe_dump(data))
+    agents = [_start("agent", "--config", str(c), log=tmp_path / f"{c.stem}.log") for c in agent_configs]
+    server = _start("serve", "--config", str(agg_config), log=tmp_path / "serve.log")
+    try:
+        deadline = time.time() + 120
+        while _state(tmp_path).get("rounds_done", 0) < 1 and time.time() < deadline and server.poll() is None:
+            time.sleep(0.05)
+        agents[1].send_signal(signal.SIGKILL)
+        assert server.wait(timeout=300) == 0, (tmp_path / "serve.log").read_text()[-3000:]
+    finally:
+        for agent in agents:
+            agent.kill()
+            agent.wait(timeout=30)
+    history = _state(tmp_path)["history"]
+    assert len(history) == 4 and history[0]["devices"] == ["dev-0", "dev-1"]
+    assert history[-1]["devices"] == ["dev-0"]  # the dead device no longer gets tasks
+    log = (tmp_path / "serve.log").read_text()
+    assert "going on with them" in log or "closing at quorum" in log
