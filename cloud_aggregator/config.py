@@ -5,11 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from devft_edge.blobs import DEFAULT_CHUNK_BYTES
-from devft_edge.errors import ConfigError
+from devft_edge.configfile import load_yaml_model
 from devft_edge.update_check import DEFAULT_MAX_UPDATE_NORM
 
 
@@ -74,13 +73,4 @@ class AggregatorConfig(_Strict):
     @classmethod
     def from_file(cls, path: str | Path) -> AggregatorConfig:
         """Load and validate a YAML config; errors name the file and field."""
-        try:
-            data = yaml.safe_load(Path(path).read_text())
-        except (OSError, yaml.YAMLError) as error:
-            raise ConfigError(f"{path}: cannot read config: {error}") from None
-        try:
-            return cls.model_validate(data or {})
-        except ValidationError as error:
-            raise ConfigError(
-                [f"{path}: {'.'.join(map(str, e['loc'])) or '(top level)'}: {e['msg']}" for e in error.errors()]
-            ) from None
+        return load_yaml_model(cls, path)

@@ -175,12 +175,8 @@ class Aggregator:
             data = {**info.to_json(), "index": index}
             self._send(
                 device,
-                Envelope(
-                    kind=Kind.CHUNK,
-                    sender=AGGREGATOR,
-                    run=self.state.run_id,
-                    stage=self.state.stage,
-                    round=self.state.rounds_done,
+                self._message(
+                    Kind.CHUNK,
                     data=data,
                     body=chunk,
                 ),
@@ -269,12 +265,8 @@ class Aggregator:
         data = {"re": re or (message.id if message else ""), "accepted": reason is None, "note": note}
         self._send(
             device,
-            Envelope(
-                kind=Kind.VERDICT,
-                sender=AGGREGATOR,
-                run=self.state.run_id,
-                stage=self.state.stage,
-                round=self.state.rounds_done,
+            self._message(
+                Kind.VERDICT,
                 data=data,
                 reason=reason,
             ),
@@ -287,12 +279,8 @@ class Aggregator:
         data = {**download.receiver.info.to_json(), "missing": missing}
         self._send(
             device,
-            Envelope(
-                kind=Kind.CHUNK_REQUEST,
-                sender=AGGREGATOR,
-                run=self.state.run_id,
-                stage=self.state.stage,
-                round=self.state.rounds_done,
+            self._message(
+                Kind.CHUNK_REQUEST,
                 data=data,
             ),
         )
@@ -488,15 +476,7 @@ class Aggregator:
         }
         self._send(
             device,
-            Envelope(
-                kind=Kind.TASK,
-                sender=AGGREGATOR,
-                run=self.state.run_id,
-                stage=self.state.stage,
-                round=round_.index,
-                data=data,
-                id=round_.tasks[device],
-            ),
+            self._message(Kind.TASK, round=round_.index, data=data, id=round_.tasks[device]),
         )
 
     def _close_round(self) -> None:
@@ -568,6 +548,11 @@ class Aggregator:
 
     # ---- output ---------------------------------------------------------------------------------
 
+    def _message(self, kind: Kind, **fields: Any) -> Envelope:
+        """A message from the aggregator about the current run, stage and round."""
+        fields.setdefault("round", self.state.rounds_done)
+        return Envelope(kind=kind, sender=AGGREGATOR, run=self.state.run_id, stage=self.state.stage, **fields)
+
     def _send(self, device: str, message: Envelope) -> None:
         self.connection.publish(self.topics.down(device), message.encode())
 
@@ -597,9 +582,7 @@ class Aggregator:
             "eval_loss": last.get("eval_loss"),
             "eval_accuracy": last.get("eval_accuracy"),
         }
-        status = Envelope(
-            kind=Kind.STATUS, sender=AGGREGATOR, run=s.run_id, stage=s.stage, round=s.rounds_done, data=data
-        )
+        status = self._message(Kind.STATUS, data=data)
         self.connection.publish(self.topics.status, status.encode(), retain=True)
 
 

@@ -67,6 +67,18 @@ class PlanSettings:
     tokenizer_bytes: int = 0
     """Tokenizer files shipped in every pack."""
 
+    def step(self, layers: int) -> StepConfig:
+        """The local training step these settings describe, on a ``layers``-block submodel."""
+        return StepConfig(
+            layers=layers,
+            batch=self.batch,
+            seq=self.seq,
+            rank=self.rank,
+            quant=self.quant,
+            quant_embeddings=self.quant_embeddings,
+            checkpointing=self.checkpointing,
+        )
+
 
 @dataclass(frozen=True)
 class DeviceFit:
@@ -240,15 +252,7 @@ def plan(shape: ModelShape, model_name: str, profiles: Sequence[DeviceProfile], 
     schedule = StageSchedule(num_layers=shape.num_layers, num_stages=settings.stages, total_rounds=settings.stages)
     stages = []
     for number, layers in enumerate(schedule.capacities, start=1):
-        step = StepConfig(
-            layers=layers,
-            batch=settings.batch,
-            seq=settings.seq,
-            rank=settings.rank,
-            quant=settings.quant,
-            quant_embeddings=settings.quant_embeddings,
-            checkpointing=settings.checkpointing,
-        )
+        step = settings.step(layers)
         lora_bytes = FLOAT * shape.lora_params(layers, settings.rank)
         pack_bytes = (
             base_weight_bytes(shape, layers, settings.quant, settings.quant_embeddings)
@@ -270,15 +274,7 @@ def plan(shape: ModelShape, model_name: str, profiles: Sequence[DeviceProfile], 
                 },
             )
         )
-    top = StepConfig(
-        layers=1,
-        batch=settings.batch,
-        seq=settings.seq,
-        rank=settings.rank,
-        quant=settings.quant,
-        quant_embeddings=settings.quant_embeddings,
-        checkpointing=settings.checkpointing,
-    )
+    top = settings.step(1)
     deepest = {
         p.name: max_layers(shape, replace(top, backend=p.compute.backend), p.budget_bytes)
         if settings.quant in p.quantizations
@@ -297,18 +293,9 @@ def plan(shape: ModelShape, model_name: str, profiles: Sequence[DeviceProfile], 
 
 def with_measurements(plan_: Plan, shape: ModelShape, measured_peaks: Sequence[int]) -> Plan:
     """The plan with each stage's measured peak and the prediction for the measuring (CPU) machine."""
-    s = plan_.settings
     stages = []
     for stage, measured in zip(plan_.stages, measured_peaks, strict=True):
-        step = StepConfig(
-            layers=stage.layers,
-            batch=s.batch,
-            seq=s.seq,
-            rank=s.rank,
-            quant=s.quant,
-            quant_embeddings=s.quant_embeddings,
-            checkpointing=s.checkpointing,
-        )
+        step = plan_.settings.step(stage.layers)
         stages.append(
             replace(stage, measured_peak_bytes=measured, predicted_local_bytes=estimate_memory(shape, step).peak_bytes)
         )

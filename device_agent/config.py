@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from devft_edge.errors import ConfigError
+from devft_edge.configfile import load_yaml_model
 
 
 class AgentConfig(BaseModel):
@@ -35,13 +34,4 @@ class AgentConfig(BaseModel):
     @classmethod
     def from_file(cls, path: str | Path) -> AgentConfig:
         """Load and validate a YAML config; errors name the file and field."""
-        try:
-            data = yaml.safe_load(Path(path).read_text())
-        except (OSError, yaml.YAMLError) as error:
-            raise ConfigError(f"{path}: cannot read config: {error}") from None
-        try:
-            return cls.model_validate(data or {})
-        except ValidationError as error:
-            raise ConfigError(
-                [f"{path}: {'.'.join(map(str, e['loc'])) or '(top level)'}: {e['msg']}" for e in error.errors()]
-            ) from None
+        return load_yaml_model(cls, path)
