@@ -144,7 +144,10 @@ class Aggregator:
     def _on_hello(self, device: str, message: Envelope) -> None:
         from devft_edge.profiles import parse_profile
 
-        profile = parse_profile(message.data.get("profile"), device, f"<hello from {device}>")
+        try:
+            profile = parse_profile(message.data.get("profile"), device, f"<hello from {device}>")
+        except ConfigError as error:
+            raise ProtocolError(Reason.MALFORMED, f"hello with an invalid profile: {error}") from None
         self.state.devices[device] = Device(
             profile=profile.model_dump(mode="json", exclude={"name"}),
             last_seen=now(),

@@ -166,6 +166,7 @@ def test_bad_messages_are_rejected_with_reasons_and_the_run_goes_on(tmp_path, br
         up = "devft/t/dev/{}/up"
         bad = [
             (up.format("rogue"), b"\x00\x01"),  # not an envelope
+            (up.format("rogue"), Envelope(kind=Kind.HELLO, sender="rogue", data={"profile": {"memory": 1}}).encode()),
             (up.format("rogue"), Envelope(kind=Kind.UPDATE, sender="rogue", run="test-run").encode()),  # no hello
             (up.format("dev-0"), Envelope(kind=Kind.UPDATE, sender="dev-1", run="test-run").encode()),  # forged
             (up.format("dev-0"), Envelope(kind=Kind.UPDATE, sender="dev-0", run="other-run").encode()),  # wrong run
@@ -247,3 +248,40 @@ def test_a_device_that_dies_mid_run_is_replaced_by_waiting_then_going_on(tmp_pat
     assert history[-1]["devices"] == ["dev-0"]  # the dead device no longer gets tasks
     log = (tmp_path / "serve.log").read_text()
     assert "going on with them" in log or "closing at quorum" in log
+
+
+def test_a_straggler_never_answering_is_closed_out_at_the_deadline(tmp_path, broker):
+    """A device that says hello but never trains: rounds it is selected for close at their deadline
+    with the quorum of updates, and a late update from it would be stale."""
+    import paho.mqtt.client as paho
+
+    from devft_edge.profiles import load_profile
+    from devft_edge.protocol import Envelope, Kind
+
+    agg_config, agent_configs = _configs(tmp_path, broker, devices=1, rounds=2)
+    data = yaml.safe_load(agg_config.read_text())
+    data.update(per_round=2, quorum=1, round_timeout_s=4.0)
+    agg_config.write_text(yaml.safe_dump(data))
+    host, port = broker.removeprefix("mqtt://").split(":")
+    silent = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="silent")
+    silent.connect(host, int(port))
+    silent.loop_start()
+    profile = load_profile("x86-cpu").model_dump(mode="json", exclude={"name"})
+    hello = Envelope(kind=Kind.HELLO, sender="silent", data={"profile": profile, "backends": ["torch"]})
+    agents = [_start("agent", "--config", str(c), log=tmp_path / f"{c.stem}.log") for c in agent_configs]
+    server = _start("serve", "--config", str(agg_config), log=tmp_path / "serve.log")
+    try:
+        deadline = time.time() + 120
+        while not _state(tmp_path).get("stage") and time.time() < deadline:  # subscribed and packing
+            time.sleep(0.05)
+        silent.publish("devft/t/dev/silent/up", hello.encode(), qos=1).wait_for_publish(5)
+        assert server.wait(timeout=300) == 0, (tmp_path / "serve.log").read_text()[-3000:]
+    finally:
+        silent.loop_stop()
+        for agent in agents:
+            agent.terminate()
+            agent.wait(timeout=30)
+    history = _state(tmp_path)["history"]
+    assert len(history) == 2 and all(h["devices"] == ["dev-0"] for h in history)
+    log = (tmp_path / "serve.log").read_text()
+    assert "tasks to dev-0, silent" in log and "closing at quorum" in log
