@@ -285,3 +285,75 @@ def test_a_straggler_never_answering_is_closed_out_at_the_deadline(tmp_path, bro
     assert len(history) == 2 and all(h["devices"] == ["dev-0"] for h in history)
     log = (tmp_path / "serve.log").read_text()
     assert "tasks to dev-0, silent" in log and "closing at quorum" in log
+
+
+def test_a_nan_update_is_pulled_validated_and_rejected(tmp_path, broker):
+    """A device that follows the protocol but uploads NaN LoRA: the aggregator pulls the blob,
+    rejects it with `not_finite` (the device gets that verdict), and closes the round at quorum."""
+    import hashlib
+    import queue
+
+    import paho.mqtt.client as paho
+    import torch
+    from safetensors.torch import load, save
+
+    from devft_edge.blobs import BlobInfo
+    from devft_edge.profiles import load_profile
+    from devft_edge.protocol import Envelope, Kind, decode
+
+    agg_config, agent_configs = _configs(tmp_path, broker, devices=1, rounds=1)
+    data = yaml.safe_load(agg_config.read_text())
+    data.update(per_round=2, quorum=1, round_timeout_s=6.0, stages=1, method="fedit")
+    agg_config.write_text(yaml.safe_dump(data))
+    host, port = broker.removeprefix("mqtt://").split(":")
+    inbox: queue.Queue = queue.Queue()
+    rogue = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="nan")
+    rogue.on_message = lambda client, userdata, message: inbox.put(decode(message.payload))
+    rogue.connect(host, int(port))
+    rogue.subscribe("devft/t/dev/nan/down", qos=1)
+    rogue.loop_start()
+
+    def send(message: Envelope) -> None:
+        rogue.publish("devft/t/dev/nan/up", message.encode(), qos=1)
+
+    profile = load_profile("x86-cpu").model_dump(mode="json", exclude={"name"})
+    agents = [_start("agent", "--config", str(c), log=tmp_path / f"{c.stem}.log") for c in agent_configs]
+    server = _start("serve", "--config", str(agg_config), log=tmp_path / "serve.log")
+    verdict = None
+    try:
+        deadline = time.time() + 120
+        while not _state(tmp_path).get("stage") and time.time() < deadline:
+            time.sleep(0.05)
+        send(Envelope(kind=Kind.HELLO, sender="nan", data={"profile": profile}))
+        chunks: dict[int, bytes] = {}
+        poisoned = b""
+        while verdict is None and time.time() < deadline:
+            message = inbox.get(timeout=60)
+            if message.kind is Kind.TASK:
+                task, lora = message, BlobInfo.from_json(message.data["lora"])
+                send(task.reply(Kind.CHUNK_REQUEST, "nan", data={**lora.to_json(), "missing": list(range(lora.count))}))
+            elif message.kind is Kind.CHUNK and message.data["blob"] == lora.sha256:
+                chunks[message.data["index"]] = message.body
+                if len(chunks) == lora.count:
+                    state = load(b"".join(chunks[i] for i in range(lora.count)))
+                    first = sorted(state)[0]
+                    state[first] = torch.full_like(state[first], float("nan"))
+                    poisoned = save(state)
+                    info = BlobInfo(hashlib.sha256(poisoned).hexdigest(), len(poisoned), 65536)
+                    send(task.reply(Kind.UPDATE, "nan", data={**info.to_json(), "num_samples": 10, "train_loss": 1.0}))
+            elif message.kind is Kind.CHUNK_REQUEST:
+                for index in message.data["missing"]:
+                    body = poisoned[index * 65536 : (index + 1) * 65536]
+                    send(message.reply(Kind.CHUNK, "nan", data={**info.to_json(), "index": index}, body=body))
+            elif message.kind is Kind.VERDICT:
+                verdict = message
+        assert server.wait(timeout=120) == 0, (tmp_path / "serve.log").read_text()[-3000:]
+    finally:
+        rogue.loop_stop()
+        for agent in agents:
+            agent.terminate()
+            agent.wait(timeout=30)
+    assert verdict is not None and verdict.data["accepted"] is False and verdict.reason.value == "not_finite"
+    history = _state(tmp_path)["history"]
+    assert [h["devices"] for h in history] == [["dev-0"]]
+    assert "rejected: not_finite" in (tmp_path / "serve.log").read_text()
