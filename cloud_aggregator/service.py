@@ -79,6 +79,8 @@ class Aggregator:
         self.update_meta: dict[str, dict[str, Any]] = {}
         """device -> the UPDATE message's data (and ``re``: its id) while its blob is pulled."""
         self.submodel: Any = None
+        self._start_cache: tuple[str, dict[str, Any]] = ("", {})
+        """(blob id, tensors) of the stage LoRA updates are checked against: read once per round."""
         self._waiting_since: float | None = None
         self._next_selection = 0.0
         self.boot = uuid.uuid4().hex
@@ -242,8 +244,7 @@ class Aggregator:
             return
         try:
             update = read_safetensors(self.store.path(receiver.info.sha256))
-            start = read_safetensors(self.store.path(self.state.stage_lora))
-            norm = check_update(update, start, self.cfg.max_update_norm)
+            norm = check_update(update, self._round_start(), self.cfg.max_update_norm)
             samples = int(meta.get("num_samples", 0))
             if samples < 1:
                 raise ProtocolError(Reason.MALFORMED, f"num_samples {meta.get('num_samples')!r} must be >= 1")
@@ -261,6 +262,14 @@ class Aggregator:
         logger.info("round %d: update from %s accepted (norm %.3f, %d samples)", round_.index, device, norm, samples)
         self._verdict(device, None, None, re=message_id)
         self._publish_status()
+
+    def _round_start(self) -> dict[str, Any]:
+        """The global stage LoRA the open round started from (cached by blob id)."""
+        from devft_edge.weights import read_safetensors
+
+        if self._start_cache[0] != self.state.stage_lora:
+            self._start_cache = (self.state.stage_lora, read_safetensors(self.store.path(self.state.stage_lora)))
+        return self._start_cache[1]
 
     def _verdict(
         self, device: str, message: Envelope | None, reason: Reason | None, note: str = "", re: str = ""
@@ -488,7 +497,7 @@ class Aggregator:
 
         round_ = self.state.open_round
         assert round_ is not None  # only called with a round open
-        start = read_safetensors(self.store.path(self.state.stage_lora))
+        start = self._round_start()
         updates = ((read_safetensors(self.store.path(a.blob)), float(a.num_samples)) for a in round_.accepted.values())
         server = self.rule.aggregate(GlobalState(lora=dict(start)), updates, round_.index, self.cfg.seed)
         self.state.stage_lora = self.store.add_bytes(safetensors_save(server.lora), self.cfg.chunk_bytes).sha256

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import re
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,9 +96,7 @@ class BlobStore:
             tmp = target.with_suffix(".tmp")
             try:
                 os.link(source, tmp)
-            except OSError:
-                import shutil
-
+            except OSError:  # another file system: copy instead
                 shutil.copyfile(source, tmp)
             os.replace(tmp, target)
         return BlobInfo(sha, target.stat().st_size, chunk_bytes)

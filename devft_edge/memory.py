@@ -186,18 +186,15 @@ class StepConfig:
             raise ConfigError(problems)
 
 
-def weight_bytes(shape: ModelShape, out_features: int, in_features: int, quant: str) -> int:
-    """Bytes of one ``out x in`` weight stored at ``quant``."""
-    return QuantSpec(quant).quantizer().nbytes(out_features, in_features)
-
-
 def base_weight_bytes(shape: ModelShape, layers: int, quant: str, quant_embeddings: bool = True) -> int:
     """Frozen base weights of a ``layers``-block submodel at ``quant`` (what a pack carries)."""
-    block = sum(weight_bytes(shape, lin.out_features, lin.in_features, quant) for lin in shape.block_linears)
+    nbytes = QuantSpec(quant).quantizer().nbytes
+    block = sum(nbytes(lin.out_features, lin.in_features) for lin in shape.block_linears)
     block += FLOAT * shape.block_other_params
     table_quant = quant if quant_embeddings else "none"
-    embed = weight_bytes(shape, shape.vocab, shape.hidden, table_quant)
-    head = weight_bytes(shape, shape.head_params // shape.hidden, shape.hidden, table_quant) if shape.head_params else 0
+    table_bytes = QuantSpec(table_quant).quantizer().nbytes
+    embed = table_bytes(shape.vocab, shape.hidden)
+    head = table_bytes(shape.head_params // shape.hidden, shape.hidden) if shape.head_params else 0
     return layers * block + embed + head + FLOAT * shape.other_params
 
 

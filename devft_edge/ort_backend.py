@@ -144,6 +144,7 @@ class OrtTrainer(Trainer):
         start: LoraState | None = None,
     ) -> TrainResult:
         import numpy as np
+        import torch
         from transformers import AutoTokenizer
 
         from devft_edge.data import batches
@@ -178,8 +179,6 @@ class OrtTrainer(Trainer):
             optimizer.step()
             module.lazy_reset_grad()
             losses.append(float(loss))
-        import torch
-
         lora = {
             key: torch.from_numpy(np.array(state.parameters[name].data, dtype=np.float32))
             for name, key in lora_names.items()

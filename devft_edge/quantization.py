@@ -428,7 +428,8 @@ def dequantize_model(model: nn.Module) -> nn.Module:
                     key,
                     nn.Parameter(child.quantizer.dequantize(child.parts(), child.embedding_dim), requires_grad=False),
                 )
-                new: nn.Module = nn.Embedding(child.num_embeddings, child.embedding_dim, _weight=tables[key])
+                new: nn.Module = nn.Embedding(child.num_embeddings, child.embedding_dim, device="meta")
+                new.weight = tables[key]  # the same Parameter as a tied head's
             elif isinstance(child, QuantizedLinear):
                 key = id(child.qweight)
                 new = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None, device="meta")

@@ -171,3 +171,12 @@ def test_measured_step_calibrates_step_time(shape):
     assert (
         other_model.stages[0].profiles["rpi5-8gb"].step_seconds == without.stages[0].profiles["rpi5-8gb"].step_seconds
     )
+
+
+def test_transfer_times_follow_the_profile_links(shape):
+    profile = load_profile("rpi4-4gb")
+    stage = plan(shape, "smollm2", [profile], PlanSettings(quant="int4")).stages[0]
+    fit = stage.profiles["rpi4-4gb"]
+    down, up = profile.network.downlink_mbps * 1e6 / 8, profile.network.uplink_mbps * 1e6 / 8
+    assert fit.pack_seconds == pytest.approx(stage.pack_bytes / down, abs=0.01)
+    assert fit.round_transfer_seconds == pytest.approx(stage.bytes_down / down + stage.bytes_up / up, abs=0.01)

@@ -106,7 +106,48 @@ def test_chunk_bounds_and_lengths_are_checked(tmp_path):
     assert rx.add(0, b"ab") is False and rx.add(1, b"c") is True
     empty = store.receiver(BlobInfo(hashlib.sha256(b"").hexdigest(), 0, 1024))
     assert empty.missing() == [0] and empty.add(0, b"") is True
-    for bad in ({"blob": "xyz", "size": 1, "chunk_bytes": 1}, {"blob": info.sha256, "size": -1, "chunk_bytes": 1},
-                {"blob": info.sha256, "size": 1}):
+    for bad in (
+        {"blob": "xyz", "size": 1, "chunk_bytes": 1},
+        {"blob": info.sha256, "size": -1, "chunk_bytes": 1},
+        {"blob": info.sha256, "size": 1},
+    ):
         with pytest.raises(ProtocolError):
             BlobInfo.from_json(bad)
+
+
+def test_download_asks_a_window_at_a_time_and_again_when_stalled(tmp_path):
+    from devft_edge.blobs import WINDOW, Download
+
+    data = random.Random(2).randbytes(100 * 10)
+    sender, receiving = BlobStore(tmp_path / "a"), BlobStore(tmp_path / "b")
+    info = sender.add_bytes(data, chunk_bytes=10)
+    download = Download(receiving.receiver(info), stall_seconds=5.0)
+    first = download.request(clock=0.0)
+    assert first == list(range(WINDOW)) and download.request(clock=1.0) == []  # one window outstanding
+    for index in first[:10]:
+        download.add(index, sender.read_chunk(info, index), clock=2.0)
+    assert not download.stalled(clock=6.0) and download.stalled(clock=7.5)  # 5 s without a chunk
+    again = download.request(clock=7.5)
+    assert again[0] == 10 and len(again) == WINDOW
+    for index in range(10, 100):
+        download.add(index, sender.read_chunk(info, index), clock=8.0)
+    assert download.complete and download.request(clock=9.0) == []
+
+
+def test_service_configs_report_file_and_field(tmp_path):
+    from cloud_aggregator.config import AggregatorConfig
+    from devft_edge.errors import ConfigError
+    from device_agent.config import AgentConfig
+
+    bad = tmp_path / "aggregator.yaml"
+    bad.write_text("run_id: r1\nsign_key: k.pem\nper_round: 2\nquorum: 3\ntrain: {steps: 0}\ncolour: red\n")
+    with pytest.raises(ConfigError) as error:
+        AggregatorConfig.from_file(bad)
+    text = "; ".join(error.value.problems)
+    assert "aggregator.yaml: train.steps" in text and "aggregator.yaml: colour" in text
+    agent = tmp_path / "agent.yaml"
+    agent.write_text("device_id: 'bad id'\npublic_key: p.pem\n")
+    with pytest.raises(ConfigError, match="agent.yaml: device_id"):
+        AgentConfig.from_file(agent)
+    with pytest.raises(ConfigError, match="cannot read config"):
+        AgentConfig.from_file(tmp_path / "missing.yaml")

@@ -138,3 +138,24 @@ def test_nf4_round_trip_and_rows():
     assert torch.all((deq - w).abs() <= 0.153 * absmax + 1e-6)
     rows = torch.tensor([3, 0, 23])
     assert torch.equal(q.dequantize_rows(parts, rows, 100), deq[rows])
+
+
+def test_dequantize_model_computes_what_the_quantized_model_computes():
+    from devft_edge.quantization import QuantizedEmbedding, dequantize_model
+
+    model = load_model("tiny", seed=2)
+    quantize_model(model, QuantSpec("int4", group_size=32))
+    ids = torch.randint(0, 1000, (1, 10))
+    expected = model(input_ids=ids).logits
+    dequantize_model(model)
+    assert not any(isinstance(m, (QuantizedLinear, QuantizedEmbedding)) for m in model.modules())
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied
+    assert torch.allclose(model(input_ids=ids).logits, expected, atol=1e-4)
+
+
+def test_bound_heap_and_its_opt_out(monkeypatch):
+    from devft_edge.allocator import HEAP_ENV, bound_heap
+
+    assert bound_heap() is True  # glibc here
+    monkeypatch.setenv(HEAP_ENV, "default")
+    assert bound_heap() is False
