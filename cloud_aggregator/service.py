@@ -124,8 +124,7 @@ class Aggregator:
             if message.sender != device:
                 raise ProtocolError(Reason.WRONG_SENDER, f"header says {message.sender!r} on {device!r}'s topic")
             if not self.state.remember(message.id):
-                logger.debug("duplicate message %s from %s ignored", message.id, device)
-                return
+                raise ProtocolError(Reason.DUPLICATE, f"message {message.id} from {device} seen before")
             handler = {
                 Kind.HELLO: self._on_hello,
                 Kind.PRESENCE: self._on_presence,
@@ -139,6 +138,7 @@ class Aggregator:
                 raise ProtocolError(Reason.MALFORMED, f"a device may not send {message.kind.value}")
             handler(device, message)
         except ProtocolError as error:
+            self.state.count_rejection(error.reason.value)
             logger.warning("message on %s rejected: %s", item.topic, error)
 
     # ---- handlers -------------------------------------------------------------------------------
@@ -213,6 +213,8 @@ class Aggregator:
         try:
             complete = download.add(int(message.data.get("index", -1)), message.body, time.monotonic())
         except ProtocolError as error:
+            self.state.count_rejection(error.reason.value)
+            logger.warning("update from %s rejected: %s", device, error)
             self.uploads.pop(device)
             meta = self.update_meta.pop(device, {})
             self._verdict(device, None, error.reason, note=str(error), re=str(meta.get("re", "")))
@@ -249,6 +251,7 @@ class Aggregator:
             if samples < 1:
                 raise ProtocolError(Reason.MALFORMED, f"num_samples {meta.get('num_samples')!r} must be >= 1")
         except ProtocolError as error:
+            self.state.count_rejection(error.reason.value)
             logger.warning("update from %s rejected: %s", device, error)
             self._verdict(device, None, error.reason, note=str(error), re=message_id)
             return
@@ -593,6 +596,7 @@ class Aggregator:
             "bytes_down": s.bytes_down,
             "eval_loss": last.get("eval_loss"),
             "eval_accuracy": last.get("eval_accuracy"),
+            "rejected": dict(sorted(s.rejected.items())),
         }
         status = self._message(Kind.STATUS, data=data)
         self.connection.publish(self.topics.status, status.encode(), retain=True)

@@ -82,6 +82,8 @@ class RunState:
     finished: bool = False
     seen_messages: list[str] = field(default_factory=list)
     """Recent message ids (bounded), so a redelivered message is recognised after a restart."""
+    rejected: dict[str, int] = field(default_factory=dict)
+    """Reason code -> messages and updates rejected with it (``duplicate`` counts replays)."""
 
     def remember(self, message_id: str, keep: int = 4096) -> bool:
         """Record a message id; False if it was already seen (a duplicate)."""
@@ -105,6 +107,10 @@ class RunState:
             accepted = {k: Accepted(**v) for k, v in open_round.pop("accepted").items()}
             open_round = OpenRound(**open_round, accepted=accepted)
         return cls(**data, devices=devices, open_round=open_round)
+
+    def count_rejection(self, reason: str) -> None:
+        """Tally one rejected message or update under its reason code."""
+        self.rejected[reason] = self.rejected.get(reason, 0) + 1
 
 
 def save_state(directory: str | Path, state: RunState) -> None:

@@ -8,113 +8,27 @@ and counts none twice.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import yaml
+from system_harness import free_port, needs_mosquitto, read_state, start, write_configs
 
-from devft_edge.signing import generate_keypair
-
-MOSQUITTO = shutil.which("mosquitto") or next((p for p in ("/usr/sbin/mosquitto",) if Path(p).exists()), None)
-pytestmark = pytest.mark.skipif(MOSQUITTO is None, reason="mosquitto not installed (make test installs it)")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def broker(tmp_path):
-    port = _free_port()
-    conf = tmp_path / "mosquitto.conf"
-    conf.write_text(
-        f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-        "log_dest stdout\nmax_queued_messages 10000\n"
-    )
-    log = (tmp_path / "mosquitto.log").open("w")
-    process = subprocess.Popen([MOSQUITTO, "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.time() + 10
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            time.sleep(0.05)
-    yield f"mqtt://127.0.0.1:{port}"
-    process.terminate()
-    process.wait(timeout=10)
-
-
-def _configs(tmp_path: Path, broker: str, devices: int = 2, rounds: int = 4) -> tuple[Path, list[Path]]:
-    private, public = generate_keypair(tmp_path / "keys")
-    aggregator = {
-        "run_id": "test-run",
-        "fleet": "t",
-        "broker": broker,
-        "model": "tiny",
-        "method": "devft",
-        "stages": 2,
-        "rounds": rounds,
-        "per_round": devices,
-        "quorum": 1,
-        "round_timeout_s": 120,
-        "quant": "int8",
-        "train": {"steps": 2, "batch": 2, "seq": 48, "lr": 1e-3},
-        "sign_key": str(private),
-        "state_dir": str(tmp_path / "agg" / "state"),
-        "out_dir": str(tmp_path / "agg" / "out"),
-        "eval_examples": 4,
-        "chunk_bytes": 65536,
-    }
-    agg_path = tmp_path / "aggregator.yaml"
-    agg_path.write_text(yaml.safe_dump(aggregator))
-    agents = []
-    for i in range(devices):
-        agent = {
-            "device_id": f"dev-{i}",
-            "fleet": "t",
-            "broker": broker,
-            "public_key": str(public),
-            "profile": "x86-cpu",
-            "data": f"synthetic:12:{i}",
-            "cache_dir": str(tmp_path / f"dev-{i}"),
-        }
-        path = tmp_path / f"agent-{i}.yaml"
-        path.write_text(yaml.safe_dump(agent))
-        agents.append(path)
-    return agg_path, agents
-
-
-def _start(*args: str, log: Path) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(
-        [sys.executable, "-m", "devft_edge", "-v", *args], stdout=log.open("w"), stderr=subprocess.STDOUT, env=env
-    )
-
-
-def _state(tmp_path: Path) -> dict:
-    path = tmp_path / "agg" / "state" / "state.json"
-    return json.loads(path.read_text()) if path.exists() else {}
+pytestmark = needs_mosquitto
 
 
 def test_run_finishes_and_survives_aggregator_kill(tmp_path, broker):
-    agg_config, agent_configs = _configs(tmp_path, broker)
-    agents = [_start("agent", "--config", str(c), log=tmp_path / f"{c.stem}.log") for c in agent_configs]
+    agg_config, agent_configs = write_configs(tmp_path, broker)
+    agents = [start("agent", "--config", str(c), log=tmp_path / f"{c.stem}.log") for c in agent_configs]
     try:
-        server = _start("serve", "--config", str(agg_config), log=tmp_path / "serve-1.log")
+        server = start("serve", "--config", str(agg_config), log=tmp_path / "serve-1.log")
         deadline = time.time() + 240
         killed_with: dict = {}
         while time.time() < deadline and server.poll() is None:
-            state = _state(tmp_path)
+            state = read_state(tmp_path)
             open_round = state.get("open_round") or {}
             if state.get("rounds_done", 0) >= 1 and open_round.get("accepted"):
                 server.send_signal(signal.SIGKILL)
@@ -123,14 +37,14 @@ def test_run_finishes_and_survives_aggregator_kill(tmp_path, broker):
                 break
             time.sleep(0.05)
         assert killed_with, (tmp_path / "serve-1.log").read_text()[-3000:]
-        server = _start("serve", "--config", str(agg_config), log=tmp_path / "serve-2.log")
+        server = start("serve", "--config", str(agg_config), log=tmp_path / "serve-2.log")
         assert server.wait(timeout=300) == 0, (tmp_path / "serve-2.log").read_text()[-3000:]
     finally:
         for agent in agents:
             agent.terminate()
         for agent in agents:
             agent.wait(timeout=30)
-    final = _state(tmp_path)
+    final = read_state(tmp_path)
     assert final["finished"] and final["rounds_done"] == 4 and final["stage"] == 2
     history = final["history"]
     assert [h["round"] for h in history] == [0, 1, 2, 3]
@@ -152,16 +66,16 @@ def test_bad_messages_are_rejected_with_reasons_and_the_run_goes_on(tmp_path, br
 
     from devft_edge.protocol import Envelope, Kind
 
-    agg_config, agent_configs = _configs(tmp_path, broker, devices=2, rounds=2)
-    agents = [_start("agent", "--config", str(c), log=tmp_path / f"{c.stem}.log") for c in agent_configs]
-    server = _start("serve", "--config", str(agg_config), log=tmp_path / "serve.log")
+    agg_config, agent_configs = write_configs(tmp_path, broker, devices=2, rounds=2)
+    agents = [start("agent", "--config", str(c), log=tmp_path / f"{c.stem}.log") for c in agent_configs]
+    server = start("serve", "--config", str(agg_config), log=tmp_path / "serve.log")
     host, port = broker.removeprefix("mqtt://").split(":")
     rogue = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="rogue")
     rogue.connect(host, int(port))
     rogue.loop_start()
     try:
         deadline = time.time() + 60
-        while not _state(tmp_path).get("devices") and time.time() < deadline:
+        while not read_state(tmp_path).get("devices") and time.time() < deadline:
             time.sleep(0.1)
         up = "devft/t/dev/{}/up"
         bad = [
@@ -184,24 +98,24 @@ def test_bad_messages_are_rejected_with_reasons_and_the_run_goes_on(tmp_path, br
     log = (tmp_path / "serve.log").read_text()
     for reason in ("malformed", "unknown_device", "wrong_sender", "wrong_run", "stale"):
         assert f"rejected: {reason}" in log, reason
-    assert _state(tmp_path)["finished"]
+    assert read_state(tmp_path)["finished"]
 
 
 def test_embedded_broker_serves_a_run_and_status_reports_it(tmp_path):
     """No broker configured: serve starts the embedded amqtt broker (MQTT 3.1.1), the agents use
     it, and `devft-edge status` reads the aggregator's retained status from it."""
     pytest.importorskip("amqtt")
-    port = _free_port()
+    port = free_port()
     url = f"mqtt://127.0.0.1:{port}"
-    agg_config, agent_configs = _configs(tmp_path, url, devices=1, rounds=4)
+    agg_config, agent_configs = write_configs(tmp_path, url, devices=1, rounds=4)
     data = yaml.safe_load(agg_config.read_text())
     del data["broker"]
     agg_config.write_text(yaml.safe_dump(data))
-    server = _start("serve", "--config", str(agg_config), "--embedded-port", str(port), log=tmp_path / "serve.log")
-    agents = [_start("agent", "--config", str(c), log=tmp_path / f"{c.stem}.log") for c in agent_configs]
+    server = start("serve", "--config", str(agg_config), "--embedded-port", str(port), log=tmp_path / "serve.log")
+    agents = [start("agent", "--config", str(c), log=tmp_path / f"{c.stem}.log") for c in agent_configs]
     try:
         deadline = time.time() + 120
-        while not _state(tmp_path).get("open_round") and time.time() < deadline and server.poll() is None:
+        while not read_state(tmp_path).get("open_round") and time.time() < deadline and server.poll() is None:
             time.sleep(0.05)
         status = subprocess.run(  # while the run is going: the embedded broker stops with the aggregator
             [sys.executable, "-m", "devft_edge", "status", "--broker", url, "--fleet", "t", "--json"],
@@ -221,21 +135,21 @@ def test_embedded_broker_serves_a_run_and_status_reports_it(tmp_path):
     doc = json.loads(status.stdout)
     assert doc["run"] == "test-run" and doc["stage"] >= 1 and doc["rounds"] == 4 and doc["boot"]
     assert "dev-0" in doc["devices_online"]
-    assert _state(tmp_path)["finished"]
+    assert read_state(tmp_path)["finished"]
 
 
 def test_a_device_that_dies_mid_run_is_replaced_by_waiting_then_going_on(tmp_path, broker):
     """SIGKILL one of two agents after the first round: its last will marks it offline, the
     aggregator waits `selection_wait_s` for two devices, then runs the remaining rounds with one."""
-    agg_config, agent_configs = _configs(tmp_path, broker, devices=2, rounds=4)
+    agg_config, agent_configs = write_configs(tmp_path, broker, devices=2, rounds=4)
     data = yaml.safe_load(agg_config.read_text())
     data.update(selection_wait_s=2.0, round_timeout_s=20.0)
     agg_config.write_text(yaml.safe_dump(data))
-    agents = [_start("agent", "--config", str(c), log=tmp_path / f"{c.stem}.log") for c in agent_configs]
-    server = _start("serve", "--config", str(agg_config), log=tmp_path / "serve.log")
+    agents = [start("agent", "--config", str(c), log=tmp_path / f"{c.stem}.log") for c in agent_configs]
+    server = start("serve", "--config", str(agg_config), log=tmp_path / "serve.log")
     try:
         deadline = time.time() + 120
-        while _state(tmp_path).get("rounds_done", 0) < 1 and time.time() < deadline and server.poll() is None:
+        while read_state(tmp_path).get("rounds_done", 0) < 1 and time.time() < deadline and server.poll() is None:
             time.sleep(0.05)
         agents[1].send_signal(signal.SIGKILL)
         assert server.wait(timeout=300) == 0, (tmp_path / "serve.log").read_text()[-3000:]
@@ -243,7 +157,7 @@ def test_a_device_that_dies_mid_run_is_replaced_by_waiting_then_going_on(tmp_pat
         for agent in agents:
             agent.kill()
             agent.wait(timeout=30)
-    history = _state(tmp_path)["history"]
+    history = read_state(tmp_path)["history"]
     assert len(history) == 4 and history[0]["devices"] == ["dev-0", "dev-1"]
     assert history[-1]["devices"] == ["dev-0"]  # the dead device no longer gets tasks
     log = (tmp_path / "serve.log").read_text()
@@ -258,7 +172,7 @@ def test_a_straggler_never_answering_is_closed_out_at_the_deadline(tmp_path, bro
     from devft_edge.profiles import load_profile
     from devft_edge.protocol import Envelope, Kind
 
-    agg_config, agent_configs = _configs(tmp_path, broker, devices=1, rounds=2)
+    agg_config, agent_configs = write_configs(tmp_path, broker, devices=1, rounds=2)
     data = yaml.safe_load(agg_config.read_text())
     data.update(per_round=2, quorum=1, round_timeout_s=4.0)
     agg_config.write_text(yaml.safe_dump(data))
@@ -268,11 +182,11 @@ def test_a_straggler_never_answering_is_closed_out_at_the_deadline(tmp_path, bro
     silent.loop_start()
     profile = load_profile("x86-cpu").model_dump(mode="json", exclude={"name"})
     hello = Envelope(kind=Kind.HELLO, sender="silent", data={"profile": profile, "backends": ["torch"]})
-    agents = [_start("agent", "--config", str(c), log=tmp_path / f"{c.stem}.log") for c in agent_configs]
-    server = _start("serve", "--config", str(agg_config), log=tmp_path / "serve.log")
+    agents = [start("agent", "--config", str(c), log=tmp_path / f"{c.stem}.log") for c in agent_configs]
+    server = start("serve", "--config", str(agg_config), log=tmp_path / "serve.log")
     try:
         deadline = time.time() + 120
-        while not _state(tmp_path).get("stage") and time.time() < deadline:  # subscribed and packing
+        while not read_state(tmp_path).get("stage") and time.time() < deadline:  # subscribed and packing
             time.sleep(0.05)
         silent.publish("devft/t/dev/silent/up", hello.encode(), qos=1).wait_for_publish(5)
         assert server.wait(timeout=300) == 0, (tmp_path / "serve.log").read_text()[-3000:]
@@ -281,7 +195,7 @@ def test_a_straggler_never_answering_is_closed_out_at_the_deadline(tmp_path, bro
         for agent in agents:
             agent.terminate()
             agent.wait(timeout=30)
-    history = _state(tmp_path)["history"]
+    history = read_state(tmp_path)["history"]
     assert len(history) == 2 and all(h["devices"] == ["dev-0"] for h in history)
     log = (tmp_path / "serve.log").read_text()
     assert "tasks to dev-0, silent" in log and "closing at quorum" in log
@@ -301,7 +215,7 @@ def test_a_nan_update_is_pulled_validated_and_rejected(tmp_path, broker):
     from devft_edge.profiles import load_profile
     from devft_edge.protocol import Envelope, Kind, decode
 
-    agg_config, agent_configs = _configs(tmp_path, broker, devices=1, rounds=1)
+    agg_config, agent_configs = write_configs(tmp_path, broker, devices=1, rounds=1)
     data = yaml.safe_load(agg_config.read_text())
     data.update(per_round=2, quorum=1, round_timeout_s=6.0, stages=1, method="fedit")
     agg_config.write_text(yaml.safe_dump(data))
@@ -317,12 +231,12 @@ def test_a_nan_update_is_pulled_validated_and_rejected(tmp_path, broker):
         rogue.publish("devft/t/dev/nan/up", message.encode(), qos=1)
 
     profile = load_profile("x86-cpu").model_dump(mode="json", exclude={"name"})
-    agents = [_start("agent", "--config", str(c), log=tmp_path / f"{c.stem}.log") for c in agent_configs]
-    server = _start("serve", "--config", str(agg_config), log=tmp_path / "serve.log")
+    agents = [start("agent", "--config", str(c), log=tmp_path / f"{c.stem}.log") for c in agent_configs]
+    server = start("serve", "--config", str(agg_config), log=tmp_path / "serve.log")
     verdict = None
     try:
         deadline = time.time() + 120
-        while not _state(tmp_path).get("stage") and time.time() < deadline:
+        while not read_state(tmp_path).get("stage") and time.time() < deadline:
             time.sleep(0.05)
         send(Envelope(kind=Kind.HELLO, sender="nan", data={"profile": profile}))
         chunks: dict[int, bytes] = {}
@@ -354,6 +268,6 @@ def test_a_nan_update_is_pulled_validated_and_rejected(tmp_path, broker):
             agent.terminate()
             agent.wait(timeout=30)
     assert verdict is not None and verdict.data["accepted"] is False and verdict.reason.value == "not_finite"
-    history = _state(tmp_path)["history"]
+    history = read_state(tmp_path)["history"]
     assert [h["devices"] for h in history] == [["dev-0"]]
     assert "rejected: not_finite" in (tmp_path / "serve.log").read_text()

@@ -1,0 +1,140 @@
+"""What the process-level system tests share: a real mosquitto on a free loopback port, run
+configs for an aggregator and its agents (tiny model), and the service processes themselves.
+
+Tests import these helpers (``from system_harness import ...``); the ``broker`` fixture in
+``conftest.py`` wraps :func:`mosquitto`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from devft_edge.signing import generate_keypair
+
+MOSQUITTO = shutil.which("mosquitto") or next((p for p in ("/usr/sbin/mosquitto",) if Path(p).exists()), None)
+needs_mosquitto = pytest.mark.skipif(MOSQUITTO is None, reason="mosquitto not installed (make test installs it)")
+
+
+def free_port() -> int:
+    """A loopback TCP port nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float = 10.0) -> None:
+    """Until something accepts TCP connections on ``127.0.0.1:port``."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
+
+
+@contextlib.contextmanager
+def mosquitto(directory: Path, port: int | None = None, conf: str | None = None) -> Iterator[str]:
+    """A mosquitto process on ``port`` (default: a free one); yields its ``mqtt://`` URL.
+
+    ``conf`` replaces the default anonymous loopback listener config (it must listen on ``port``).
+    Stopped by pid on exit, never left behind.
+    """
+    assert MOSQUITTO is not None
+    port = port or free_port()
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "mosquitto.conf"
+    path.write_text(
+        conf
+        or f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+        "log_dest stdout\nmax_queued_messages 10000\n"
+    )
+    with (directory / "mosquitto.log").open("a") as log:
+        process = subprocess.Popen([MOSQUITTO, "-c", str(path)], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for_port(port)
+        yield f"mqtt://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def write_configs(
+    tmp_path: Path, broker: str, devices: int = 2, rounds: int = 4, **aggregator_overrides: Any
+) -> tuple[Path, list[Path]]:
+    """Aggregator and agent YAML configs of a tiny 2-stage run; returns their paths."""
+    private, public = generate_keypair(tmp_path / "keys")
+    aggregator = {
+        "run_id": "test-run",
+        "fleet": "t",
+        "broker": broker,
+        "model": "tiny",
+        "method": "devft",
+        "stages": 2,
+        "rounds": rounds,
+        "per_round": devices,
+        "quorum": 1,
+        "round_timeout_s": 120,
+        "quant": "int8",
+        "train": {"steps": 2, "batch": 2, "seq": 48, "lr": 1e-3},
+        "sign_key": str(private),
+        "state_dir": str(tmp_path / "agg" / "state"),
+        "out_dir": str(tmp_path / "agg" / "out"),
+        "eval_examples": 4,
+        "chunk_bytes": 65536,
+        **aggregator_overrides,
+    }
+    agg_path = tmp_path / "aggregator.yaml"
+    agg_path.write_text(yaml.safe_dump(aggregator))
+    agents = []
+    for i in range(devices):
+        agent = {
+            "device_id": f"dev-{i}",
+            "fleet": "t",
+            "broker": broker,
+            "public_key": str(public),
+            "profile": "x86-cpu",
+            "data": f"synthetic:12:{i}",
+            "cache_dir": str(tmp_path / f"dev-{i}"),
+        }
+        path = tmp_path / f"agent-{i}.yaml"
+        path.write_text(yaml.safe_dump(agent))
+        agents.append(path)
+    return agg_path, agents
+
+
+def start(*args: str, log: Path) -> subprocess.Popen:
+    """``devft-edge -v ARGS`` as a separate process, one torch thread, output to ``log``."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "devft_edge", "-v", *args], stdout=log.open("w"), stderr=subprocess.STDOUT, env=env
+    )
+
+
+def stop(*processes: subprocess.Popen) -> None:
+    """Terminate processes and reap them."""
+    for process in processes:
+        if process.poll() is None:
+            process.terminate()
+    for process in processes:
+        process.wait(timeout=30)
+
+
+def read_state(tmp_path: Path) -> dict:
+    """The aggregator's checkpoint of the run under ``tmp_path`` (empty before the first)."""
+    path = tmp_path / "agg" / "state" / "state.json"
+    return json.loads(path.read_text()) if path.exists() else {}
