@@ -43,6 +43,10 @@ class Accepted:
     num_samples: int
     message_id: str
     train_loss: float
+    seconds: float = 0.0
+    """The device's training time for the task, as it reported."""
+    peak_rss_bytes: int = 0
+    """The device's peak resident memory so far, as it reported."""
 
 
 @dataclass
@@ -78,6 +82,14 @@ class RunState:
     open_round: OpenRound | None = None
     bytes_up: int = 0
     bytes_down: int = 0
+    bytes_down_pack: int = 0
+    """Part of ``bytes_down`` that is stage packs (model weights); the rest is LoRA state."""
+    started: float = 0.0
+    """Wall-clock start of the run (metrics count seconds from here, across restarts)."""
+    initial_eval: dict[str, float] = field(default_factory=dict)
+    """The untuned base model on the held-out set."""
+    stages: list[dict[str, Any]] = field(default_factory=list)
+    """Per opened stage: number, layers, groups, pack blob and size."""
     history: list[dict[str, Any]] = field(default_factory=list)
     finished: bool = False
     seen_messages: list[str] = field(default_factory=list)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from devft_edge.data import Example
 from devft_edge.lora import LoraState
@@ -53,9 +55,18 @@ TRAINERS: Registry[Trainer] = Registry("trainer backend")
 
 @TRAINERS.register("torch")
 class TorchTrainer(Trainer):
-    """PyTorch + peft on the pack's (quantized) base: the same ``train_local`` as the simulator."""
+    """PyTorch + peft on the pack's (quantized) base: the same ``train_local`` as the simulator.
+
+    The loaded pack stays resident between tasks: a stage has several rounds, and reloading
+    (dequantizing the embedding, building the skeleton) would cost seconds per round on a Pi.
+    A new pack replaces it, the old model freed first so the two never coexist in memory.
+    """
 
     name = "torch"
+
+    def __init__(self) -> None:
+        self._loaded: tuple[Path, Any, Any, LoraState] | None = None
+        """(pack directory, peft model, tokenizer, the pack's LoRA) of the last pack trained on."""
 
     def train(
         self,
@@ -66,23 +77,38 @@ class TorchTrainer(Trainer):
         start: LoraState | None = None,
     ) -> TrainResult:
         import torch
-        from transformers import AutoTokenizer
 
         from devft_edge.data import batches
-        from devft_edge.lora import attach_lora, get_lora_state, set_lora_state
-        from devft_edge.pack import load_pack, lora_settings
+        from devft_edge.lora import get_lora_state, set_lora_state
         from devft_edge.training import train_local
 
-        model, pack_lora = load_pack(pack)
-        tokenizer = AutoTokenizer.from_pretrained(pack.directory)
-        if tokenizer.pad_token_id is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        peft_model = attach_lora(model, lora_settings(pack.manifest))
+        peft_model, tokenizer, pack_lora = self._load(pack)
         set_lora_state(peft_model, start if start is not None else pack_lora)
         torch.manual_seed(seed)
         stream = batches(examples, settings.batch_size, seed, tokenizer, settings.seq_len)
         loss = train_local(peft_model, stream, settings)
         return TrainResult(lora=get_lora_state(peft_model), num_samples=len(examples), train_loss=loss)
+
+    def _load(self, pack: VerifiedPack) -> tuple[Any, Any, LoraState]:
+        """The pack's model with LoRA attached, its tokenizer and its LoRA; loads only a new pack."""
+        import gc
+
+        from transformers import AutoTokenizer
+
+        from devft_edge.lora import attach_lora
+        from devft_edge.pack import load_pack, lora_settings
+
+        if self._loaded is not None and self._loaded[0] == pack.directory:
+            return self._loaded[1:]
+        self._loaded = None
+        gc.collect()
+        model, pack_lora = load_pack(pack)
+        tokenizer = AutoTokenizer.from_pretrained(pack.directory)
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        peft_model = attach_lora(model, lora_settings(pack.manifest))
+        self._loaded = (pack.directory, peft_model, tokenizer, pack_lora)
+        return peft_model, tokenizer, pack_lora
 
 
 def get_trainer(name: str) -> Trainer:

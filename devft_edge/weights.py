@@ -66,35 +66,49 @@ def save_base(model: PreTrainedModel, spec: QuantSpec, directory: str | Path) ->
 def read_safetensors(path: str | Path) -> dict[str, Tensor]:
     """All tensors of a safetensors file as views into one buffer (one copy of the data in memory).
 
+    The file may come from an untrusted device: every size is checked against the file before
+    anything is allocated, and any inconsistency is a :class:`DataError`, never another exception.
+
     Raises:
         DataError: for a truncated file, a bad header or an unknown dtype, naming the file.
     """
     path = Path(path)
+    file_size = path.stat().st_size
     with path.open("rb") as f:
         head = f.read(8)
         if len(head) != 8:
             raise DataError(f"{path}: truncated safetensors file (no header length)")
         (header_len,) = struct.unpack("<Q", head)
+        if header_len > file_size - 8:
+            raise DataError(f"{path}: header length {header_len} exceeds the file")
         try:
             header = json.loads(f.read(header_len))
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            if not isinstance(header, dict):
+                raise TypeError("header is not an object")
+            header.pop("__metadata__", None)
+            size = max((int(info["data_offsets"][1]) for info in header.values()), default=0)
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError, IndexError) as error:
             raise DataError(f"{path}: bad safetensors header: {error}") from None
-        header.pop("__metadata__", None)
-        size = max((int(info["data_offsets"][1]) for info in header.values()), default=0)
-        buffer = bytearray(size)
-        if f.readinto(memoryview(buffer)) != size:
+        if size > file_size - 8 - header_len:
             raise DataError(f"{path}: truncated safetensors file (expected {size} data bytes)")
+        buffer = bytearray(size)
+        f.readinto(memoryview(buffer))
     tensors = {}
     for name, info in header.items():
-        dtype = _DTYPES.get(info["dtype"])
+        dtype = _DTYPES.get(info.get("dtype"))
         if dtype is None:
-            raise DataError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
-        start, end = (int(x) for x in info["data_offsets"])
-        count = (end - start) // torch.empty((), dtype=dtype).element_size()
-        flat = (
-            torch.frombuffer(buffer, dtype=dtype, count=count, offset=start) if count else torch.empty(0, dtype=dtype)
-        )
-        tensors[name] = flat.view(info["shape"])
+            raise DataError(f"{path}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}")
+        try:
+            start, end = (int(x) for x in info["data_offsets"])
+            count = (end - start) // torch.empty((), dtype=dtype).element_size()
+            flat = (
+                torch.frombuffer(buffer, dtype=dtype, count=count, offset=start)
+                if count
+                else torch.empty(0, dtype=dtype)
+            )
+            tensors[name] = flat.view([int(d) for d in info["shape"]])
+        except (KeyError, TypeError, ValueError, RuntimeError) as error:
+            raise DataError(f"{path}: tensor {name!r}: bad offsets or shape: {error}") from None
     return tensors
 
 

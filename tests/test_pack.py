@@ -247,3 +247,21 @@ def test_planner_pack_bytes_match_a_real_pack(tmp_path, scheme):
     predicted = planned.stages[0].pack_bytes + 2 * per_block
     overhead = path.stat().st_size - predicted
     assert 0 <= overhead < 24_576, overhead
+
+
+def test_the_torch_trainer_keeps_a_pack_loaded_and_trains_the_same_as_a_fresh_one(tmp_path, keys):
+    """Rounds of a stage reuse the loaded pack: the second round's result must equal what a
+    freshly loaded trainer computes from the same start (no state leaks between rounds)."""
+    path = tmp_path / "p.devpack"
+    make_pack(path, keys[0], scheme="int8")
+    pack = read_pack(path, tmp_path / "unpacked", keys[1])
+    examples = generate_synthetic(16, seed=5)
+    settings = TrainSettings(steps=3, batch_size=4, seq_len=48, lr=3e-3)
+    warm = get_trainer("torch")
+    first = warm.train(pack, examples, settings, seed=0)
+    second = warm.train(pack, examples, settings, seed=1, start=first.lora)
+    fresh = get_trainer("torch").train(pack, examples, settings, seed=1, start=first.lora)
+    assert all(torch.equal(second.lora[k], fresh.lora[k]) for k in fresh.lora)
+    assert second.train_loss == fresh.train_loss
+    again = warm.train(pack, examples, settings, seed=0)  # start=None: the pack's own LoRA again
+    assert all(torch.equal(again.lora[k], first.lora[k]) for k in first.lora)

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import math
+import struct
 
 import pytest
 import torch
 
+from devft_edge.errors import DataError
 from devft_edge.protocol import ProtocolError, Reason
 from devft_edge.update_check import check_update
+from devft_edge.weights import read_safetensors
+
+
+def _header(header: object) -> bytes:
+    raw = json.dumps(header).encode()
+    return struct.pack("<Q", len(raw)) + raw
 
 START = {"layers.0.q_proj.lora_A": torch.zeros(2, 3), "layers.0.q_proj.lora_B": torch.zeros(3, 2)}
 
@@ -38,3 +47,26 @@ def test_bad_updates_are_rejected_with_their_reason(update, reason):
 
 def test_norm_bound_can_be_disabled():
     assert check_update({k: v + 1e3 for k, v in START.items()}, START, max_norm=None) > 1e3
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"",
+        b"\x01\x00",
+        struct.pack("<Q", 10**12) + b"{}",  # header length beyond the file
+        struct.pack("<Q", 2) + b"[]",  # header not an object
+        struct.pack("<Q", 2) + b"\xff\xfe",  # not UTF-8 JSON
+        _header({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 10**12]}}),  # data beyond the file
+        _header({"a": {"dtype": "Q9", "shape": [1], "data_offsets": [0, 4]}}) + b"\0" * 4,  # unknown dtype
+        _header({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 4]}}) + b"\0" * 4,  # shape vs bytes
+        _header({"a": "not a dict"}),
+    ],
+)
+def test_read_safetensors_refuses_hostile_files_with_a_data_error(tmp_path, payload):
+    """An update file comes from an untrusted device: each malformation is a DataError, and no
+    size in it is trusted before it is checked against the file (no huge allocation)."""
+    path = tmp_path / "update.safetensors"
+    path.write_bytes(payload)
+    with pytest.raises(DataError):
+        read_safetensors(path)

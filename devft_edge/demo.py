@@ -1,0 +1,293 @@
+"""The demo: a whole fleet on this machine — broker, aggregator and device agents as processes.
+
+It is the real system, not the simulator: an MQTT broker (the embedded one unless ``broker`` is
+given), ``devft-edge serve`` and one ``devft-edge agent`` per device, each a separate process
+talking only through the broker. The demo plays the operator: it writes a signing key, gives
+every device its own private slice of the synthetic non-IID data (a JSONL file in the device's
+directory — the aggregator never sees it), writes the configs, starts the processes, follows the
+run on the aggregator's retained status, and collects what the aggregator wrote (``metrics.jsonl``,
+``summary.json``, ``curves.png``, the adapter) into ``out``.
+
+Devices are declared with edge profiles (Raspberry Pi, Jetson); the aggregator plans every stage
+against them. They all run on this machine, so only the plan, not the speed, is theirs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from devft_edge.errors import DevFTError, raise_if
+
+logger = logging.getLogger(__name__)
+
+DEMO_PROFILES = ("rpi5-8gb", "jetson-orin-nano-8gb", "rpi5-4gb", "rpi4-4gb")
+"""Profiles the demo devices declare, in turn."""
+RUN_ID = "demo"
+FLEET = "demo"
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """A demo fleet and the DevFT run it does."""
+
+    model: str = "smollm2"
+    method: str = "devft"
+    devices: int = 4
+    per_round: int = 2
+    stages: int = 4
+    rounds: int = 12
+    round_split: str = "depth"
+    local_steps: int = 8
+    batch: int = 4
+    seq: int = 64
+    lr: float = 3e-4
+    rank: int = 8
+    alpha: float = 16.0
+    quant: str = "int4"
+    examples_per_client: int = 48
+    data_alpha: float | None = 0.5
+    eval_examples: int = 48
+    seed: int = 0
+    broker: str | None = None
+    """``mqtt://host:port`` of a running broker; None starts the embedded one."""
+    round_timeout_s: float = 600.0
+    profiles: tuple[str, ...] = DEMO_PROFILES
+
+    def __post_init__(self) -> None:
+        raise_if(
+            [f"{name} must be >= 1, got {value}" for name, value in self._counts() if value < 1]
+            + ([f"per_round {self.per_round} exceeds devices {self.devices}"] if self.per_round > self.devices else [])
+            + (
+                [f"method {self.method!r}: the fleet runs devft or fedit"]
+                if self.method not in ("devft", "fedit")
+                else []
+            )
+            + ([] if self.profiles else ["profiles must name at least one profile"])
+        )
+
+    def _counts(self) -> list[tuple[str, int]]:
+        return [
+            ("devices", self.devices),
+            ("per_round", self.per_round),
+            ("stages", self.stages),
+            ("rounds", self.rounds),
+            ("local_steps", self.local_steps),
+            ("examples_per_client", self.examples_per_client),
+        ]
+
+    def device_ids(self) -> list[str]:
+        """The demo devices' ids, named after the profile each declares."""
+        return [f"dev-{i}-{self.profiles[i % len(self.profiles)]}" for i in range(self.devices)]
+
+
+def run_demo(cfg: DemoConfig, out: Path, progress: bool | None = None) -> dict[str, Any]:
+    """Run the fleet until the aggregator finishes; returns its ``summary.json`` (plus the fleet).
+
+    Raises:
+        DevFTError: when the aggregator fails or stops without finishing (its log is named).
+    """
+    import contextlib
+
+    from devft_edge.broker import EmbeddedBroker
+
+    began = time.monotonic()
+    _fresh(out)
+    aggregator_yaml, agent_yamls = write_fleet(cfg, out)
+    logs = out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        broker = cfg.broker or stack.enter_context(EmbeddedBroker())
+        logger.info("broker %s", broker)
+        server = _spawn(["serve", "--config", str(aggregator_yaml), "--broker", broker], logs / "aggregator.log")
+        stack.callback(_stop, server)
+        threads = max(1, (os.cpu_count() or 1) // cfg.per_round)
+        for path in agent_yamls:
+            agent = _spawn(["agent", "--config", str(path), "--broker", broker], logs / f"{path.stem}.log", threads)
+            stack.callback(_stop, agent)
+        _follow(cfg, broker, server, progress)
+        code = server.wait()
+    if code != 0 or not (out / "summary.json").exists():
+        raise DevFTError(f"the aggregator stopped (exit {code}) before the run finished; see {logs / 'aggregator.log'}")
+    summary: dict[str, Any] = json.loads((out / "summary.json").read_text())
+    summary["demo"] = {
+        "total_seconds": round(time.monotonic() - began, 3),
+        "broker": "embedded (amqtt)" if cfg.broker is None else "external",
+        "device_profiles": dict(zip(cfg.device_ids(), _profiles(cfg), strict=True)),
+        "agent_threads": threads,
+        "config": asdict(cfg),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def write_fleet(cfg: DemoConfig, out: Path) -> tuple[Path, list[Path]]:
+    """Key pair, every device's private data and config, the aggregator's config; their paths."""
+    import yaml
+
+    from devft_edge.data import partition, train_eval_split
+    from devft_edge.signing import generate_keypair
+
+    private, public = generate_keypair(out / "keys")
+    train, _ = train_eval_split(cfg.devices * cfg.examples_per_client, cfg.eval_examples, cfg.seed)
+    shares = partition(train, cfg.devices, cfg.seed, cfg.data_alpha)
+    agents = []
+    for device, profile, share in zip(cfg.device_ids(), _profiles(cfg), shares, strict=True):
+        home = out / "devices" / device
+        data = home / "data" / "train.jsonl"
+        data.parent.mkdir(parents=True, exist_ok=True)
+        data.write_text("".join(json.dumps(asdict(example)) + "\n" for example in share))
+        agent = {
+            "device_id": device,
+            "fleet": FLEET,
+            "public_key": str(public),
+            "profile": profile,
+            "data": str(data),
+            "cache_dir": str(home / "cache"),
+        }
+        path = out / "config" / f"{device}.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(agent, sort_keys=False))
+        agents.append(path)
+    aggregator = {
+        "run_id": RUN_ID,
+        "fleet": FLEET,
+        "model": cfg.model,
+        "method": cfg.method,
+        "stages": cfg.stages,
+        "rounds": cfg.rounds,
+        "round_split": cfg.round_split,
+        "per_round": cfg.per_round,
+        "quorum": 1,
+        "round_timeout_s": cfg.round_timeout_s,
+        "selection_wait_s": 60.0,
+        "train": {"steps": cfg.local_steps, "batch": cfg.batch, "seq": cfg.seq, "lr": cfg.lr},
+        "rank": cfg.rank,
+        "alpha": cfg.alpha,
+        "quant": cfg.quant,
+        "seed": cfg.seed,
+        "sign_key": str(private),
+        "state_dir": str(out / "aggregator-state"),
+        "out_dir": str(out),
+        "eval_examples": cfg.eval_examples,
+    }
+    path = out / "config" / "aggregator.yaml"
+    path.write_text(yaml.safe_dump(aggregator, sort_keys=False))
+    _validate(path, agents)
+    return path, agents
+
+
+def render_summary(summary: dict[str, Any]) -> str:
+    """The table printed at the end: per stage, per device, and the totals."""
+    lines = [f"{'stage':>5}  {'layers':>6}  {'rounds':>6}  {'pack':>9}"]
+    for s in summary["stages"]:
+        lines.append(f"{s['stage']:>5}  {s['layers']:>6}  {s['rounds']:>6}  {s['pack_bytes'] / 1e6:>6.1f} MB")
+    lines += ["", f"{'device':<28}  {'updates':>7}  {'train s':>8}  {'peak RSS':>9}"]
+    for device, d in summary["devices"].items():
+        lines.append(
+            f"{device:<28}  {d['updates']:>7}  {d['train_seconds']:>8.1f}  {d['peak_rss_bytes'] / 2**30:>5.2f} GiB"
+        )
+    init, final = summary["initial_eval_loss"], summary["final_eval_loss"]
+    lines += [
+        "",
+        f"{summary['method']} on {summary['model']}: eval loss {_num(init)} -> {_num(final)}, exact match "
+        f"{_pct(summary['initial_eval_accuracy'])} -> {_pct(summary['final_eval_accuracy'])}",
+        f"{summary['rounds']} rounds in {summary['wall_seconds']:.0f} s; up {summary['bytes_up'] / 1e6:.1f} MB, "
+        f"down {summary['bytes_down'] / 1e6:.1f} MB (packs {summary['bytes_down_pack'] / 1e6:.1f} MB); "
+        f"rejected messages: {sum(summary['rejected'].values())}",
+    ]
+    return "\n".join(lines)
+
+
+def _follow(cfg: DemoConfig, broker: str, server: subprocess.Popen[bytes], progress: bool | None) -> None:
+    """Show the run's progress from the aggregator's retained status until the aggregator exits."""
+    from tqdm import tqdm
+
+    from devft_edge.mqtt import BrokerAddress, Connection
+    from devft_edge.protocol import Kind, ProtocolError, Topics, decode
+
+    topic = Topics(f"devft/{FLEET}").status
+    connection = Connection(BrokerAddress.parse(broker), f"demo-monitor-{os.getpid()}", [topic])
+    connection.start()
+    bar = tqdm(total=cfg.rounds, unit="round", desc=cfg.method, disable=None if progress is None else not progress)
+    try:
+        while server.poll() is None:
+            try:
+                item = connection.inbox.get(timeout=0.5)
+                status = decode(item.payload)
+            except (queue.Empty, ProtocolError):
+                continue
+            if status.kind is not Kind.STATUS:
+                continue
+            data = status.data
+            bar.update(int(data.get("round", 0)) - bar.n)
+            loss = data.get("eval_loss")
+            open_round = data.get("round_open") or {}
+            bar.set_postfix(
+                stage=f"{data.get('stage')}/{data.get('stages')}",
+                online=len(data.get("devices_online", [])),
+                updates=f"{len(open_round.get('accepted', []))}/{len(open_round.get('selected', []))}",
+                eval_loss="-" if loss is None else f"{loss:.3f}",
+            )
+    finally:
+        bar.close()
+        connection.stop()
+
+
+def _spawn(args: list[str], log: Path, threads: int | None = None) -> subprocess.Popen[bytes]:
+    env = dict(os.environ)
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
+    with log.open("w") as handle:
+        return subprocess.Popen(
+            [sys.executable, "-m", "devft_edge", "-v", *args], stdout=handle, stderr=subprocess.STDOUT, env=env
+        )
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _fresh(out: Path) -> None:
+    """Remove what an earlier demo left in ``out`` (only the demo's own entries)."""
+    for name in ("aggregator-state", "devices", "config", "logs", "keys", "adapter", "merged"):
+        shutil.rmtree(out / name, ignore_errors=True)
+    for name in ("metrics.jsonl", "summary.json", "history.json", "curves.png"):
+        (out / name).unlink(missing_ok=True)
+
+
+def _profiles(cfg: DemoConfig) -> list[str]:
+    return [cfg.profiles[i % len(cfg.profiles)] for i in range(cfg.devices)]
+
+
+def _validate(aggregator: Path, agents: list[Path]) -> None:
+    """Fail here, with the file named, rather than in a child process's log."""
+    from cloud_aggregator.config import AggregatorConfig
+    from device_agent.config import AgentConfig
+
+    AggregatorConfig.from_file(aggregator)
+    for path in agents:
+        AgentConfig.from_file(path)
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1%}"

@@ -1,0 +1,67 @@
+"""`devft-edge demo`: the whole fleet as real processes (embedded broker, aggregator, agents).
+
+The quick form on the tiny model runs the real system end to end and must leave the files the
+simulator leaves, with the same keys, so both are read and plotted by the same tools.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import fields
+
+import pytest
+import torch
+
+from devft_edge.demo import DemoConfig, write_fleet
+from devft_edge.errors import ConfigError
+from devft_edge.simulator import RoundMetrics
+
+
+def test_quick_demo_runs_the_fleet_and_writes_the_simulators_files(tmp_path):
+    pytest.importorskip("amqtt")
+    from peft import PeftModel
+
+    from devft_edge.models import load_model
+
+    out = tmp_path / "demo"
+    command = [sys.executable, "-m", "devft_edge", "demo", "--model", "tiny", "--devices", "3", "--stages", "2"]
+    command += ["--rounds", "4", "--local-steps", "2", "--examples-per-client", "12", "--eval-examples", "6"]
+    done = subprocess.run([*command, "--out", str(out), "--json"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:] + (out / "logs" / "aggregator.log").read_text()[-3000:]
+    summary = json.loads(done.stdout)
+    assert summary == json.loads((out / "summary.json").read_text())
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2, 3, 4]
+    assert {f.name for f in fields(RoundMetrics)} <= set(rows[0])
+    assert [s["layers"] for s in summary["stages"]] == [4, 8] and sum(s["rounds"] for s in summary["stages"]) == 4
+    assert summary["final_eval_loss"] == rows[-1]["eval_loss"] < summary["initial_eval_loss"]
+    assert summary["bytes_down_pack"] > 0 and summary["bytes_up"] > 0 and summary["rejected"] == {}
+    assert sum(d["updates"] for d in summary["devices"].values()) == sum(len(r["devices"]) for r in rows)
+    assert len(summary["demo"]["device_profiles"]) == 3
+    assert (out / "curves.png").stat().st_size > 0
+    for device in summary["demo"]["device_profiles"]:  # each device trained on its own file only
+        assert (out / "devices" / device / "data" / "train.jsonl").exists()
+    base = load_model("tiny", seed=0)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        before = base(ids).logits
+        tuned = PeftModel.from_pretrained(base, out / "adapter")(ids).logits
+    assert not torch.allclose(before, tuned)
+
+
+def test_each_device_gets_a_private_disjoint_share_and_a_valid_config(tmp_path):
+    cfg = DemoConfig(model="tiny", devices=3, per_round=2, stages=2, rounds=4, examples_per_client=10)
+    aggregator, agents = write_fleet(cfg, tmp_path)
+    shares = [(tmp_path / "devices" / d / "data" / "train.jsonl").read_text().splitlines() for d in cfg.device_ids()]
+    assert sum(len(s) for s in shares) == 30 and all(shares)
+    assert len(agents) == 3 and aggregator.exists()
+
+
+@pytest.mark.parametrize(
+    "bad", [dict(devices=0), dict(per_round=5, devices=2), dict(method="fedsa"), dict(profiles=())]
+)
+def test_demo_config_errors_are_clear(bad):
+    with pytest.raises(ConfigError):
+        DemoConfig(**bad)
