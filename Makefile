@@ -12,7 +12,7 @@ VENV_ORT := .venv-ort
 ORT_STAMP := $(VENV_ORT)/.installed-$(shell cat requirements-ort.lock pyproject.toml | sha256sum | cut -c1-12)
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
-.PHONY: demo test venv venv-ort broker lint clean
+.PHONY: demo test venv venv-ort system-deps lint clean
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -41,16 +41,19 @@ $(ORT_STAMP): requirements-ort.lock pyproject.toml
 
 venv-ort: $(ORT_STAMP)
 
-# The MQTT broker the integration tests start on a free loopback port (never as a service).
-broker:
-	@command -v mosquitto >/dev/null 2>&1 || test -x /usr/sbin/mosquitto || { \
-		$(SUDO) apt-get install -y -q mosquitto mosquitto-clients || \
-		{ $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q mosquitto mosquitto-clients; }; }
+# What the integration tests start on free loopback ports (never as services): the MQTT broker
+# (mosquitto) and, for the flash tests, an SSH server playing the device (openssh-server).
+APT_PACKAGES := mosquitto mosquitto-clients openssh-server openssh-client
+system-deps:
+	@{ command -v mosquitto >/dev/null 2>&1 || test -x /usr/sbin/mosquitto; } && test -x /usr/sbin/sshd \
+		&& command -v ssh >/dev/null 2>&1 || { \
+		$(SUDO) apt-get install -y -q $(APT_PACKAGES) || \
+		{ $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q $(APT_PACKAGES); }; }
 
-demo: $(STAMP) broker
+demo: $(STAMP)
 	$(BIN)/devft-edge demo --out runs/demo
 
-test: $(STAMP) $(ORT_STAMP) broker
+test: $(STAMP) $(ORT_STAMP) system-deps
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)

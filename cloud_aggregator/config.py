@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from devft_edge.blobs import DEFAULT_CHUNK_BYTES
 from devft_edge.configfile import load_yaml_model
+from devft_edge.mqtt import BrokerLogin
 from devft_edge.update_check import DEFAULT_MAX_UPDATE_NORM
 
 
@@ -25,12 +26,12 @@ class Train(_Strict):
     lr: float = Field(3e-4, gt=0)
 
 
-class AggregatorConfig(_Strict):
+class AggregatorConfig(_Strict, BrokerLogin):
     """Everything one federated run of the aggregator depends on."""
 
     run_id: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     fleet: str = Field("default", pattern=r"^[A-Za-z0-9_.-]+$")
-    broker: str | None = Field(None, description="mqtt://host:port; none: start the embedded broker")
+    broker: str | None = Field(None, description="mqtt[s]://host:port; none: start the embedded broker")
     model: str = "smollm2"
     method: Literal["devft", "fedit"] = "devft"
     stages: int = Field(4, ge=1)
@@ -56,6 +57,7 @@ class AggregatorConfig(_Strict):
     out_dir: Path = Path("runs/aggregator/out")
     profiles_dir: list[Path] = []
     eval_examples: int = Field(48, ge=0, description="held-out synthetic examples evaluated after each round (0: off)")
+    export_merged: bool = Field(False, description="also save the base model with the final LoRA merged in")
 
     @model_validator(mode="after")
     def _consistent(self) -> AggregatorConfig:

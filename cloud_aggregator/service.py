@@ -24,9 +24,10 @@ from typing import Any
 from safetensors.torch import save as safetensors_save
 
 from cloud_aggregator.config import AggregatorConfig
+from cloud_aggregator.report import METRICS_FILE, write_metrics, write_summary
 from cloud_aggregator.state import Accepted, Device, OpenRound, RunState, load_state, now, save_state
-from devft_edge.blobs import WINDOW, BlobInfo, BlobStore, Download
-from devft_edge.errors import ConfigError
+from devft_edge.blobs import BlobInfo, BlobStore, Download, chunk_index, chunk_indices
+from devft_edge.errors import ConfigError, DataError
 from devft_edge.mqtt import BrokerAddress, Connection, Incoming
 from devft_edge.protocol import AGGREGATOR, Envelope, Kind, ProtocolError, Reason, Topics, decode
 from devft_edge.update_check import check_update
@@ -86,7 +87,10 @@ class Aggregator:
         self.boot = uuid.uuid4().hex
         """Changes on every start: agents re-announce themselves when they see a new one in the status."""
         self.connection = Connection(
-            BrokerAddress.parse(broker), f"aggregator-{cfg.fleet}", [self.topics.all_up, self.topics.all_presence]
+            BrokerAddress.parse(broker),
+            f"aggregator-{cfg.fleet}",
+            [self.topics.all_up, self.topics.all_presence],
+            login=cfg,
         )
 
     # ---- run loop -------------------------------------------------------------------------------
@@ -150,11 +154,14 @@ class Aggregator:
             profile = parse_profile(message.data.get("profile"), device, f"<hello from {device}>")
         except ConfigError as error:
             raise ProtocolError(Reason.MALFORMED, f"hello with an invalid profile: {error}") from None
+        backends, cached = message.data.get("backends", ["torch"]), message.data.get("cached", [])
+        if not _strings(backends) or not _strings(cached):
+            raise ProtocolError(Reason.MALFORMED, "hello: 'backends' and 'cached' must be lists of strings")
         self.state.devices[device] = Device(
             profile=profile.model_dump(mode="json", exclude={"name"}),
             last_seen=now(),
-            backends=list(message.data.get("backends", ["torch"])),
-            cached=list(message.data.get("cached", [])),
+            backends=backends,
+            cached=cached,
         )
         save_state(self.cfg.state_dir, self.state)
         logger.info("device %s joined (%s, budget %.2f GiB)", device, profile.description, profile.budget_bytes / 2**30)
@@ -175,7 +182,10 @@ class Aggregator:
         info = BlobInfo.from_json(message.data)
         if info.sha256 not in (self.state.pack, self.state.stage_lora) or not self.store.has(info.sha256):
             raise ProtocolError(Reason.STALE, f"{device} asked for blob {info.sha256[:12]}..., not in the open stage")
-        missing = [int(i) for i in message.data.get("missing", [])][:WINDOW]
+        served = self.store.info(info.sha256, self.cfg.chunk_bytes)
+        if info != served:  # another chunking could mean one oversize message, over the broker's limit
+            raise ProtocolError(Reason.MALFORMED, f"{device} asked for {info}, the blob is {served}")
+        missing = chunk_indices(message.data.get("missing", []))
         for index, chunk in self.store.chunks(info, missing):
             data = {**info.to_json(), "index": index}
             self._send(
@@ -187,6 +197,8 @@ class Aggregator:
                 ),
             )
             self.state.bytes_down += len(chunk)
+            if info.sha256 == self.state.pack:
+                self.state.bytes_down_pack += len(chunk)
 
     def _on_update(self, device: str, message: Envelope) -> None:
         round_ = self._check_current(device, message)
@@ -197,7 +209,8 @@ class Aggregator:
         expected = 4 * self.shape.lora_params(len(self.state.groups), self.cfg.rank)
         if info.size > 2 * expected + 65536:
             raise ProtocolError(Reason.SHAPE, f"update of {info.size} bytes for a LoRA of {expected}")
-        self.update_meta[device] = dict(message.data, re=message.id)
+        _check_update_numbers(message.data)
+        self.update_meta[device] = dict(message.data, re=message.id, round=round_.index)
         download = Download(self.store.receiver(info))
         self.uploads[device] = download
         if download.complete:
@@ -211,7 +224,7 @@ class Aggregator:
         if download is None or download.receiver.info.sha256 != info.sha256:
             raise ProtocolError(Reason.STALE, f"chunk of blob {info.sha256[:12]}... from {device} is not awaited")
         try:
-            complete = download.add(int(message.data.get("index", -1)), message.body, time.monotonic())
+            complete = download.add(chunk_index(message.data.get("index")), message.body, time.monotonic())
         except ProtocolError as error:
             self.state.count_rejection(error.reason.value)
             logger.warning("update from %s rejected: %s", device, error)
@@ -226,9 +239,9 @@ class Aggregator:
             self._request_chunks(device, download)
 
     def _on_refusal(self, device: str, message: Envelope) -> None:
+        round_ = self._check_current(device, message)  # a late refusal must not drop the device from a later round
         logger.warning("device %s refused its task: %s (%s)", device, message.reason, message.data.get("detail"))
-        round_ = self.state.open_round
-        if round_ is not None and device in round_.selected and device not in round_.accepted:
+        if device not in round_.accepted:
             round_.selected.remove(device)
             round_.tasks.pop(device, None)
             save_state(self.cfg.state_dir, self.state)
@@ -242,29 +255,48 @@ class Aggregator:
         meta = self.update_meta.pop(device, {})
         message_id = str(meta.get("re", ""))
         round_ = self.state.open_round
-        if round_ is None or device not in round_.selected:
+        if round_ is None or device not in round_.selected or meta.get("round") != round_.index:
+            stale = ProtocolError(Reason.STALE, f"update from {device} completed after its round {meta.get('round')}")
+            self._reject_update(device, stale, message_id)
             return
         try:
-            update = read_safetensors(self.store.path(receiver.info.sha256))
+            try:
+                update = read_safetensors(self.store.path(receiver.info.sha256))
+            except DataError as error:
+                raise ProtocolError(Reason.SHAPE, f"not a LoRA state: {error}") from None
             norm = check_update(update, self._round_start(), self.cfg.max_update_norm)
-            samples = int(meta.get("num_samples", 0))
-            if samples < 1:
+            accepted = Accepted(
+                blob=receiver.info.sha256,
+                num_samples=int(meta.get("num_samples", 0)),
+                message_id=message_id,
+                train_loss=float(meta.get("train_loss", float("nan"))),
+                seconds=float(meta.get("seconds", 0.0)),
+                peak_rss_bytes=int(meta.get("peak_rss_bytes", 0)),
+            )
+            if accepted.num_samples < 1:
                 raise ProtocolError(Reason.MALFORMED, f"num_samples {meta.get('num_samples')!r} must be >= 1")
-        except ProtocolError as error:
-            self.state.count_rejection(error.reason.value)
-            logger.warning("update from %s rejected: %s", device, error)
-            self._verdict(device, None, error.reason, note=str(error), re=message_id)
+        except (TypeError, ValueError) as error:
+            self._reject_update(device, ProtocolError(Reason.MALFORMED, f"update metadata: {error}"), message_id)
             return
-        round_.accepted[device] = Accepted(
-            blob=receiver.info.sha256,
-            num_samples=samples,
-            message_id=message_id,
-            train_loss=float(meta.get("train_loss", float("nan"))),
-        )
+        except ProtocolError as error:
+            self._reject_update(device, error, message_id)
+            return
+        round_.accepted[device] = accepted
         save_state(self.cfg.state_dir, self.state)  # accepted only once it is durable
-        logger.info("round %d: update from %s accepted (norm %.3f, %d samples)", round_.index, device, norm, samples)
+        logger.info(
+            "round %d: update from %s accepted (norm %.3f, %d samples)",
+            round_.index,
+            device,
+            norm,
+            accepted.num_samples,
+        )
         self._verdict(device, None, None, re=message_id)
         self._publish_status()
+
+    def _reject_update(self, device: str, error: ProtocolError, message_id: str) -> None:
+        self.state.count_rejection(error.reason.value)
+        logger.warning("update from %s rejected: %s", device, error)
+        self._verdict(device, None, error.reason, note=str(error), re=message_id)
 
     def _round_start(self) -> dict[str, Any]:
         """The global stage LoRA the open round started from (cached by blob id)."""
@@ -321,7 +353,7 @@ class Aggregator:
         if self.state.finished:
             return
         if self.state.stage == 0:
-            self._open_stage(1)
+            self._start_run()
         round_ = self.state.open_round
         if round_ is None:
             self._open_round()
@@ -329,7 +361,7 @@ class Aggregator:
         for device, download in list(self.uploads.items()):
             if download.stalled(time.monotonic()):
                 self._request_chunks(device, download)
-        if round_.selected and len(round_.accepted) == len(round_.selected):
+        if len(round_.accepted) >= self.cfg.quorum and len(round_.accepted) == len(round_.selected):
             self._close_round()
         elif now() >= round_.deadline:
             if len(round_.accepted) >= self.cfg.quorum:
@@ -348,6 +380,13 @@ class Aggregator:
                     self.cfg.quorum,
                 )
                 self._reselect(round_)
+
+    def _start_run(self) -> None:
+        """Evaluate the untuned base (the reference every curve starts from), then open stage 1."""
+        self.state.started = now()
+        self.state.initial_eval = self._evaluate(self.base)
+        logger.info("run %s started; base model %s", self.state.run_id, _metrics_text(self.state.initial_eval))
+        self._open_stage(1)
 
     def _open_stage(self, number: int) -> None:
         from devft_edge.calibration import calibration_ids
@@ -397,9 +436,20 @@ class Aggregator:
             self.state.pack = self.store.add_file(path, self.cfg.chunk_bytes).sha256
         self.state.stage_lora = self.store.add_bytes(safetensors_save(start), self.cfg.chunk_bytes).sha256
         self.state.groups, self.state.stage, self.state.stage_rounds_done = groups, number, 0
+        pack_bytes = self.store.path(self.state.pack).stat().st_size
+        self.state.stages.append(
+            {"stage": number, "layers": capacity, "groups": groups, "pack": self.state.pack, "pack_bytes": pack_bytes}
+        )
         save_state(self.cfg.state_dir, self.state)
         self.submodel = None
-        logger.info("stage %d: %d layers, pack %s", number, capacity, self.state.pack[:12])
+        logger.info(
+            "stage %d of %d: %d layers, pack %s (%.1f MB)",
+            number,
+            len(self.schedule.capacities),
+            capacity,
+            self.state.pack[:12],
+            pack_bytes / 1e6,
+        )
         self._publish_status()
 
     def _eligible(self) -> list[str]:
@@ -496,6 +546,7 @@ class Aggregator:
 
     def _close_round(self) -> None:
         from devft_edge.aggregation import GlobalState
+        from devft_edge.lora import set_lora_state
         from devft_edge.weights import read_safetensors
 
         round_ = self.state.open_round
@@ -509,26 +560,45 @@ class Aggregator:
             "stage": self.state.stage,
             "layers": len(self.state.groups),
             "devices": sorted(round_.accepted),
-            "train_loss": [a.train_loss for a in round_.accepted.values()],
+            "clients": {
+                d: {
+                    "num_samples": a.num_samples,
+                    "train_loss": a.train_loss,
+                    "seconds": a.seconds,
+                    "peak_rss_bytes": a.peak_rss_bytes,
+                }
+                for d, a in sorted(round_.accepted.items())
+            },
             "bytes_up": self.state.bytes_up,
             "bytes_down": self.state.bytes_down,
+            "bytes_down_pack": self.state.bytes_down_pack,
             "time": now(),
+            "wall_seconds": round(now() - self.state.started, 3),
         }
-        entry.update(self._evaluate(server.lora))
+        if self.held_out:
+            model = self._ensure_submodel()
+            set_lora_state(model, server.lora)
+            entry.update(self._evaluate(model))
         self.state.history.append(entry)
         self.state.rounds_done += 1
         self.state.stage_rounds_done += 1
         self.state.open_round = None
         logger.info(
-            "round %d closed: %s", round_.index, json.dumps({k: entry[k] for k in entry if k.startswith("eval")})
+            "round %d/%d closed (stage %d, %s): %s",
+            self.state.rounds_done,
+            self.cfg.rounds,
+            self.state.stage,
+            ", ".join(entry["devices"]),
+            _metrics_text(entry),
         )
+        write_metrics(self.cfg.out_dir / METRICS_FILE, self.state.history)
         if self.state.stage_rounds_done >= self.schedule.rounds_per_stage[self.state.stage - 1]:
             self._close_stage(server.lora)
         save_state(self.cfg.state_dir, self.state)
         self._publish_status()
 
     def _close_stage(self, lora: dict[str, Any]) -> None:
-        from devft_edge.export import export_adapter
+        from devft_edge.export import export_adapter, export_merged
         from devft_edge.transfer import transfer_lora
 
         full = transfer_lora(lora, self.state.groups)
@@ -538,9 +608,20 @@ class Aggregator:
             self._open_stage(self.state.stage + 1)
             return
         out = export_adapter(self.base, self.lora, full, self.cfg.out_dir / "adapter")
+        if self.cfg.export_merged:
+            export_merged(self.base, self.lora, full, self.cfg.out_dir / "merged")
+            self.tokenizer.save_pretrained(self.cfg.out_dir / "merged")
         (self.cfg.out_dir / "history.json").write_text(json.dumps(self.state.history, indent=1))
         self.state.finished = True
-        logger.info("run %s finished; adapter in %s", self.state.run_id, out)
+        summary = write_summary(self.cfg, self.state, out)
+        logger.info(
+            "run %s finished in %.0f s: eval loss %s -> %s; adapter in %s",
+            self.state.run_id,
+            summary["wall_seconds"],
+            _fmt(summary["initial_eval_loss"]),
+            _fmt(summary["final_eval_loss"]),
+            out,
+        )
 
     def _ensure_submodel(self) -> Any:
         from devft_edge.lora import attach_lora
@@ -550,14 +631,12 @@ class Aggregator:
             self.submodel = attach_lora(build_submodel(self.base, self.state.groups, self.fusion).model, self.lora)
         return self.submodel
 
-    def _evaluate(self, lora: dict[str, Any]) -> dict[str, float]:
+    def _evaluate(self, model: Any) -> dict[str, float]:
+        """``model`` on the held-out set (empty when evaluation is off)."""
         if not self.held_out:
             return {}
-        from devft_edge.lora import set_lora_state
         from devft_edge.training import evaluate
 
-        model = self._ensure_submodel()
-        set_lora_state(model, lora)
         result = evaluate(model, self.tokenizer, self.held_out, self.cfg.train.seq)
         return {"eval_loss": result.loss, "eval_accuracy": result.accuracy}
 
@@ -602,6 +681,24 @@ class Aggregator:
         self.connection.publish(self.topics.status, status.encode(), retain=True)
 
 
+def _strings(value: object) -> bool:
+    return isinstance(value, list) and all(isinstance(item, str) for item in value)
+
+
+def _check_update_numbers(data: dict[str, Any]) -> None:
+    """Raise ``malformed`` unless an UPDATE's numbers are usable: ``num_samples`` (the aggregation
+    weight) an int in 1..2**53 (not a bool, a fraction or inf), the reported metrics numbers that
+    a float holds (``train_loss`` may be NaN: a device that has no loss to report)."""
+    samples = data.get("num_samples")
+    if type(samples) is not int or not 1 <= samples <= 2**53:
+        raise ProtocolError(Reason.MALFORMED, f"num_samples {str(samples)[:40]} must be an integer in 1..2**53")
+    for key in ("train_loss", "seconds", "peak_rss_bytes"):
+        value = data.get(key, 0)
+        bounded = type(value) in (int, float) and abs(value) < 2**63
+        if not bounded and not (key == "train_loss" and type(value) is float):
+            raise ProtocolError(Reason.MALFORMED, f"{key} {str(value)[:40]} is not a number")
+
+
 def _task_id(state: RunState, device: str) -> str:
     """Deterministic task id: a resent task after a restart is recognised as the same task."""
     return f"task-{state.run_id}-{state.stage}-{state.rounds_done}-{device}"
@@ -615,3 +712,12 @@ def _tokenizer_dir(model: str) -> Path:
 
 def _iso(stamp: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(stamp))
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _metrics_text(metrics: dict[str, Any]) -> str:
+    loss, accuracy = metrics.get("eval_loss"), metrics.get("eval_accuracy")
+    return "no eval" if loss is None else f"eval loss {loss:.4f}, exact match {accuracy:.1%}"

@@ -212,6 +212,20 @@ WINDOW = 64
 so neither side ever queues more than this many chunks (flow control by the receiver)."""
 
 
+def chunk_index(value: object) -> int:
+    """A chunk message's ``index`` field, checked to be an int (whether it fits the blob is the receiver's check)."""
+    if type(value) is not int:
+        raise ProtocolError(Reason.MALFORMED, f"chunk index {value!r} is not an integer")
+    return value
+
+
+def chunk_indices(value: object, limit: int = WINDOW) -> list[int]:
+    """A chunk request's ``missing`` field: a list of ints, of which the first ``limit`` are served."""
+    if not isinstance(value, list) or any(type(i) is not int for i in value):
+        raise ProtocolError(Reason.MALFORMED, f"missing chunks {str(value)[:80]} is not a list of integers")
+    return value[:limit]
+
+
 class Download:
     """A pulled transfer: the receiver side's window bookkeeping around a :class:`BlobReceiver`.
 

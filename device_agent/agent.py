@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from devft_edge.blobs import BlobInfo, BlobStore, Download
+from devft_edge.blobs import BlobInfo, BlobStore, Download, chunk_index, chunk_indices
 from devft_edge.errors import DevFTError
 from devft_edge.mqtt import BrokerAddress, Connection, Incoming
 from devft_edge.protocol import AGGREGATOR, Envelope, Kind, ProtocolError, Reason, Topics, decode
@@ -60,11 +60,21 @@ class Agent:
             [self.topics.down(cfg.device_id), self.topics.status],
             will=(self.topics.presence(cfg.device_id), offline),
             on_connect=self._announce,
+            login=cfg,
         )
 
     def run(self, max_seconds: float | None = None) -> None:
         """Serve tasks; returns after ``max_seconds`` if given (tests), otherwise runs until killed."""
         start = time.monotonic()
+        logger.info(
+            "agent %s (fleet %s, backend %s, profile %s, %d local examples) connecting to %s",
+            self.cfg.device_id,
+            self.cfg.fleet,
+            self.cfg.backend,
+            self.profile.description,
+            len(self.examples),
+            self.connection.address,
+        )
         self.connection.start()
         while max_seconds is None or time.monotonic() - start < max_seconds:
             try:
@@ -135,7 +145,12 @@ class Agent:
         download = self.downloads.get(info.sha256)
         if download is None:
             return  # a late chunk of a finished or abandoned transfer
-        if download.add(int(message.data.get("index", -1)), message.body, time.monotonic()):
+        try:
+            complete = download.add(chunk_index(message.data.get("index")), message.body, time.monotonic())
+        except ProtocolError:
+            self._request(download)  # ask again: the missing chunks, or all of them after a hash failure
+            raise
+        if complete:
             del self.downloads[info.sha256]
             if not self.downloads:
                 self._run_task()
@@ -146,7 +161,7 @@ class Agent:
         info = BlobInfo.from_json(message.data)
         if not any(entry.get("blob") == info.sha256 for entry in self.done.values()):
             raise ProtocolError(Reason.STALE, f"asked for blob {info.sha256[:12]}..., which is not one of my updates")
-        for index, chunk in self.store.chunks(info, [int(i) for i in message.data.get("missing", [])][:64]):
+        for index, chunk in self.store.chunks(info, chunk_indices(message.data.get("missing", []))):
             self._send(
                 message.reply(Kind.CHUNK, self.cfg.device_id, data={**info.to_json(), "index": index}, body=chunk)
             )

@@ -5,19 +5,20 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from devft_edge.configfile import load_yaml_model
+from devft_edge.mqtt import BrokerLogin
 
 
-class AgentConfig(BaseModel):
-    """Identity, broker, trust anchor, data and resources of one device."""
+class AgentConfig(BrokerLogin):
+    """Identity, broker (and its login, :class:`BrokerLogin`), trust anchor, data and resources of one device."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     device_id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
     fleet: str = Field("default", pattern=r"^[A-Za-z0-9_.-]+$")
-    broker: str = "mqtt://127.0.0.1:1883"
+    broker: str = Field("mqtt://127.0.0.1:1883", description="mqtt[s]://host:port")
     public_key: Path = Field(description="the aggregator's pack-signing public key (PEM)")
     profile: str = Field("measure", description="profile name or YAML path, or 'measure' to profile this machine")
     profiles_dir: list[Path] = []

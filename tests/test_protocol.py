@@ -134,6 +134,43 @@ def test_download_asks_a_window_at_a_time_and_again_when_stalled(tmp_path):
     assert download.complete and download.request(clock=9.0) == []
 
 
+def test_download_after_a_hash_failure_asks_for_the_whole_blob_again(tmp_path):
+    """The agent re-requests after a failed chunk; a corrupt partial must lead to a fresh transfer."""
+    from devft_edge.blobs import Download
+
+    data = random.Random(3).randbytes(50)
+    sender, receiving = BlobStore(tmp_path / "a"), BlobStore(tmp_path / "b")
+    info = sender.add_bytes(data, chunk_bytes=10)
+    receiving.receiver(info).add(0, b"x" * 10)  # what a crash mid-write can leave in the partial file
+    download = Download(receiving.receiver(info))
+    assert download.request(clock=0.0) == [1, 2, 3, 4]
+    with pytest.raises(ProtocolError) as error:
+        for index in (1, 2, 3, 4):
+            download.add(index, sender.read_chunk(info, index), clock=1.0)
+    assert error.value.reason is Reason.HASH
+    assert download.request(clock=1.0) == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("value", [None, "3", 1.0, True, [0]])
+def test_a_chunk_index_from_the_wire_must_be_an_integer(value):
+    from devft_edge.blobs import chunk_index
+
+    assert chunk_index(7) == 7
+    with pytest.raises(ProtocolError) as error:
+        chunk_index(value)
+    assert error.value.reason is Reason.MALFORMED
+
+
+@pytest.mark.parametrize("value", [None, "all", 5, [None], ["1"], [[1]], [False], [1.0]])
+def test_missing_chunks_from_the_wire_must_be_a_list_of_integers(value):
+    from devft_edge.blobs import WINDOW, chunk_indices
+
+    assert chunk_indices([3, 1]) == [3, 1] and chunk_indices(list(range(200))) == list(range(WINDOW))
+    with pytest.raises(ProtocolError) as error:
+        chunk_indices(value)
+    assert error.value.reason is Reason.MALFORMED
+
+
 def test_service_configs_report_file_and_field(tmp_path):
     from cloud_aggregator.config import AggregatorConfig
     from devft_edge.errors import ConfigError

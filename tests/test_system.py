@@ -1,28 +1,38 @@
 """The distributed system end to end: a real mosquitto, the aggregator and agents as real processes.
 
-Tiny model, two devices, two stages: the run finishes and exports an adapter; killing the
-aggregator with SIGKILL while a round has accepted updates and restarting it loses none of them
-and counts none twice.
+Tiny model, two devices, two stages: the run finishes and exports an adapter that stock peft
+loads; killing the aggregator with SIGKILL while a round has accepted updates and restarting it
+loses none of them, counts none twice, and ends where the same run without the crash ends.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import yaml
-from system_harness import free_port, needs_mosquitto, read_state, start, write_configs
+from system_harness import free_port, mosquitto, needs_mosquitto, read_state, start, write_configs
 
 pytestmark = needs_mosquitto
 
 
 def test_run_finishes_and_survives_aggregator_kill(tmp_path, broker):
+    """The crashed run next to the same run without a crash (on its own broker, at the same time):
+    the same devices in every round (selection is deterministic by seed) and the same losses."""
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    clean_broker = contextlib.ExitStack()
+    clean_agg, clean_agents = write_configs(clean, clean_broker.enter_context(mosquitto(clean / "broker")))
     agg_config, agent_configs = write_configs(tmp_path, broker)
     agents = [start("agent", "--config", str(c), log=tmp_path / f"{c.stem}.log") for c in agent_configs]
+    agents += [start("agent", "--config", str(c), log=clean / f"{c.stem}.log") for c in clean_agents]
+    reference = start("serve", "--config", str(clean_agg), log=clean / "serve.log")
     try:
         server = start("serve", "--config", str(agg_config), log=tmp_path / "serve-1.log")
         deadline = time.time() + 240
@@ -39,11 +49,13 @@ def test_run_finishes_and_survives_aggregator_kill(tmp_path, broker):
         assert killed_with, (tmp_path / "serve-1.log").read_text()[-3000:]
         server = start("serve", "--config", str(agg_config), log=tmp_path / "serve-2.log")
         assert server.wait(timeout=300) == 0, (tmp_path / "serve-2.log").read_text()[-3000:]
+        assert reference.wait(timeout=300) == 0, (clean / "serve.log").read_text()[-3000:]
     finally:
-        for agent in agents:
-            agent.terminate()
-        for agent in agents:
-            agent.wait(timeout=30)
+        for process in agents + [reference]:
+            process.terminate()
+        for process in agents + [reference]:
+            process.wait(timeout=30)
+        clean_broker.close()
     final = read_state(tmp_path)
     assert final["finished"] and final["rounds_done"] == 4 and final["stage"] == 2
     history = final["history"]
@@ -57,6 +69,35 @@ def test_run_finishes_and_survives_aggregator_kill(tmp_path, broker):
     assert all(h["eval_loss"] > 0 for h in history)
     log = (tmp_path / "serve-2.log").read_text()
     assert "finished" in log
+    without_crash = read_state(clean)["history"]
+    assert [h["devices"] for h in history] == [h["devices"] for h in without_crash]
+    assert [h["eval_loss"] for h in history] == pytest.approx([h["eval_loss"] for h in without_crash], rel=1e-5)
+    _check_adapter_loads_in_peft(tmp_path / "agg")
+
+
+def _check_adapter_loads_in_peft(agg: Path) -> None:
+    """Stock peft loads the exported adapter onto the base model: it changes the logits, exactly as
+    the run's final full-depth LoRA state does."""
+    import torch
+    from peft import PeftModel
+
+    from devft_edge.lora import LoraSettings, lora_applied
+    from devft_edge.models import load_model
+    from devft_edge.weights import read_safetensors
+
+    ids = torch.tensor([[1, 5, 9, 42, 7, 3]])
+    base = load_model("tiny", seed=0)
+    final = read_safetensors(
+        agg / "state" / "blobs" / json.loads((agg / "state" / "state.json").read_text())["full_lora"]
+    )
+    with torch.no_grad():
+        plain = base(ids).logits
+        with lora_applied(base, LoraSettings(rank=8, alpha=16.0), final) as adapted:
+            want = adapted(ids).logits
+        loaded = PeftModel.from_pretrained(base, agg / "out" / "adapter")
+        got = loaded(ids).logits
+    assert not torch.allclose(got, plain, atol=1e-4)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_bad_messages_are_rejected_with_reasons_and_the_run_goes_on(tmp_path, broker):
