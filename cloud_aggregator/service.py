@@ -85,7 +85,9 @@ class Aggregator:
         self._waiting_since: float | None = None
         self._next_selection = 0.0
         self.boot = uuid.uuid4().hex
-        """Changes on every start: agents re-announce themselves when they see a new one in the status."""
+        """Changes on every start and reconnect: agents re-announce themselves when they see a new one."""
+        self._connects_seen = 1
+        """Broker connections handled (``run`` makes the first); see :meth:`_reconnected`."""
         self.connection = Connection(
             BrokerAddress.parse(broker),
             f"aggregator-{cfg.fleet}",
@@ -350,6 +352,8 @@ class Aggregator:
     # ---- stages and rounds ----------------------------------------------------------------------
 
     def _tick(self) -> None:
+        if self.connection.connects > self._connects_seen:
+            self._reconnected()
         if self.state.finished:
             return
         if self.state.stage == 0:
@@ -380,6 +384,16 @@ class Aggregator:
                     self.cfg.quorum,
                 )
                 self._reselect(round_)
+
+    def _reconnected(self) -> None:
+        """Back on the broker after losing it: what devices sent meanwhile (a hello, an update) may be
+        lost, also after they reconnected, if that was before this service resubscribed; and the
+        retained status is gone if the broker restarted. A new boot id in a fresh status makes every
+        agent announce itself again, which re-sends its open task, which re-offers a finished update."""
+        self._connects_seen = self.connection.connects
+        self.boot = uuid.uuid4().hex
+        logger.info("reconnected to the broker; asking the devices to announce themselves again")
+        self._publish_status()
 
     def _start_run(self) -> None:
         """Evaluate the untuned base (the reference every curve starts from), then open stage 1."""

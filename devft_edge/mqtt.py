@@ -185,6 +185,9 @@ class Connection:
         self.subscriptions = subscriptions
         self.inbox: queue.Queue[Incoming] = queue.Queue()
         self.connected = threading.Event()
+        self.connects = 0
+        """Connections made so far, subscriptions included: more than one means the broker was lost
+        in between, and with it (without broker persistence) messages and retained topics."""
         self.stopping = False
         self._on_connect_hook = on_connect
         self.client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False)
@@ -235,6 +238,7 @@ class Connection:
             return
         for topic in self.subscriptions:
             client.subscribe(topic, qos=1)
+        self.connects += 1
         self.connected.set()
         logger.info("connected to %s", self.address)
         if callable(self._on_connect_hook):

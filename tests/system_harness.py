@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -138,3 +139,58 @@ def read_state(tmp_path: Path) -> dict:
     """The aggregator's checkpoint of the run under ``tmp_path`` (empty before the first)."""
     path = tmp_path / "agg" / "state" / "state.json"
     return json.loads(path.read_text()) if path.exists() else {}
+
+
+SSHD = next((p for p in ("/usr/sbin/sshd",) if Path(p).exists()), shutil.which("sshd"))
+needs_sshd = pytest.mark.skipif(SSHD is None, reason="openssh-server not installed (make test installs it)")
+
+
+@dataclass(frozen=True)
+class SshServer:
+    """An sshd on a loopback port that accepts one generated key: a stand-in for a device."""
+
+    port: int
+    user: str
+    identity: Path
+    known_hosts: Path
+
+    def options(self) -> list[str]:
+        """``devft-edge flash`` arguments reaching this server."""
+        return [
+            "--host", f"{self.user}@127.0.0.1", "--port", str(self.port), "--identity", str(self.identity),
+            "--ssh-option", f"UserKnownHostsFile={self.known_hosts}", "--ssh-option", "StrictHostKeyChecking=yes",
+        ]  # fmt: skip
+
+
+@contextlib.contextmanager
+def sshd(directory: Path) -> Iterator[SshServer]:
+    """Run sshd in the foreground on a free port with its own host key and authorized key."""
+    import getpass
+
+    assert SSHD is not None
+    directory.mkdir(parents=True, exist_ok=True)
+    for name in ("host_key", "client_key"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(directory / name)], check=True)
+    (directory / "authorized_keys").write_text((directory / "client_key.pub").read_text())
+    port = free_port()
+    config = directory / "sshd_config"
+    config.write_text(
+        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {directory / 'host_key'}\n"
+        f"AuthorizedKeysFile {directory / 'authorized_keys'}\nPidFile {directory / 'sshd.pid'}\n"
+        "StrictModes no\nUsePAM no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"
+        "PermitRootLogin prohibit-password\n"
+        "Subsystem sftp internal-sftp\n"  # scp speaks SFTP since OpenSSH 9
+    )
+    host_key = (directory / "host_key.pub").read_text().split()
+    known_hosts = directory / "known_hosts"
+    known_hosts.write_text(f"[127.0.0.1]:{port} {host_key[0]} {host_key[1]}\n")
+    if os.geteuid() == 0:
+        Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege separation directory
+    with (directory / "sshd.log").open("w") as log:
+        process = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for_port(port)
+        yield SshServer(port, getpass.getuser(), directory / "client_key", known_hosts)
+    finally:
+        process.terminate()
+        process.wait(timeout=10)

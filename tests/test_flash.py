@@ -1,0 +1,241 @@
+"""`devft-edge flash`: agent bundles, the offline install, SSH flashing, health check and rollback.
+
+The device is played by this machine: a bundle for linux_x86_64 is installed into a temporary
+prefix by its own ``install.sh`` with pip cut off from every index, its agent (the fallback
+runner: no systemd here) says hello to a real mosquitto; an sshd on a loopback port with a
+generated key is the SSH path. Bundles need wheels from PyPI the first time (kept in the
+user's wheel cache afterwards).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import shutil
+import subprocess
+import tarfile
+from pathlib import Path
+
+import pytest
+from system_harness import MOSQUITTO, mosquitto, needs_mosquitto, needs_sshd, sshd
+
+from devft_edge.bundle import PLATFORMS, TOP, BundleError, BundleSpec, build_bundle, requirements, verify_bundle
+from devft_edge.cli import main
+from devft_edge.errors import ConfigError
+from devft_edge.flash import HealthCheck, HelloWatch, load_hosts
+from devft_edge.signing import generate_keypair
+
+ROOT = Path(__file__).resolve().parent.parent
+OFFLINE = {"PIP_INDEX_URL": "http://127.0.0.1:9/simple", "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": ""}
+
+
+def _pins(path: Path) -> dict[str, str]:
+    pins = {}
+    for line in path.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if "==" in line:
+            name, version = line.split("==")
+            pins[re.sub(r"[-_.]+", "-", name).lower()] = version
+    return pins
+
+
+def test_agent_pins_are_the_locks_pins():
+    """The bundle installs what the tests ran against: every pin equals requirements.lock's (torch:
+    the Makefile's), and the ORT extras equal requirements-ort.lock's."""
+    lock = _pins(ROOT / "requirements.lock")
+    lock["torch"] = re.search(r"torch==([\w.]+)", (ROOT / "Makefile").read_text()).group(1)
+    agent = _pins(ROOT / "device_agent" / "deploy" / "requirements.txt")
+    assert "torch" in agent and "paho-mqtt" in agent
+    # setuptools (torch requires it) comes with every virtualenv, so pip freeze leaves it out of the lock
+    assert {k: v for k, v in agent.items() if lock.get(k) != v and k != "setuptools"} == {}
+    ort_lock = _pins(ROOT / "requirements-ort.lock")
+    ort = _pins(ROOT / "device_agent" / "deploy" / "requirements-ort.txt")
+    assert {k: v for k, v in ort.items() if ort_lock.get(k) != v} == {}
+    assert "onnxruntime-training" in ort and "scikit-learn" not in agent and "amqtt" not in agent
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (dict(platform="linux_riscv64"), "platform"),
+        (dict(device_id="bad id"), "device id"),
+        (dict(broker="mqtt://dev:secret@host"), "password"),
+        (dict(tls_cert=Path(__file__)), "go together"),
+        (dict(public_key=Path("/nonexistent.pem")), "no such file"),
+        (dict(python="three"), "python"),
+    ],
+)
+def test_bundle_spec_errors_are_clear(tmp_path, change, message):
+    fields = dict(device_id="pi-1", broker="mqtt://127.0.0.1:1883", public_key=Path(__file__)) | change
+    with pytest.raises(ConfigError, match=message):
+        BundleSpec(**fields)
+
+
+def test_hosts_file_merges_defaults_and_refuses_bad_entries(tmp_path):
+    hosts = tmp_path / "hosts.yaml"
+    hosts.write_text("- {host: pi@a, device_id: pi-a}\n- {host: pi@b, device_id: pi-b, profile: rpi4-4gb}\n")
+    entries = load_hosts(hosts, {"profile": "rpi5-8gb", "port": 22})
+    assert [(e["host"], e["profile"]) for e in entries] == [("pi@a", "rpi5-8gb"), ("pi@b", "rpi4-4gb")]
+    for text, message in (
+        ("- {host: pi@a}\n", "device_id"),
+        ("- {host: pi@a, device_id: x, colour: red}\n", "unknown keys"),
+        ("- {host: pi@a, device_id: x}\n- {host: pi@b, device_id: x}\n", "twice"),
+        ("{}", "non-empty YAML list"),
+    ):
+        hosts.write_text(text)
+        with pytest.raises(ConfigError, match=message):
+            load_hosts(hosts, {"profile": "x"})
+
+
+def test_dry_run_prints_the_plan_and_never_a_secret(tmp_path, capsys):
+    assert (
+        main(["broker-config", "--fleet", "t", "--devices", "pi-1,pi-2", "--out", str(tmp_path / "bc"), "--tls"]) == 0
+    )
+    _, public = generate_keypair(tmp_path / "keys")
+    hosts = tmp_path / "hosts.yaml"
+    hosts.write_text("- {host: pi@10.0.0.5, device_id: pi-1}\n- {host: pi@10.0.0.6, device_id: pi-2, port: 2222}\n")
+    capsys.readouterr()
+    code = main(
+        ["flash", "--hosts", str(hosts), "--broker", "mqtts://127.0.0.1:8883", "--fleet", "t"]
+        + ["--public-key", str(public), "--profile", "rpi5-8gb", "--credentials", str(tmp_path / "bc"), "--dry-run"]
+    )
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "pi-1 at pi@10.0.0.5:22" in out and "pi-2 at pi@10.0.0.6:2222" in out
+    assert "login: username, password file, CA, client certificate" in out and "rollback" in out
+    assert "PRIVATE KEY" not in out
+    for password in (tmp_path / "bc").rglob("password"):
+        assert password.read_text().strip() not in out
+
+
+def _wheel_platforms(bundle: Path) -> set[str]:
+    with tarfile.open(bundle, "r:gz") as tar:
+        names = [Path(m.name).name for m in tar if m.name.endswith(".whl")]
+    return {name.removesuffix(".whl").split("-")[-1] for name in names}
+
+
+def test_aarch64_bundle_holds_aarch64_wheels_only_and_ort_fails_early_naming_the_package(tmp_path):
+    _, public = generate_keypair(tmp_path / "keys")
+    spec = BundleSpec(device_id="pi-1", broker="mqtt://10.0.0.1", public_key=public, platform="linux_aarch64")
+    info = build_bundle(spec, tmp_path / "arm.tar.gz")
+    platforms = _wheel_platforms(info.path)
+    assert not any("x86_64" in p for p in platforms)
+    assert any("aarch64" in p for p in platforms) and all("aarch64" in p or p == "any" for p in platforms)
+    assert any(name.startswith("torch-") and "aarch64" in name for name in info.wheels)
+    assert len(info.wheels) == len(requirements("torch")) + 1  # + the devft-edge wheel
+    assert verify_bundle(info.path)["platform"] == "linux_aarch64"
+    arm_ort = BundleSpec(**{**spec.__dict__, "backend": "ort"})
+    with pytest.raises(BundleError, match="onnxruntime-training==1.19.2"):
+        build_bundle(arm_ort, tmp_path / "arm-ort.tar.gz")
+    assert not (tmp_path / "arm-ort.tar.gz").exists()
+    assert set(PLATFORMS) == {"linux_aarch64", "linux_x86_64"}
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory):
+    """A mosquitto for the module, an aggregator key pair, and an x86_64 bundle for device pi-1."""
+    if MOSQUITTO is None:
+        pytest.skip("mosquitto not installed (make test installs it)")
+    root = tmp_path_factory.mktemp("fleet")
+    with mosquitto(root / "broker") as url:
+        _, public = generate_keypair(root / "keys")
+        spec = BundleSpec(device_id="pi-1", broker=url, public_key=public, profile="x86-cpu", threads=1)
+        info = build_bundle(spec, root / "pi-1.tar.gz")
+        yield {"url": url, "public": public, "spec": spec, "bundle": info, "root": root}
+
+
+def _extract(bundle: Path, where: Path) -> Path:
+    with tarfile.open(bundle, "r:gz") as tar:
+        tar.extractall(where, filter="tar")
+    return where / TOP
+
+
+def _install(bundle_dir: Path, prefix: Path) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")} | OFFLINE
+    command = ["sh", str(bundle_dir / "install.sh"), "--prefix", str(prefix), "--service", "runner"]
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+
+
+@needs_mosquitto
+def test_x86_bundle_installs_offline_and_its_agent_says_hello(fleet, tmp_path):
+    info = fleet["bundle"]
+    assert verify_bundle(info.path)["version"] == info.version
+    assert not any("aarch64" in p for p in _wheel_platforms(info.path))
+
+    tampered = _extract(info.path, tmp_path / "tampered")  # refused before anything changes
+    key = tampered / "config" / "public.pem"
+    key.write_bytes(key.read_bytes().replace(b"A", b"B", 1))
+    done = _install(tampered, tmp_path / "device")
+    assert done.returncode == 3 and "verification failed" in done.stderr
+    assert not (tmp_path / "device" / "current").exists()
+    added = _extract(info.path, tmp_path / "added")
+    (added / "wheels" / "evil-1.0-py3-none-any.whl").write_bytes(b"PK")
+    assert _install(added, tmp_path / "device").returncode == 3
+
+    prefix = tmp_path / "device" / "opt" / "devft-edge"
+    health = HealthCheck(broker=fleet["url"])
+    with HelloWatch(health, "pi-1") as watch:
+        done = _install(_extract(info.path, tmp_path / "ok"), prefix)
+        try:
+            assert done.returncode == 0, done.stderr[-3000:]
+            assert os.readlink(prefix / "current") == f"versions/{info.version}"
+            assert watch.wait(90), (prefix / "var" / "log" / "agent.log").read_text()[-3000:]
+            status = subprocess.run([prefix / "bin" / "devft-edge-ctl", "status"], capture_output=True, text=True)
+            assert "running" in status.stdout
+            assert (prefix / "current" / "etc" / "agent.yaml").read_text().count(str(prefix)) >= 3
+            if shutil.which("systemd-analyze"):  # the unit, rendered for this prefix, is a valid unit
+                unit = prefix / "current" / "devft-edge-agent.service"
+                verify = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True)
+                assert verify.returncode == 0, verify.stderr
+        finally:
+            subprocess.run([prefix / "bin" / "devft-edge-ctl", "stop"], capture_output=True)
+
+
+@needs_mosquitto
+@needs_sshd
+def test_flash_over_ssh_installs_checks_health_and_rolls_back_a_broken_version(fleet, tmp_path, capsys):
+    spec, first = fleet["spec"], fleet["bundle"]
+    prefix = tmp_path / "device-root" / "opt" / "devft-edge"
+    common = ["flash", "--device-id", "pi-1", "--public-key", str(fleet["public"]), "--prefix", str(prefix)]
+    common += ["--service", "runner", "--platform", "linux_x86_64", "--health-broker", fleet["url"]]
+    with sshd(tmp_path / "sshd") as server:
+        ssh = server.options()
+        try:
+            assert main([*common, *ssh, "--broker", fleet["url"], "--bundle", str(first.path)]) == 0
+            out = capsys.readouterr().out
+            assert "healthy" in out and "1 of 1 devices healthy" in out
+            assert os.readlink(prefix / "current") == f"versions/{first.version}"
+
+            # a version whose agent cannot reach the broker never says hello: rolled back
+            dead = BundleSpec(**{**spec.__dict__, "broker": "mqtt://127.0.0.1:9"})
+            broken = build_bundle(dead, tmp_path / "broken.tar.gz")
+            code = main(
+                [*common, *ssh, "--broker", dead.broker, "--bundle", str(broken.path), "--health-timeout", "20"]
+            )
+            out = capsys.readouterr().out
+            assert code == 1 and "rolled back" in out and "0 of 1 devices healthy" in out
+            assert os.readlink(prefix / "current") == f"versions/{first.version}"
+            assert os.readlink(prefix / "failed") == f"versions/{broken.version}"
+            with HelloWatch(HealthCheck(broker=fleet["url"]), "pi-1") as watch:  # the old agent is back
+                subprocess.run([prefix / "bin" / "devft-edge-ctl", "restart"], capture_output=True)
+                assert watch.wait(90)
+
+            # a bundle altered after it was built is refused before it is copied
+            tampered = tmp_path / "tampered.tar.gz"
+            _retar_with_one_byte_changed(first.path, tampered)
+            assert main([*common, *ssh, "--broker", fleet["url"], "--bundle", str(tampered)]) == 1
+            assert "sha256 mismatch" in capsys.readouterr().out
+            assert os.readlink(prefix / "current") == f"versions/{first.version}"
+        finally:
+            if (prefix / "bin" / "devft-edge-ctl").exists():
+                subprocess.run([prefix / "bin" / "devft-edge-ctl", "stop"], capture_output=True)
+
+
+def _retar_with_one_byte_changed(source: Path, target: Path) -> None:
+    with tarfile.open(source, "r:gz") as src, tarfile.open(target, "w:gz", compresslevel=1) as dst:
+        for member in src:
+            data = src.extractfile(member).read() if member.isfile() else None
+            if member.name.endswith("config/agent.yaml.in"):
+                data = data.replace(b"pi-1", b"pi-9", 1)
+            dst.addfile(member, io.BytesIO(data) if data is not None else None)
