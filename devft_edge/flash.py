@@ -194,6 +194,8 @@ def flash_device(job: FlashJob, settings: FlashSettings, progress: Progress) -> 
     device, began = job.spec.device_id, time.monotonic()
     result = FlashResult(device_id=device, host=job.target.host, outcome="failed")
     try:
+        progress(device, f"connecting to {job.target.host}")
+        _run(job.target.ssh("true"), "reach the device")  # before minutes of building for it
         with tempfile.TemporaryDirectory(prefix=f"flash-{device}-", dir=settings.workdir) as tmp:
             bundle = settings.bundle
             if bundle is None:

@@ -126,7 +126,7 @@ def decode(payload: bytes) -> Envelope:
         raise ProtocolError(Reason.MALFORMED, f"header is not JSON: {error}") from None
     if not isinstance(header, dict):
         raise ProtocolError(Reason.MALFORMED, "header is not an object")
-    if header.get("v") != PROTOCOL_VERSION:
+    if type(header.get("v")) is not int or header["v"] != PROTOCOL_VERSION:  # 1.0 and true equal 1
         raise ProtocolError(Reason.VERSION, f"protocol version {header.get('v')!r}, expected {PROTOCOL_VERSION}")
     try:
         kind = Kind(header["kind"])

@@ -18,7 +18,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from system_harness import MOSQUITTO, mosquitto, needs_mosquitto, needs_sshd, sshd
+from system_harness import MOSQUITTO, free_port, mosquitto, needs_mosquitto, needs_sshd, sshd
 
 from devft_edge.bundle import PLATFORMS, TOP, BundleError, BundleSpec, build_bundle, requirements, verify_bundle
 from devft_edge.cli import main
@@ -239,3 +239,20 @@ def _retar_with_one_byte_changed(source: Path, target: Path) -> None:
             if member.name.endswith("config/agent.yaml.in"):
                 data = data.replace(b"pi-1", b"pi-9", 1)
             dst.addfile(member, io.BytesIO(data) if data is not None else None)
+
+
+def test_flash_hosts_runs_devices_in_parallel_and_reports_each(tmp_path, capsys):
+    """Unreachable devices fail fast (before a bundle is built for them), each with its reason, in
+    one table; the command's exit code says not every device is healthy."""
+    _, public = generate_keypair(tmp_path / "keys")
+    hosts = tmp_path / "hosts.yaml"
+    closed = [free_port(), free_port()]
+    hosts.write_text("".join(f"- {{host: pi@127.0.0.1, port: {p}, device_id: pi-{i}}}\n" for i, p in enumerate(closed)))
+    code = main(
+        ["flash", "--hosts", str(hosts), "--broker", "mqtt://127.0.0.1:9", "--public-key", str(public)]
+        + ["--ssh-option", "StrictHostKeyChecking=no", "--health-timeout", "1"]
+    )
+    out = capsys.readouterr().out
+    assert code == 1
+    assert out.count("could not reach the device") >= 2 and "0 of 2 devices healthy" in out
+    assert "building" not in out

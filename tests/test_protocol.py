@@ -30,6 +30,8 @@ def test_envelope_round_trip_with_body_and_reason():
         (struct.pack(">I", 3) + b"{x}", Reason.MALFORMED),
         (struct.pack(">I", 2) + b"[]", Reason.MALFORMED),
         (struct.pack(">I", 9) + b'{"v": 99}', Reason.VERSION),
+        (struct.pack(">I", 10) + b'{"v": 1.0}', Reason.VERSION),  # equal to 1 in Python, not the version
+        (struct.pack(">I", 11) + b'{"v": true}', Reason.VERSION),
     ],
 )
 def test_malformed_payloads_are_refused_with_a_reason(payload, reason):
