@@ -204,6 +204,8 @@ def mosquitto_conf(spec: BrokerSpec, out: Path) -> str:
         f"password_file {out / 'passwd'}",
         f"acl_file {out / 'acl'}",
         f"max_queued_messages {MAX_QUEUED_MESSAGES}",
+        "# chunk requests and chunks are small back-and-forth messages: no Nagle delay",
+        "set_tcp_nodelay true",
     ]
     if spec.persistence_dir is None:
         lines.append("persistence false")

@@ -62,7 +62,7 @@ def mosquitto(directory: Path, port: int | None = None, conf: str | None = None)
     path.write_text(
         conf
         or f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-        "log_dest stdout\nmax_queued_messages 10000\n"
+        "log_dest stdout\nmax_queued_messages 10000\nset_tcp_nodelay true\n"
     )
     with (directory / "mosquitto.log").open("a") as log:
         process = subprocess.Popen([MOSQUITTO, "-c", str(path)], stdout=log, stderr=subprocess.STDOUT)
