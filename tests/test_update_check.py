@@ -19,6 +19,7 @@ def _header(header: object) -> bytes:
     raw = json.dumps(header).encode()
     return struct.pack("<Q", len(raw)) + raw
 
+
 START = {"layers.0.q_proj.lora_A": torch.zeros(2, 3), "layers.0.q_proj.lora_B": torch.zeros(3, 2)}
 
 
