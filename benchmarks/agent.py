@@ -47,6 +47,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from devft_edge.peak_memory import peak_bytes, reset_peak  # light: no torch before bound_heap()
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "system" / "agent.json"
 GOAL_VS_BARE = 0.95
@@ -61,22 +63,6 @@ def load_average() -> list[float]:
     return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
 
 
-def _status_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
-def _reset_peak() -> bool:
-    """Reset the kernel's high-water mark of resident memory to the current RSS."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
 class Clock:
     """Timestamps of the batch requests; resets the peak-memory mark at the first one."""
 
@@ -86,7 +72,7 @@ class Clock:
 
     def tick(self) -> None:
         if not self.stamps:
-            self.peak_reset = _reset_peak()
+            self.peak_reset = reset_peak()
         self.stamps.append(time.perf_counter())
 
     def timed(self, stream: Iterator[Any]) -> Iterator[Any]:
@@ -176,7 +162,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
                 "steady_step_seconds": statistics.median(steps[1:] or steps),
                 "setup_seconds": round(clock.stamps[0] - began, 3),
                 "total_seconds": round(ended - began, 3),
-                "train_peak_bytes": _status_kb("VmHWM") * 1024,
+                "train_peak_bytes": peak_bytes(),
                 "peak_mark_reset": clock.peak_reset,
                 "ru_maxrss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             }
@@ -267,7 +253,7 @@ def main_run(args: argparse.Namespace) -> int:
                     f"load {row['load']}",
                     flush=True,
                 )
-        probe = measure(probe_dir, args.batch, args.seq, threads=args.threads)
+        probe = measure(probe_dir, args.model, args.batch, args.seq, threads=args.threads)
     rate = {name: [1 / r["steady_step_seconds"] for r in rows] for name, rows in runs.items()}
     whole = {name: [args.steps / r["total_seconds"] for r in rows] for name, rows in runs.items()}
     ratios = {

@@ -47,6 +47,7 @@ from safetensors.torch import save_file
 
 from devft_edge.aggregation import RULES, GlobalState
 from devft_edge.lora import LoraSettings, LoraState, lora_shapes
+from devft_edge.peak_memory import peak_bytes, reset_peak, status_bytes
 from devft_edge.weights import read_safetensors
 
 HERE = Path(__file__).resolve().parent
@@ -234,27 +235,16 @@ def measure_variants(states: list[LoraState], clients: int, repeats: int) -> dic
 # ---- streaming: one fresh process per number of clients -----------------------------------------
 
 
-def _status_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
 def cmd_worker(args: argparse.Namespace) -> int:
     """Child process: merge ``--clients`` updates from the files in ``--files``; print one JSON line."""
     directory = Path(args.files)
     paths = sorted(directory.glob("update-*.safetensors"))
     start = read_safetensors(directory / "start.safetensors")  # as the aggregator's _round_start
     merge(start, from_disk(paths, 2))  # first-use allocations are not the merge's growth
-    before = _status_kb("VmRSS") * 1024
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark to the current RSS
-        reset = True
-    except OSError:
-        reset = False
+    before = status_bytes("VmRSS")
+    reset = reset_peak()
     seconds = merge(start, from_disk(paths, args.clients))
-    peak = _status_kb("VmHWM") * 1024
+    peak = peak_bytes()
     print(
         json.dumps(
             {

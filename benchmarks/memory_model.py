@@ -2,8 +2,8 @@
 
 Each configuration (stage depth, batch, seq, quantization, gradient checkpointing) of SmolLM2-135M
 is measured in a fresh process (:mod:`devft_edge.memcheck`: load the stage submodel, take two
-LoRA training steps, read the kernel's peak-RSS mark). The coefficients of
-:mod:`devft_edge.memory` (runtime, activation, attention and logit terms) are fitted by
+LoRA training steps the way the device agent does, read the kernel's peak-RSS mark). The coefficients of
+:mod:`devft_edge.memory` (runtime, activation, heap-activation and logit terms) are fitted by
 non-negative least squares on the *calibration* configurations only; the *validation*
 configurations (other depths, shapes and quantizations) then show how far predictions are off.
 
@@ -62,6 +62,8 @@ CASES = [
     Case(30, 2, 512),
     Case(8, 16, 64, checkpointing=True),
     Case(30, 8, 256, checkpointing=True),
+    Case(15, 4, 128, "int4"),
+    Case(30, 8, 64, "int8"),
     # validation: other shapes, quantized weights, checkpointing
     Case(4, 8, 128, role="validation"),
     Case(8, 4, 64, role="validation"),
@@ -112,7 +114,9 @@ def cmd_measure(args: argparse.Namespace) -> int:
                 sub = build_submodel(base, groups, FUSIONS.get("dblf")).model
                 built[key] = save_base(sub, QuantSpec(case.quant), Path(tmp) / f"{case.layers}-{case.quant}")
             start = time.perf_counter()
-            m = measure(built[key], case.batch, case.seq, checkpointing=case.checkpointing, threads=args.threads)
+            m = measure(
+                built[key], "smollm2", case.batch, case.seq, checkpointing=case.checkpointing, threads=args.threads
+            )
             rows.append({**asdict(case), **asdict(m)})
             print(
                 f"[{number}/{len(CASES)}] {case}: train peak {m.train_peak_bytes / 2**20:.0f} MiB, "
@@ -141,15 +145,17 @@ def cmd_measure(args: argparse.Namespace) -> int:
 
 
 def _features(shape: memory.ModelShape, case: Case) -> tuple[np.ndarray, float]:
-    """Regressors (runtime, per-block bytes, activations, logits) and the fixed part, in bytes."""
+    """Regressors (runtime, activations, logits, heap activations) and the fixed part, in bytes."""
     step = case.step()
     tokens = step.batch * step.seq
-    act = (1 if step.checkpointing else step.layers) * tokens * shape.act_width * FLOAT
+    blocks = 1 if step.checkpointing else step.layers
+    act = blocks * tokens * shape.act_width * FLOAT
+    heap = blocks * tokens * memory.heap_width(shape, tokens) * FLOAT
     parts = estimate_memory(shape, step).parts
     fixed = parts["weights"] + parts["lora"] + parts["dequant"]
     if step.checkpointing:
         fixed += step.layers * tokens * shape.hidden * FLOAT
-    return np.array([1.0, step.layers, act, tokens * shape.vocab * FLOAT]), float(fixed)
+    return np.array([1.0, act, tokens * shape.vocab * FLOAT, heap]), float(fixed)
 
 
 def fit_efficiency(rows: list[dict], shape: memory.ModelShape, gflops: float) -> float:
@@ -171,7 +177,8 @@ def fit(rows: list[dict], shape: memory.ModelShape) -> dict[str, float]:
     # Relative least squares: every configuration counts the same, whatever its size.
     a = np.array(features) / np.array(targets)[:, None]
     coef, _ = nnls(a, np.ones(len(targets)))
-    return {"RUNTIME_BYTES": coef[0], "BLOCK_BYTES": coef[1], "ACT_COEF": coef[2], "LOGIT_COEF": coef[3]}
+    names = ("RUNTIME_BYTES", "ACT_COEF", "LOGIT_COEF", "HEAP_COEF")
+    return dict(zip(names, coef, strict=True))
 
 
 def _case(row: dict) -> Case:
@@ -182,8 +189,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     data = json.loads(RESULTS.read_text())
     coef = fit(data["rows"], _shape())
     print(f"RUNTIME_BYTES = {coef['RUNTIME_BYTES'] / 2**20:.0f} * 2**20")
-    print(f"BLOCK_BYTES = {coef['BLOCK_BYTES'] / 2**20:.2f} * 2**20")
-    for name in ("ACT_COEF", "LOGIT_COEF"):
+    for name in ("ACT_COEF", "LOGIT_COEF", "HEAP_COEF"):
         print(f"{name} = {coef[name]:.3f}")
     print(f"STEP_EFFICIENCY = {fit_efficiency(data['rows'], _shape(), data['matmul_gflops']):.3f}")
     return 0
@@ -200,11 +206,13 @@ def cmd_report(args: argparse.Namespace) -> int:
         f"`{data['command']}`; this table by `python benchmarks/memory_model.py report --markdown ...`.",
         "",
         "Coefficients in `devft_edge/memory.py` (fit on the calibration rows of these measurements: "
-        f"runtime {fitted['RUNTIME_BYTES'] / 2**20:.0f} MiB, per block {fitted['BLOCK_BYTES'] / 2**20:.2f} MiB, "
+        f"runtime {fitted['RUNTIME_BYTES'] / 2**20:.0f} MiB, "
         f"activations {fitted['ACT_COEF']:.3f}, logits {fitted['LOGIT_COEF']:.3f}, "
+        f"heap activations {fitted['HEAP_COEF']:.3f}, "
         f"step efficiency {fit_efficiency(data['rows'], shape, data['matmul_gflops']):.3f}) and in use: "
-        f"runtime {memory.RUNTIME_BYTES / 2**20:.0f} MiB, per block {memory.BLOCK_BYTES / 2**20:.2f} MiB, "
-        f"activations {memory.ACT_COEF}, logits {memory.LOGIT_COEF}, step efficiency {memory.STEP_EFFICIENCY}.",
+        f"runtime {memory.RUNTIME_BYTES / 2**20:.0f} MiB, "
+        f"activations {memory.ACT_COEF}, logits {memory.LOGIT_COEF}, "
+        f"heap activations {memory.HEAP_COEF}, step efficiency {memory.STEP_EFFICIENCY}.",
         "",
         "| role | layers | batch | seq | quant | ckpt | predicted MiB | measured MiB | error % | load peak MiB "
         "| step s | predicted step s |",

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import json
 import logging
-import resource
 from pathlib import Path
 from typing import Any
 
 from cloud_aggregator.config import AggregatorConfig
 from cloud_aggregator.state import RunState
+from devft_edge.peak_memory import peak_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -76,15 +76,23 @@ def write_summary(cfg: AggregatorConfig, state: RunState, adapter_dir: Path) -> 
     history = state.history
     final = history[-1] if history else {}
     rounds_per_stage = {s["stage"]: 0 for s in state.stages}
+    device_peak = {s["stage"]: 0 for s in state.stages}
     for entry in history:
         rounds_per_stage[entry["stage"]] += 1
+        for c in entry.get("clients", {}).values():
+            device_peak[entry["stage"]] = max(device_peak[entry["stage"]], c["peak_rss_bytes"])
     rows = [metrics_row(e) for e in history]
     summary: dict[str, Any] = {
         "method": cfg.method,
         "model": cfg.model,
         "rounds": len(history),
         "stages": [
-            {k: s[k] for k in ("stage", "layers", "groups", "pack_bytes")} | {"rounds": rounds_per_stage[s["stage"]]}
+            {k: s[k] for k in ("stage", "layers", "groups", "pack_bytes")}
+            | {
+                "rounds": rounds_per_stage[s["stage"]],
+                "predicted_peak_bytes": s.get("predicted_peak_bytes", 0),
+                "device_peak_bytes": device_peak[s["stage"]],
+            }
             for s in state.stages
         ],
         "initial_eval_loss": state.initial_eval.get("eval_loss"),
@@ -97,7 +105,7 @@ def write_summary(cfg: AggregatorConfig, state: RunState, adapter_dir: Path) -> 
         "bytes_down": state.bytes_down,
         "bytes_down_pack": state.bytes_down_pack,
         "peak_rss_bytes": max((r["peak_rss_bytes"] for r in rows), default=0),
-        "aggregator_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "aggregator_peak_rss_bytes": peak_bytes(),
         "devices": device_totals(history),
         "rejected": dict(sorted(state.rejected.items())),
         "adapter_dir": str(adapter_dir),

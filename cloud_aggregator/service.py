@@ -28,6 +28,7 @@ from cloud_aggregator.report import METRICS_FILE, write_metrics, write_summary
 from cloud_aggregator.state import Accepted, Device, OpenRound, RunState, load_state, now, save_state
 from devft_edge.blobs import BlobInfo, BlobStore, Download, chunk_index, chunk_indices
 from devft_edge.errors import ConfigError, DataError
+from devft_edge.memory import StepConfig, estimate_memory
 from devft_edge.mqtt import BrokerAddress, Connection, Incoming
 from devft_edge.protocol import AGGREGATOR, Envelope, Kind, ProtocolError, Reason, Topics, decode
 from devft_edge.update_check import check_update
@@ -452,7 +453,15 @@ class Aggregator:
         self.state.groups, self.state.stage, self.state.stage_rounds_done = groups, number, 0
         pack_bytes = self.store.path(self.state.pack).stat().st_size
         self.state.stages.append(
-            {"stage": number, "layers": capacity, "groups": groups, "pack": self.state.pack, "pack_bytes": pack_bytes}
+            {
+                "stage": number,
+                "layers": capacity,
+                "groups": groups,
+                "pack": self.state.pack,
+                "pack_bytes": pack_bytes,
+                # what the planner admits devices by (CPU), for the report to set beside what they measured
+                "predicted_peak_bytes": estimate_memory(self.shape, self._step()).peak_bytes,
+            }
         )
         save_state(self.cfg.state_dir, self.state)
         self.submodel = None
@@ -466,15 +475,18 @@ class Aggregator:
         )
         self._publish_status()
 
+    def _step(self) -> StepConfig:
+        """One local training step of the current stage, as the planner models it."""
+        t = self.cfg.train
+        return StepConfig(
+            layers=len(self.state.groups), batch=t.batch, seq=t.seq, rank=self.cfg.rank, quant=self.cfg.quant
+        )
+
     def _eligible(self) -> list[str]:
-        from devft_edge.memory import StepConfig
         from devft_edge.planner import fit_profile
         from devft_edge.profiles import parse_profile
 
-        t = self.cfg.train
-        step = StepConfig(
-            layers=len(self.state.groups), batch=t.batch, seq=t.seq, rank=self.cfg.rank, quant=self.cfg.quant
-        )
+        step = self._step()
         eligible = []
         for device, known in sorted(self.state.devices.items()):
             if not known.online:

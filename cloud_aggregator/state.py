@@ -46,7 +46,7 @@ class Accepted:
     seconds: float = 0.0
     """The device's training time for the task, as it reported."""
     peak_rss_bytes: int = 0
-    """The device's peak resident memory so far, as it reported."""
+    """The device's peak resident memory during the task (unpacking, loading, training), as it reported."""
 
 
 @dataclass

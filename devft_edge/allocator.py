@@ -4,10 +4,10 @@ glibc's malloc serves allocations below a *dynamic* mmap threshold (it rises up 
 blocks are freed) from its heap arenas, and a freed heap block stays resident. A training step
 allocates and frees many activations of 1-30 MiB, so the heap keeps growing: on SmolLM2 stage
 submodels the measured peak RSS was up to 2.3x higher than with a fixed 1 MiB threshold (30
-layers, batch 16 x 128 tokens with gradient checkpointing: 5.3 GiB against 2.2 GiB; see
-docs/memory_model.md). With the threshold fixed, every larger tensor is its own mapping that goes
-back to the OS when freed, at a cost of about 19% step time (median of 19 measured
-configurations, up to 41% with gradient checkpointing: fresh mappings fault their pages in).
+layers, batch 8 x 256 tokens with gradient checkpointing: 5.4 GiB against 2.3 GiB; median 1.38x
+over 21 configurations; see docs/memory_model.md). With the threshold fixed, every larger tensor
+is its own mapping that goes back to the OS when freed, at a cost of about 13% step time (median;
+21-33% with gradient checkpointing: fresh mappings fault their pages in).
 The device agent and the memory probe call :func:`bound_heap` before loading a model; the
 in-process simulator does not (it measures speed, not memory).
 """

@@ -188,9 +188,14 @@ def write_fleet(cfg: DemoConfig, out: Path) -> tuple[Path, list[Path]]:
 
 def render_summary(summary: dict[str, Any]) -> str:
     """The table printed at the end: per stage, per device, and the totals."""
-    lines = [f"{'stage':>5}  {'layers':>6}  {'rounds':>6}  {'pack':>9}"]
+    lines = [f"{'stage':>5}  {'layers':>6}  {'rounds':>6}  {'pack':>9}  {'planned peak':>12}  {'device peak':>11}"]
     for s in summary["stages"]:
-        lines.append(f"{s['stage']:>5}  {s['layers']:>6}  {s['rounds']:>6}  {s['pack_bytes'] / 1e6:>6.1f} MB")
+        planned, measured = s["predicted_peak_bytes"], s["device_peak_bytes"]
+        error = f" ({(planned - measured) / measured:+.0%})" if planned and measured else ""
+        lines.append(
+            f"{s['stage']:>5}  {s['layers']:>6}  {s['rounds']:>6}  {s['pack_bytes'] / 1e6:>6.1f} MB  "
+            f"{planned / 2**30:>8.2f} GiB  {measured / 2**30:>7.2f} GiB{error}"
+        )
     lines += ["", f"{'device':<28}  {'updates':>7}  {'train s':>8}  {'peak RSS':>9}"]
     for device, d in summary["devices"].items():
         lines.append(

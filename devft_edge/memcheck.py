@@ -3,8 +3,9 @@
 The planner's predictions are only worth something if they are checked against the real thing,
 so ``devft-edge plan --check`` and the calibration benchmark run this module as a subprocess on a
 stage submodel written by :func:`devft_edge.weights.save_base`: the process loads only that
-submodel (as a device loading its pack does), attaches LoRA, takes training steps on random
-tokens of the planned batch and sequence length, and prints one JSON line.
+submodel (as a device loading its pack does), attaches LoRA, and trains it the way the device
+agent does (its tokenizer, its data stream, its training loop, its copies of the starting LoRA)
+at the planned batch and sequence length, then prints one JSON line.
 
 Peak memory is the kernel's high-water mark of resident memory (``VmHWM``, what ``ru_maxrss`` and
 GNU ``time -v`` report). The mark is read after loading and then reset (``/proc/self/clear_refs``)
@@ -23,15 +24,19 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from devft_edge.errors import DevFTError
 from devft_edge.layers import num_layers
+from devft_edge.peak_memory import peak_bytes, reset_peak
 from devft_edge.quantization import QuantSpec
 
 STEPS = 2
+EXAMPLES = 48
+"""The probe's local examples: an agent's ``synthetic:48:0`` data."""
 
 
 @dataclass(frozen=True)
@@ -46,62 +51,60 @@ class Measurement:
     """Wall time of the last (steady-state) step."""
 
 
-def _status_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise DevFTError(f"/proc/self/status has no {field}")
+def probe(directory: Path, tokenizer: str, batch: int, seq: int, rank: int, checkpointing: bool) -> Measurement:
+    """Load the submodel in ``directory`` and take :data:`STEPS` training steps as a device agent does.
 
-
-def _reset_peak() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def probe(directory: Path, batch: int, seq: int, rank: int, checkpointing: bool) -> Measurement:
-    """Load the submodel in ``directory`` and take :data:`STEPS` LoRA training steps."""
+    The agent's path, not a bare loop, because the planner predicts what devices run: the tokenizer
+    (of model spec ``tokenizer``) and the tokenized local data stay in memory, batches come from
+    :func:`devft_edge.data.batches` (right-padded, answer-only labels) through
+    :func:`devft_edge.training.train_local`, and two fp32 copies of the starting LoRA are held, as
+    :class:`devft_edge.backends.TorchTrainer` (the pack's) and the agent (the round's) hold them.
+    """
     from devft_edge.allocator import bound_heap
 
     bound_heap()  # as the device agent does: measure the configuration devices run
-    import torch
-
-    from devft_edge.lora import LoraSettings, attach_lora
+    from devft_edge.data import batches
+    from devft_edge.lora import LoraSettings, attach_lora, get_lora_state
+    from devft_edge.models import load_tokenizer
+    from devft_edge.tasks import generate_synthetic
+    from devft_edge.training import TrainSettings, train_local
     from devft_edge.weights import load_base
 
     model = load_base(directory)
-    peft_model = attach_lora(model, LoraSettings(rank=rank, alpha=2.0 * rank))
+    peft_model = attach_lora(model, LoraSettings(rank=rank))
     if checkpointing:
         peft_model.base_model.model.gradient_checkpointing_enable(
             gradient_checkpointing_kwargs={"use_reentrant": False}
         )
-    load_peak = _status_kb("VmHWM") * 1024
-    if not _reset_peak():
+    starting = [get_lora_state(peft_model) for _ in range(2)]
+    stream = batches(generate_synthetic(EXAMPLES, seed=0), batch, 0, load_tokenizer(tokenizer), seq)
+    load_peak = peak_bytes()
+    if not reset_peak():
         raise DevFTError(
             "cannot reset the peak-memory mark (/proc/self/clear_refs); the measurement would mix load and training"
         )
-    params = [p for p in peft_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
-    generator = torch.Generator().manual_seed(0)
-    vocab = model.config.vocab_size
-    peft_model.train()
-    elapsed = 0.0
-    for _ in range(STEPS):
-        ids = torch.randint(0, vocab, (batch, seq), generator=generator)
-        start = time.perf_counter()
-        loss = peft_model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        elapsed = time.perf_counter() - start
-    return Measurement(train_peak_bytes=_status_kb("VmHWM") * 1024, load_peak_bytes=load_peak, step_seconds=elapsed)
+    requested: list[float] = []
+
+    def timed() -> Iterator[dict[str, Any]]:
+        """The batches, stamped when the trainer asks for one (a step starts)."""
+        for item in stream:
+            requested.append(time.perf_counter())
+            yield item
+
+    train_local(peft_model, timed(), TrainSettings(steps=STEPS, batch_size=batch, seq_len=seq))
+    last_step = time.perf_counter() - requested[-1]
+    del starting
+    return Measurement(train_peak_bytes=peak_bytes(), load_peak_bytes=load_peak, step_seconds=last_step)
 
 
 def measure(
-    directory: str | Path, batch: int, seq: int, rank: int = 8, checkpointing: bool = False, threads: int | None = None
+    directory: str | Path,
+    tokenizer: str,
+    batch: int,
+    seq: int,
+    rank: int = 8,
+    checkpointing: bool = False,
+    threads: int | None = None,
 ) -> Measurement:
     """Run :func:`probe` in a fresh Python process (nothing else in its memory) and return its result."""
     env = dict(os.environ)
@@ -112,6 +115,8 @@ def measure(
         "-m",
         "devft_edge.memcheck",
         str(directory),
+        "--tokenizer",
+        tokenizer,
         "--batch",
         str(batch),
         "--seq",
@@ -157,7 +162,7 @@ def measure_stages(
             sub = build_submodel(base, groups, FUSIONS.get("dblf")).model
             directory = save_base(sub, quant, Path(tmp) / f"layers-{capacity}")
             del sub
-            results.append(measure(directory, batch, seq, rank, checkpointing, threads))
+            results.append(measure(directory, model_spec, batch, seq, rank, checkpointing, threads))
             shutil.rmtree(directory)
     return results
 
@@ -165,12 +170,13 @@ def measure_stages(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m devft_edge.memcheck", description=__doc__.splitlines()[0])
     parser.add_argument("directory", type=Path, help="submodel written by devft_edge.weights.save_base")
+    parser.add_argument("--tokenizer", required=True, help="model spec whose tokenizer the data is encoded with")
     parser.add_argument("--batch", type=int, required=True)
     parser.add_argument("--seq", type=int, required=True)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--checkpointing", action="store_true")
     args = parser.parse_args(argv)
-    result = probe(args.directory, args.batch, args.seq, args.rank, args.checkpointing)
+    result = probe(args.directory, args.tokenizer, args.batch, args.seq, args.rank, args.checkpointing)
     print(json.dumps(result.__dict__))
     return 0
 

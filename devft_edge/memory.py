@@ -7,17 +7,23 @@ family is counted exactly) and a few calibrated coefficients:
 
 ``peak = runtime + weights + lora + activations + logits + dequant``
 
-- ``runtime``: the Python process with torch, transformers and peft imported and the tokenizer
-  loaded; a measured constant of the CPU training stack (``RUNTIME_BYTES``).
+- ``runtime``: the Python process with torch, transformers and peft imported, the tokenizer
+  loaded and the local data tokenized; a measured constant of the CPU training stack
+  (``RUNTIME_BYTES``).
 - ``weights``: the frozen base weights at the pack's quantization (exact bytes per scheme;
   norms stay fp32; embeddings/head quantized or not per the :class:`QuantSpec`).
-- ``lora``: LoRA factors, their gradients and AdamW's two moments: 16 bytes per parameter.
+- ``lora``: LoRA factors, their gradients and AdamW's two moments, plus the two fp32 copies of
+  the starting LoRA a device agent holds while it trains (the pack's and the round's): 24 bytes
+  per parameter.
 - ``activations``: what autograd keeps between forward and backward. Per token and block it is
   proportional to the block's activation width (the sum of its linear layers' output features:
-  every projection's output and LoRA input is saved), coefficient ``ACT_COEF``, plus a fixed
-  ``BLOCK_BYTES`` per block (small tensors and allocator slack that do not scale with tokens).
-  No ``s^2`` term: torch's CPU ``scaled_dot_product_attention`` uses a flash kernel that never
-  materialises the scores (the calibration includes seq 512 and fits no quadratic term). With
+  every projection's output and LoRA input is saved), coefficient ``ACT_COEF``, plus
+  ``HEAP_COEF`` for the part of that width whose tensors fall below the agent's mmap threshold
+  (:func:`heap_width`: heap blocks fragment and stay resident, mapped ones are returned). A fixed
+  amount per block was fitted too and came out zero. No ``s^2`` term: training batches carry no
+  attention mask (:func:`devft_edge.training.causal_batch`), so torch's CPU
+  ``scaled_dot_product_attention`` takes its causal kernel, which never materialises the scores
+  (the calibration includes seq 512 and fits no quadratic term). With
   gradient checkpointing only each block's input (``hidden`` floats per token) is kept, plus one
   block recomputed.
 - ``logits``: ``b * s * vocab`` floats times ``LOGIT_COEF`` (logits, their log-softmax and
@@ -37,6 +43,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+from devft_edge.allocator import MMAP_THRESHOLD_BYTES
 from devft_edge.errors import ConfigError
 from devft_edge.profiles import QUANTIZATIONS
 from devft_edge.quantization import CHUNK_ROWS, QuantSpec
@@ -46,16 +53,18 @@ FLOAT = 4
 
 # Calibrated on the development machine (2-core x86-64, torch 2.13 CPU, transformers 5.23, peft
 # 0.21) by ``benchmarks/memory_model.py fit``; see docs/memory_model.md for data and error.
-RUNTIME_BYTES = 481 * 2**20
+RUNTIME_BYTES = 498 * 2**20
 """Resident memory of the training process before any weight is loaded."""
-ACT_COEF = 2.425
+ACT_COEF = 1.911
 """Saved fp32 values per token per unit of block activation width."""
-BLOCK_BYTES = int(7.09 * 2**20)
-"""Fixed bytes per block on top of the per-token activations."""
-LOGIT_COEF = 2.374
+LOGIT_COEF = 3.017
 """fp32 ``[tokens, vocab]`` tensors alive at the loss."""
-STEP_EFFICIENCY = 0.651
+HEAP_COEF = 6.967
+"""Extra fp32 values per token per unit of *heap* activation width (see :func:`heap_width`)."""
+STEP_EFFICIENCY = 0.476
 """Fraction of the sustained GEMM throughput a LoRA training step achieves."""
+LORA_BYTES_PER_PARAM = 6 * FLOAT
+"""Factor, gradient, AdamW's two moments, and the agent's two copies of the starting LoRA."""
 CUDA_RUNTIME_BYTES = 1 * 2**30
 """Extra process memory of a CUDA context with cuBLAS on Jetson-class devices. Not calibrated
 here (no GPU on the development machine): an estimate from NVIDIA's Jetson documentation."""
@@ -210,12 +219,26 @@ class MemoryEstimate:
         return sum(self.parts.values())
 
 
+def heap_width(shape: ModelShape, tokens: int) -> int:
+    """The part of the block's activation width whose tensors are smaller than the agent's mmap
+    threshold at ``tokens`` tokens.
+
+    The agent bounds glibc's mmap threshold (:mod:`devft_edge.allocator`): a tensor at or above it
+    gets its own mapping, returned whole when freed; a smaller one lives on the heap, where freed
+    blocks stay resident and fragment. So the same activations cost more at few tokens (SmolLM2 at
+    4 x 64: the 576- and 192-wide outputs are heap tensors) than at many (at 8 x 128 all are mapped).
+    """
+    return sum(
+        lin.out_features for lin in shape.block_linears if tokens * lin.out_features * FLOAT < MMAP_THRESHOLD_BYTES
+    )
+
+
 def estimate_memory(shape: ModelShape, step: StepConfig) -> MemoryEstimate:
     """Predicted peak of one steady-state training step (see the module docstring for the terms)."""
     if step.layers > shape.num_layers:
         raise ConfigError(f"layers={step.layers} exceeds the model's {shape.num_layers}")
     tokens = step.batch * step.seq
-    per_block = tokens * shape.act_width * ACT_COEF
+    per_block = tokens * (shape.act_width * ACT_COEF + heap_width(shape, tokens) * HEAP_COEF)
     if step.checkpointing:
         activations = step.layers * tokens * shape.hidden + per_block
     else:
@@ -231,8 +254,8 @@ def estimate_memory(shape: ModelShape, step: StepConfig) -> MemoryEstimate:
         parts={
             "runtime": runtime,
             "weights": base_weight_bytes(shape, step.layers, step.quant, step.quant_embeddings),
-            "lora": 4 * FLOAT * shape.lora_params(step.layers, step.rank),
-            "activations": int(FLOAT * activations) + step.layers * BLOCK_BYTES,
+            "lora": LORA_BYTES_PER_PARAM * shape.lora_params(step.layers, step.rank),
+            "activations": int(FLOAT * activations),
             "logits": int(FLOAT * LOGIT_COEF * tokens * shape.vocab),
             "dequant": dequant,
         }

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import random
-import resource
 import tempfile
 import time
 from collections.abc import Iterator
@@ -48,6 +47,7 @@ from devft_edge.lora import (
     state_bytes,
 )
 from devft_edge.models import load_model, load_tokenizer
+from devft_edge.peak_memory import peak_bytes
 from devft_edge.plot import plot_curves
 from devft_edge.schedule import StageSchedule
 from devft_edge.similarity import SIMILARITIES
@@ -172,11 +172,6 @@ class RoundMetrics:
     """Part of ``bytes_down`` that is model weights (stage packs, shared embeddings/head); the rest
     is LoRA state (and FLoRA's merged updates)."""
     peak_rss_bytes: int
-
-
-def peak_rss_bytes() -> int:
-    """Peak resident memory of this process so far (Linux reports ru_maxrss in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def serialized_bytes(tensors: dict[str, Tensor]) -> int:
@@ -446,7 +441,7 @@ class Simulation:
             bytes_up=self.bytes_up,
             bytes_down=self.bytes_down,
             bytes_down_pack=self.bytes_down_pack,
-            peak_rss_bytes=peak_rss_bytes(),
+            peak_rss_bytes=peak_bytes(),
         )
 
     def _close_stage(self, stage: _Stage) -> None:
@@ -491,7 +486,7 @@ class Simulation:
             "bytes_down": self.bytes_down,
             "bytes_down_pack": self.bytes_down_pack,
             "final_upload_bytes": final_up,
-            "peak_rss_bytes": peak_rss_bytes(),
+            "peak_rss_bytes": peak_bytes(),
             "total_seconds": round(total_seconds, 3),
             "adapter_dir": str(adapter_dir),
             "config": json.loads(json.dumps(asdict(cfg), default=str)),

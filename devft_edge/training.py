@@ -48,6 +48,24 @@ class TrainSettings:
         raise_if(problems)
 
 
+def causal_batch(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``batch`` without its attention mask when the mask only marks right padding.
+
+    Under causal attention a token attends to earlier positions only, and right padding puts every
+    pad after the row's last real token, so no real token's output depends on a pad; the labels
+    (-100 there) already keep pads out of the loss. The mask changes nothing that is learned, but
+    it changes memory: with a padding mask torch's CPU ``scaled_dot_product_attention`` falls back
+    to its math kernel, which keeps the ``[batch, heads, seq, seq]`` attention probabilities of
+    every layer for the backward pass; without one it takes the causal kernel, which never
+    materialises them (``benchmarks/agent_memory.py``, ``docs/system_benchmarks.md``). Any other
+    mask (left padding, holes) is kept.
+    """
+    mask = batch.get("attention_mask")
+    if mask is None or not bool((mask[:, 0] == 1).all() and (mask[:, 1:] <= mask[:, :-1]).all()):
+        return batch
+    return {name: value for name, value in batch.items() if name != "attention_mask"}
+
+
 def train_local(model: nn.Module, batches: Iterator[dict[str, Tensor]], settings: TrainSettings) -> float:
     """Train the model's trainable (LoRA) parameters in place; returns the mean training loss."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -55,7 +73,7 @@ def train_local(model: nn.Module, batches: Iterator[dict[str, Tensor]], settings
     model.train()
     total = 0.0
     for _ in range(settings.steps):
-        batch = next(batches)
+        batch = causal_batch(next(batches))
         loss = model(**batch).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

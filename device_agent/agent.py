@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import queue
-import resource
 import time
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from typing import Any
 from devft_edge.blobs import BlobInfo, BlobStore, Download, chunk_index, chunk_indices
 from devft_edge.errors import DevFTError
 from devft_edge.mqtt import BrokerAddress, Connection, Incoming
+from devft_edge.peak_memory import peak_bytes, reset_peak
 from devft_edge.protocol import AGGREGATOR, Envelope, Kind, ProtocolError, Reason, Topics, decode
 from device_agent.config import AgentConfig
 
@@ -198,6 +198,7 @@ class Agent:
         assert task is not None  # only called once a task's blobs are in
         pack_sha, lora_sha = task.data["pack"]["blob"], task.data["lora"]["blob"]
         directory = self.packs / pack_sha
+        reset_peak()  # the update reports this task's peak (unpacking, loading, training), not the process's
         try:
             if not directory.exists():
                 read_pack(self.store.path(pack_sha), directory, self.public_key)
@@ -232,7 +233,7 @@ class Agent:
             "num_samples": result.num_samples,
             "train_loss": result.train_loss,
             "seconds": round(time.monotonic() - began, 3),
-            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "peak_rss_bytes": peak_bytes(),
         }
         self.done[task.id] = data
         _write_json(self.cache / TASKS_FILE, self.done)

@@ -36,6 +36,9 @@ def test_quick_demo_runs_the_fleet_and_writes_the_simulators_files(tmp_path):
     assert [r["round"] for r in rows] == [1, 2, 3, 4]
     assert {f.name for f in fields(RoundMetrics)} <= set(rows[0])
     assert [s["layers"] for s in summary["stages"]] == [4, 8] and sum(s["rounds"] for s in summary["stages"]) == 4
+    for stage in summary["stages"]:  # the planner's prediction beside the task peaks devices reported
+        reported = [r["peak_rss_bytes"] for r in rows if r["stage"] == stage["stage"]]
+        assert 2**27 < stage["device_peak_bytes"] == max(reported) < 2**33 and stage["predicted_peak_bytes"] > 2**27
     assert summary["final_eval_loss"] == rows[-1]["eval_loss"] < summary["initial_eval_loss"]
     assert summary["bytes_down_pack"] > 0 and summary["bytes_up"] > 0 and summary["rejected"] == {}
     assert sum(d["updates"] for d in summary["devices"].values()) == sum(len(r["devices"]) for r in rows)
