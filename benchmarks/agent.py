@@ -47,6 +47,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from machine_load import load_average
+
 from devft_edge.peak_memory import peak_bytes, reset_peak  # light: no torch before bound_heap()
 
 HERE = Path(__file__).resolve().parent
@@ -56,11 +58,6 @@ EXAMPLES = 48
 """Local training examples (an agent's ``synthetic:48:0`` data)."""
 ROLES = ("agent", "bare")
 HEAPS = ("bounded", "default")
-
-
-def load_average() -> list[float]:
-    """The 1, 5 and 15 minute load averages (``/proc/loadavg``)."""
-    return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
 
 
 class Clock:

@@ -36,6 +36,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from machine_load import load_average
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "system" / "agent_memory.json"
 EXAMPLES = 48
@@ -148,6 +150,7 @@ def main_run(args: argparse.Namespace) -> int:
     from devft_edge.memory import StepConfig, estimate_memory, model_shape
     from devft_edge.models import load_config
 
+    load_before = load_average()
     shape = model_shape(load_config(args.model))
     rows = []
     for quant in args.quant.split(","):
@@ -190,6 +193,8 @@ def main_run(args: argparse.Namespace) -> int:
         "batch": args.batch,
         "seq": args.seq,
         "threads": args.threads,
+        "load_before": load_before,
+        "load_after": load_average(),
         "rows": rows,
         "max_abs_error_vs_agent_task": max(abs(r["error_vs_agent_task"]) for r in rows),
     }
@@ -197,6 +202,7 @@ def main_run(args: argparse.Namespace) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"largest error vs the agent's task peak: {report['max_abs_error_vs_agent_task']:.1%}; wrote {out}")
+    print(f"load average before {load_before}, after {report['load_after']}")
     return 0
 
 

@@ -43,6 +43,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from machine_load import load_average
 from safetensors.torch import save_file
 
 from devft_edge.aggregation import RULES, GlobalState
@@ -56,11 +57,6 @@ DISTINCT = 4
 """Distinct update states (and files) the clients cycle through: enough to defeat the CPU caches
 (4 x 9.8 MB) without writing 1000 files."""
 GOAL_VS_AXPY = 0.5
-
-
-def load_average() -> list[float]:
-    """The 1, 5 and 15 minute load averages (``/proc/loadavg``)."""
-    return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
 
 
 def lora_layout(model: str, rank: int) -> dict[str, tuple[int, int]]:

@@ -52,6 +52,8 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from machine_load import load_average
+
 from devft_edge.blobs import DEFAULT_CHUNK_BYTES, WINDOW, BlobInfo, BlobStore, Download, sha256_file
 from devft_edge.mqtt import BrokerAddress, Connection
 from devft_edge.protocol import AGGREGATOR, Envelope, Kind, ProtocolError, Reason, Topics, decode
@@ -69,11 +71,6 @@ C_TOPIC = "bench/c-clients"
 GOAL_VS_C = 0.8
 """Ours should move at least this fraction of what mosquitto's own C clients move."""
 TCP_PIECE = 1 << 20
-
-
-def load_average() -> list[float]:
-    """The 1, 5 and 15 minute load averages (``/proc/loadavg``)."""
-    return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
 
 
 def broker_config(port: int) -> str:

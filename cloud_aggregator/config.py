@@ -24,6 +24,7 @@ class Train(_Strict):
     batch: int = Field(4, ge=1)
     seq: int = Field(64, ge=8)
     lr: float = Field(3e-4, gt=0)
+    checkpointing: bool = Field(False, description="gradient checkpointing on the devices (less memory, more compute)")
 
 
 class AggregatorConfig(_Strict, BrokerLogin):

@@ -443,7 +443,9 @@ class Aggregator:
                 groups=groups,
                 lora=self.lora,
                 quant=QuantSpec(self.cfg.quant),
-                training=TrainSettings(steps=t.steps, batch_size=t.batch, seq_len=t.seq, lr=t.lr),
+                training=TrainSettings(
+                    steps=t.steps, batch_size=t.batch, seq_len=t.seq, lr=t.lr, checkpointing=t.checkpointing
+                ),
                 tokenizer_dir=_tokenizer_dir(self.cfg.model),
                 created=_iso(time.time()),
                 sign_key=self.key,
@@ -479,7 +481,12 @@ class Aggregator:
         """One local training step of the current stage, as the planner models it."""
         t = self.cfg.train
         return StepConfig(
-            layers=len(self.state.groups), batch=t.batch, seq=t.seq, rank=self.cfg.rank, quant=self.cfg.quant
+            layers=len(self.state.groups),
+            batch=t.batch,
+            seq=t.seq,
+            rank=self.cfg.rank,
+            quant=self.cfg.quant,
+            checkpointing=t.checkpointing,
         )
 
     def _eligible(self) -> list[str]:

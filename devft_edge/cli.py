@@ -149,6 +149,7 @@ def _add_demo_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--local-steps", type=int, default=d.local_steps, help="optimizer steps per device round")
     p.add_argument("--batch", type=int, default=d.batch, help="examples per step")
     p.add_argument("--seq", type=int, default=d.seq, help="tokens per example")
+    p.add_argument("--checkpointing", action="store_true", help="gradient checkpointing on the devices")
     p.add_argument("--lr", type=float, default=d.lr, help="AdamW learning rate")
     p.add_argument("--rank", type=int, default=d.rank, help="LoRA rank")
     p.add_argument("--quant", choices=QUANTIZATIONS, default=d.quant, help="pack base-weight storage")
@@ -185,6 +186,7 @@ def _run_demo(args: argparse.Namespace) -> int:
         local_steps=args.local_steps,
         batch=args.batch,
         seq=args.seq,
+        checkpointing=args.checkpointing,
         lr=args.lr,
         rank=args.rank,
         quant=args.quant,

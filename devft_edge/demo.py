@@ -50,6 +50,8 @@ class DemoConfig:
     local_steps: int = 8
     batch: int = 4
     seq: int = 64
+    checkpointing: bool = False
+    """Gradient checkpointing on the devices."""
     lr: float = 3e-4
     rank: int = 8
     alpha: float = 16.0
@@ -170,7 +172,13 @@ def write_fleet(cfg: DemoConfig, out: Path) -> tuple[Path, list[Path]]:
         "quorum": 1,
         "round_timeout_s": cfg.round_timeout_s,
         "selection_wait_s": 60.0,
-        "train": {"steps": cfg.local_steps, "batch": cfg.batch, "seq": cfg.seq, "lr": cfg.lr},
+        "train": {
+            "steps": cfg.local_steps,
+            "batch": cfg.batch,
+            "seq": cfg.seq,
+            "lr": cfg.lr,
+            "checkpointing": cfg.checkpointing,
+        },
         "rank": cfg.rank,
         "alpha": cfg.alpha,
         "quant": cfg.quant,

@@ -72,10 +72,6 @@ def probe(directory: Path, tokenizer: str, batch: int, seq: int, rank: int, chec
 
     model = load_base(directory)
     peft_model = attach_lora(model, LoraSettings(rank=rank))
-    if checkpointing:
-        peft_model.base_model.model.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": False}
-        )
     starting = [get_lora_state(peft_model) for _ in range(2)]
     stream = batches(generate_synthetic(EXAMPLES, seed=0), batch, 0, load_tokenizer(tokenizer), seq)
     load_peak = peak_bytes()
@@ -91,7 +87,8 @@ def probe(directory: Path, tokenizer: str, batch: int, seq: int, rank: int, chec
             requested.append(time.perf_counter())
             yield item
 
-    train_local(peft_model, timed(), TrainSettings(steps=STEPS, batch_size=batch, seq_len=seq))
+    settings = TrainSettings(steps=STEPS, batch_size=batch, seq_len=seq, checkpointing=checkpointing)
+    train_local(peft_model, timed(), settings)
     last_step = time.perf_counter() - requested[-1]
     del starting
     return Measurement(train_peak_bytes=peak_bytes(), load_peak_bytes=load_peak, step_seconds=last_step)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from devft_edge.backends import TRAINERS, Trainer, TrainResult
 from devft_edge.data import Example
-from devft_edge.errors import DevFTError
+from devft_edge.errors import ConfigError, DevFTError
 from devft_edge.lora import LoraState
 from devft_edge.pack import VerifiedPack
 from devft_edge.training import TrainSettings
@@ -149,6 +149,11 @@ class OrtTrainer(Trainer):
 
         from devft_edge.data import batches
 
+        if settings.checkpointing:
+            raise ConfigError(
+                "the ort backend has no gradient checkpointing: its training graph is exported once per "
+                "pack; train this task with --backend torch"
+            )
         directory = pack.directory / ARTIFACTS
         if not (directory / NAMES_FILE).exists():
             build_artifacts(pack, directory)

@@ -213,7 +213,13 @@ class Agent:
             self.task = None
             return
         train = task.data["train"]
-        settings = TrainSettings(steps=train["steps"], batch_size=train["batch"], seq_len=train["seq"], lr=train["lr"])
+        settings = TrainSettings(
+            steps=train["steps"],
+            batch_size=train["batch"],
+            seq_len=train["seq"],
+            lr=train["lr"],
+            checkpointing=bool(train.get("checkpointing", False)),
+        )
         start = {k: v.clone() for k, v in read_safetensors(self.store.path(lora_sha)).items()}
         began = time.monotonic()
         try:
@@ -237,7 +243,14 @@ class Agent:
         }
         self.done[task.id] = data
         _write_json(self.cache / TASKS_FILE, self.done)
-        logger.info("task %s trained: loss %.4f in %.1f s", task.id, result.train_loss, data["seconds"])
+        logger.info(
+            "task %s trained: loss %.4f in %.1f s, peak %.0f MiB%s",
+            task.id,
+            result.train_loss,
+            data["seconds"],
+            data["peak_rss_bytes"] / 2**20,
+            ", gradient checkpointing" if settings.checkpointing else "",
+        )
         self._send(task.reply(Kind.UPDATE, self.cfg.device_id, data=data))
         self.task = None
 

@@ -92,3 +92,16 @@ def test_agent_quick(tmp_path):
     assert _positive(memory["predicted_peak_bytes"], memory["agent_train_peak_bytes"], memory["probe_train_peak_bytes"])
     assert memory["agent_process_peak_bytes"] >= memory["agent_train_peak_bytes"]
     assert isinstance(report["meets_goal"], bool)
+
+
+@pytest.mark.slow
+def test_agent_memory_quick(tmp_path):
+    report = _run("agent_memory", tmp_path, "--model", "tiny", "--layers", "2", "--quant", "int4", "--steps", "2")
+    (row,) = report["rows"]
+    assert (row["layers"], row["quant"]) == (2, "int4")
+    agent = row["agent"]
+    assert agent["task_mark_reset"] is True and agent["train_mark_reset"] is True
+    assert _positive(row["predicted_peak_bytes"], row["probe_train_peak_bytes"], agent["load_peak"])
+    assert agent["train_peak"] > agent["loaded_rss"] > 0  # training allocates on top of the loaded pack
+    assert row["agent_task_peak_bytes"] == max(agent["load_peak"], agent["train_peak"])
+    assert report["max_abs_error_vs_agent_task"] == abs(row["error_vs_agent_task"])

@@ -28,6 +28,7 @@ def test_quick_demo_runs_the_fleet_and_writes_the_simulators_files(tmp_path):
     out = tmp_path / "demo"
     command = [sys.executable, "-m", "devft_edge", "demo", "--model", "tiny", "--devices", "3", "--stages", "2"]
     command += ["--rounds", "4", "--local-steps", "2", "--examples-per-client", "12", "--eval-examples", "6"]
+    command += ["--checkpointing"]  # over the network end to end (test_system covers the default)
     done = subprocess.run([*command, "--out", str(out), "--json"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:] + (out / "logs" / "aggregator.log").read_text()[-3000:]
     summary = json.loads(done.stdout)
@@ -36,6 +37,7 @@ def test_quick_demo_runs_the_fleet_and_writes_the_simulators_files(tmp_path):
     assert [r["round"] for r in rows] == [1, 2, 3, 4]
     assert {f.name for f in fields(RoundMetrics)} <= set(rows[0])
     assert [s["layers"] for s in summary["stages"]] == [4, 8] and sum(s["rounds"] for s in summary["stages"]) == 4
+    assert summary["config"]["train"]["checkpointing"] is True
     for stage in summary["stages"]:  # the planner's prediction beside the task peaks devices reported
         reported = [r["peak_rss_bytes"] for r in rows if r["stage"] == stage["stage"]]
         assert 2**27 < stage["device_peak_bytes"] == max(reported) < 2**33 and stage["predicted_peak_bytes"] > 2**27
@@ -46,6 +48,9 @@ def test_quick_demo_runs_the_fleet_and_writes_the_simulators_files(tmp_path):
     assert (out / "curves.png").stat().st_size > 0
     for device in summary["demo"]["device_profiles"]:  # each device trained on its own file only
         assert (out / "devices" / device / "data" / "train.jsonl").exists()
+        trained = [line for line in (out / "logs" / f"{device}.log").read_text().splitlines() if " trained: " in line]
+        assert len(trained) >= summary["devices"].get(device, {}).get("updates", 0)
+        assert all(line.endswith(", gradient checkpointing") for line in trained)
     base = load_model("tiny", seed=0)
     ids = torch.tensor([[1, 2, 3, 4]])
     with torch.no_grad():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from devft_edge.data import encode_batch
 from devft_edge.fusion import FUSIONS
 from devft_edge.lora import LoraSettings, attach_lora, init_lora_state, lora_shapes, set_lora_state
 from devft_edge.models import load_model, model_dir
-from devft_edge.pack import FORMAT_VERSION, PackError, Refusal, load_pack, read_pack, write_pack
+from devft_edge.pack import FORMAT_VERSION, PackError, Refusal, VerifiedPack, load_pack, read_pack, write_pack
 from devft_edge.quantization import QuantSpec
 from devft_edge.signing import generate_keypair, load_private_key, load_public_key, sign
 from devft_edge.submodel import build_submodel, stage_lora
@@ -249,14 +250,22 @@ def test_planner_pack_bytes_match_a_real_pack(tmp_path, scheme):
     assert 0 <= overhead < 24_576, overhead
 
 
-def test_the_torch_trainer_keeps_a_pack_loaded_and_trains_the_same_as_a_fresh_one(tmp_path, keys):
-    """Rounds of a stage reuse the loaded pack: the second round's result must equal what a
-    freshly loaded trainer computes from the same start (no state leaks between rounds)."""
+ROUND = TrainSettings(steps=3, batch_size=4, seq_len=48, lr=3e-3)
+"""A short local round for the trainer tests."""
+
+
+@pytest.fixture
+def int8_pack(tmp_path, keys) -> VerifiedPack:
+    """A verified int8 pack of the tiny model, unpacked."""
     path = tmp_path / "p.devpack"
     make_pack(path, keys[0], scheme="int8")
-    pack = read_pack(path, tmp_path / "unpacked", keys[1])
-    examples = generate_synthetic(16, seed=5)
-    settings = TrainSettings(steps=3, batch_size=4, seq_len=48, lr=3e-3)
+    return read_pack(path, tmp_path / "unpacked", keys[1])
+
+
+def test_the_torch_trainer_keeps_a_pack_loaded_and_trains_the_same_as_a_fresh_one(int8_pack):
+    """Rounds of a stage reuse the loaded pack: the second round's result must equal what a
+    freshly loaded trainer computes from the same start (no state leaks between rounds)."""
+    pack, examples, settings = int8_pack, generate_synthetic(16, seed=5), ROUND
     warm = get_trainer("torch")
     first = warm.train(pack, examples, settings, seed=0)
     second = warm.train(pack, examples, settings, seed=1, start=first.lora)
@@ -265,3 +274,17 @@ def test_the_torch_trainer_keeps_a_pack_loaded_and_trains_the_same_as_a_fresh_on
     assert second.train_loss == fresh.train_loss
     again = warm.train(pack, examples, settings, seed=0)  # start=None: the pack's own LoRA again
     assert all(torch.equal(again.lora[k], first.lora[k]) for k in first.lora)
+
+
+def test_gradient_checkpointing_trains_the_same_lora_and_is_switched_per_task(int8_pack):
+    """A task may ask for gradient checkpointing (less memory): the same LoRA comes out, and the
+    next task without it does not inherit it from the resident model."""
+    pack, examples, plain = int8_pack, generate_synthetic(16, seed=5), ROUND
+    trainer = get_trainer("torch")
+    recomputed = trainer.train(pack, examples, replace(plain, checkpointing=True), seed=0)
+    assert trainer._loaded[1].get_base_model().is_gradient_checkpointing
+    reference = trainer.train(pack, examples, plain, seed=0)
+    assert not trainer._loaded[1].get_base_model().is_gradient_checkpointing
+    for key, value in reference.lora.items():
+        assert torch.allclose(recomputed.lora[key], value, rtol=1e-4, atol=1e-6), key
+    assert recomputed.train_loss == pytest.approx(reference.train_loss, rel=1e-5)

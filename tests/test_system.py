@@ -102,27 +102,36 @@ def _check_adapter_loads_in_peft(agg: Path) -> None:
 
 def test_embedded_broker_serves_a_run_and_status_reports_it(tmp_path):
     """No broker configured: serve starts the embedded amqtt broker (MQTT 3.1.1), the agents use
-    it, and `devft-edge status` reads the aggregator's retained status from it."""
+    it, and `devft-edge status` reads the aggregator's retained status from it.
+
+    The quorum is two devices and only one agent runs while status is asked, so the aggregator is
+    certainly alive (waiting for a second device) when the status command connects; then the
+    second agent starts and the run completes."""
     pytest.importorskip("amqtt")
     port = free_port()
     url = f"mqtt://127.0.0.1:{port}"
-    agg_config, agent_configs = write_configs(tmp_path, url, devices=1, rounds=4)
+    agg_config, agent_configs = write_configs(tmp_path, url, devices=2, rounds=4, quorum=2)
     data = yaml.safe_load(agg_config.read_text())
     del data["broker"]
     agg_config.write_text(yaml.safe_dump(data))
     server = start("serve", "--config", str(agg_config), "--embedded-port", str(port), log=tmp_path / "serve.log")
-    agents = [start("agent", "--config", str(c), log=tmp_path / f"{c.stem}.log") for c in agent_configs]
+    agents = [start("agent", "--config", str(agent_configs[0]), log=tmp_path / "dev-0.log")]
     try:
         deadline = time.time() + 120
-        while not read_state(tmp_path).get("open_round") and time.time() < deadline and server.poll() is None:
+        while time.time() < deadline and server.poll() is None:
+            state = read_state(tmp_path)
+            if state.get("stage", 0) >= 1 and state.get("devices", {}).get("dev-0", {}).get("online"):
+                break
             time.sleep(0.05)
-        status = subprocess.run(  # while the run is going: the embedded broker stops with the aggregator
+        status = subprocess.run(
             [sys.executable, "-m", "devft_edge", "status", "--broker", url, "--fleet", "t", "--json"],
             capture_output=True,
             text=True,
             timeout=60,
             check=False,
         )
+        assert not read_state(tmp_path).get("open_round")  # still waiting for the quorum
+        agents.append(start("agent", "--config", str(agent_configs[1]), log=tmp_path / "dev-1.log"))
         assert server.wait(timeout=240) == 0, (tmp_path / "serve.log").read_text()[-3000:]
     finally:
         for agent in agents:
@@ -132,8 +141,8 @@ def test_embedded_broker_serves_a_run_and_status_reports_it(tmp_path):
     assert "embedded broker on" in (tmp_path / "serve.log").read_text()
     assert status.returncode == 0, status.stderr[-2000:]
     doc = json.loads(status.stdout)
-    assert doc["run"] == "test-run" and doc["stage"] >= 1 and doc["rounds"] == 4 and doc["boot"]
-    assert "dev-0" in doc["devices_online"]
+    assert doc["run"] == "test-run" and doc["stage"] == 1 and doc["rounds"] == 4 and doc["boot"]
+    assert doc["devices_online"] == ["dev-0"]
     assert read_state(tmp_path)["finished"]
 
 
