@@ -47,6 +47,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from agent_memory import write_stage_pack
 from machine_load import load_average
 
 from devft_edge.peak_memory import peak_bytes, reset_peak  # light: no torch before bound_heap()
@@ -174,35 +175,16 @@ def cmd_worker(args: argparse.Namespace) -> int:
 def build(model_name: str, directory: Path, args: argparse.Namespace) -> tuple[Path, Path]:
     """The verified full-depth pack (as a device unpacks it) and the same weights for the memory probe."""
     from devft_edge.layers import num_layers
-    from devft_edge.lora import LoraSettings, init_lora_state, lora_shapes
-    from devft_edge.models import load_model, model_dir
-    from devft_edge.pack import read_pack, write_pack
+    from devft_edge.models import load_model
     from devft_edge.quantization import QuantSpec
-    from devft_edge.signing import generate_keypair, load_private_key, load_public_key
     from devft_edge.training import TrainSettings
     from devft_edge.weights import save_base
 
-    private, public = generate_keypair(directory / "keys")
-    lora = LoraSettings()
     base = load_model(model_name)
-    write_pack(
-        directory / "full.devpack",
-        base,
-        init_lora_state(lora_shapes(base, lora), lora.rank, 0),
-        model_name=model_name,
-        stage=1,
-        stages=1,
-        groups=[[i] for i in range(num_layers(base.config))],
-        lora=lora,
-        quant=QuantSpec("none"),
-        training=TrainSettings(steps=args.steps, batch_size=args.batch, seq_len=args.seq),
-        tokenizer_dir=model_dir(model_name),
-        created="2026-11-22T00:00:00Z",
-        sign_key=load_private_key(private),
-    )
-    pack = read_pack(directory / "full.devpack", directory / "pack", load_public_key(public))
+    training = TrainSettings(steps=args.steps, batch_size=args.batch, seq_len=args.seq)
+    pack, _ = write_stage_pack(directory, model_name, base, num_layers(base.config), "none", training)
     probe = save_base(load_model(model_name), QuantSpec("none"), directory / "probe")
-    return pack.directory, probe
+    return pack, probe
 
 
 def worker(args: argparse.Namespace, pack: Path, role: str, heap: str) -> dict[str, Any]:

@@ -34,9 +34,14 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from machine_load import load_average
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+    from devft_edge.training import TrainSettings
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "system" / "agent_memory.json"
@@ -87,27 +92,21 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
-def build(model_name: str, layers: int, quant: str, directory: Path, args: argparse.Namespace) -> tuple[Path, Path]:
-    """The verified stage pack (as a device unpacks it) and the same submodel for the probe."""
-    from devft_edge.fusion import FUSIONS
-    from devft_edge.grouping import even_sizes
-    from devft_edge.layers import num_layers
+def write_stage_pack(
+    directory: Path, model_name: str, base: PreTrainedModel, layers: int, quant: str, training: TrainSettings
+) -> tuple[Path, list[list[int]]]:
+    """A signed pack of ``base``'s stage of ``layers`` layers (:func:`devft_edge.memcheck.stage_submodel`),
+    unpacked and verified as a device does; its directory and groups. Also used by ``agent.py``."""
     from devft_edge.lora import LoraSettings, init_lora_state, lora_shapes
-    from devft_edge.models import load_model, model_dir
+    from devft_edge.memcheck import stage_submodel
+    from devft_edge.models import model_dir
     from devft_edge.pack import read_pack, write_pack
     from devft_edge.quantization import QuantSpec
     from devft_edge.signing import generate_keypair, load_private_key, load_public_key
-    from devft_edge.submodel import build_submodel
-    from devft_edge.training import TrainSettings
-    from devft_edge.weights import save_base
 
-    base = load_model(model_name)
-    sizes = even_sizes(num_layers(base.config), layers)
-    starts = [sum(sizes[:i]) for i in range(len(sizes))]
-    groups = [list(range(a, a + n)) for a, n in zip(starts, sizes, strict=True)]
     private, public = generate_keypair(directory / "keys")
     lora = LoraSettings()
-    sub = build_submodel(base, groups, FUSIONS.get("dblf")).model
+    groups, sub = stage_submodel(base, layers)
     write_pack(
         directory / "stage.devpack",
         sub,
@@ -118,14 +117,27 @@ def build(model_name: str, layers: int, quant: str, directory: Path, args: argpa
         groups=groups,
         lora=lora,
         quant=QuantSpec(quant),
-        training=TrainSettings(steps=args.steps, batch_size=args.batch, seq_len=args.seq),
+        training=training,
         tokenizer_dir=model_dir(model_name),
         created="2026-11-29T00:00:00Z",
         sign_key=load_private_key(private),
     )
-    pack = read_pack(directory / "stage.devpack", directory / "pack", load_public_key(public))
-    probe = save_base(build_submodel(base, groups, FUSIONS.get("dblf")).model, QuantSpec(quant), directory / "probe")
-    return pack.directory, probe
+    return read_pack(directory / "stage.devpack", directory / "pack", load_public_key(public)).directory, groups
+
+
+def build(model_name: str, layers: int, quant: str, directory: Path, args: argparse.Namespace) -> tuple[Path, Path]:
+    """The verified stage pack (as a device unpacks it) and the same submodel for the probe."""
+    from devft_edge.memcheck import stage_submodel
+    from devft_edge.models import load_model
+    from devft_edge.quantization import QuantSpec
+    from devft_edge.training import TrainSettings
+    from devft_edge.weights import save_base
+
+    base = load_model(model_name)
+    training = TrainSettings(steps=args.steps, batch_size=args.batch, seq_len=args.seq)
+    pack, _ = write_stage_pack(directory, model_name, base, layers, quant, training)
+    probe = save_base(stage_submodel(base, layers)[1], QuantSpec(quant), directory / "probe")
+    return pack, probe
 
 
 def worker(args: argparse.Namespace, pack: Path) -> dict[str, Any]:

@@ -93,12 +93,9 @@ def cmd_measure(args: argparse.Namespace) -> int:
     results = DEFAULT_HEAP_RESULTS if args.default_heap else RESULTS
     if args.default_heap:
         os.environ[HEAP_ENV] = "default"
-    from devft_edge.fusion import FUSIONS
-    from devft_edge.grouping import even_sizes
-    from devft_edge.memcheck import measure
+    from devft_edge.memcheck import measure, stage_submodel
     from devft_edge.models import load_model
     from devft_edge.quantization import QuantSpec
-    from devft_edge.submodel import build_submodel
     from devft_edge.weights import save_base
 
     base = load_model("smollm2")
@@ -108,10 +105,7 @@ def cmd_measure(args: argparse.Namespace) -> int:
         for number, case in enumerate(CASES, start=1):
             key = (case.layers, case.quant)
             if key not in built:
-                sizes = even_sizes(30, case.layers)
-                starts = np.cumsum([0, *sizes[:-1]])
-                groups = [list(range(a, a + n)) for a, n in zip(starts, sizes, strict=True)]
-                sub = build_submodel(base, groups, FUSIONS.get("dblf")).model
+                _, sub = stage_submodel(base, case.layers)
                 built[key] = save_base(sub, QuantSpec(case.quant), Path(tmp) / f"{case.layers}-{case.quant}")
             start = time.perf_counter()
             m = measure(

@@ -38,6 +38,7 @@ __all__ = [
     "Grouping",
     "RandomGrouping",
     "SpectralGrouping",
+    "even_groups",
     "even_sizes",
 ]
 
@@ -46,6 +47,15 @@ def even_sizes(n_layers: int, n_groups: int) -> list[int]:
     """Near-equal segment sizes (differ by at most 1), the larger ones last (deepest)."""
     base, extra = divmod(n_layers, n_groups)
     return [base] * (n_groups - extra) + [base + 1] * extra
+
+
+def even_groups(n_layers: int, n_groups: int) -> list[list[int]]:
+    """Contiguous groups of :func:`even_sizes`: layers ``0..n_layers-1`` in order."""
+    groups, start = [], 0
+    for size in even_sizes(n_layers, n_groups):
+        groups.append(list(range(start, start + size)))
+        start += size
+    return groups
 
 
 def _canonical(groups: list[list[int]]) -> list[list[int]]:
@@ -212,8 +222,4 @@ class EvenGrouping(Grouping):
     paper = "DevFT ablation: even layer grouping"
 
     def _partition(self, w: np.ndarray, n_groups: int, seed: int) -> list[list[int]]:
-        groups, start = [], 0
-        for size in even_sizes(w.shape[0], n_groups):
-            groups.append(list(range(start, start + size)))
-            start += size
-        return groups
+        return even_groups(w.shape[0], n_groups)

@@ -27,12 +27,15 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from devft_edge.errors import DevFTError
 from devft_edge.layers import num_layers
 from devft_edge.peak_memory import peak_bytes, reset_peak
 from devft_edge.quantization import QuantSpec
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 STEPS = 2
 EXAMPLES = 48
@@ -127,6 +130,20 @@ def measure(
     return Measurement(**json.loads(done.stdout.strip().splitlines()[-1]))
 
 
+def stage_submodel(base: PreTrainedModel, capacity: int) -> tuple[list[list[int]], PreTrainedModel]:
+    """The groups and the submodel a stage of ``capacity`` layers is measured on.
+
+    Layers are grouped evenly and fused with DBLF: peak memory depends on the submodel's shape,
+    not on which layers were fused, so measuring needs no similarity pass.
+    """
+    from devft_edge.fusion import FUSIONS
+    from devft_edge.grouping import even_groups
+    from devft_edge.submodel import build_submodel
+
+    groups = even_groups(num_layers(base.config), capacity)
+    return groups, build_submodel(base, groups, FUSIONS.get("dblf")).model
+
+
 def measure_stages(
     model_spec: str,
     capacities: Sequence[int],
@@ -137,26 +154,16 @@ def measure_stages(
     checkpointing: bool = False,
     threads: int | None = None,
 ) -> list[Measurement]:
-    """Build each stage's submodel of ``model_spec`` and measure a training step of it.
-
-    Layers are grouped evenly and fused with DBLF: peak memory depends on the submodel's shape,
-    not on which layers were fused, so the planner's check does not need the similarity pass.
-    """
-    from devft_edge.fusion import FUSIONS
-    from devft_edge.grouping import even_sizes
+    """Build each stage's submodel of ``model_spec`` (:func:`stage_submodel`) and measure a
+    training step of it."""
     from devft_edge.models import load_model
-    from devft_edge.submodel import build_submodel
     from devft_edge.weights import save_base
 
     base = load_model(model_spec)
-    total = num_layers(base.config)
     results = []
     with tempfile.TemporaryDirectory(prefix="devft-memcheck-") as tmp:
         for capacity in capacities:
-            sizes = even_sizes(total, capacity)
-            starts = [sum(sizes[:i]) for i in range(len(sizes))]
-            groups = [list(range(a, a + n)) for a, n in zip(starts, sizes, strict=True)]
-            sub = build_submodel(base, groups, FUSIONS.get("dblf")).model
+            _, sub = stage_submodel(base, capacity)
             directory = save_base(sub, quant, Path(tmp) / f"layers-{capacity}")
             del sub
             results.append(measure(directory, model_spec, batch, seq, rank, checkpointing, threads))
