@@ -136,6 +136,7 @@ def build(model_name: str, layers: int, quant: str, directory: Path, args: argpa
     base = load_model(model_name)
     training = TrainSettings(steps=args.steps, batch_size=args.batch, seq_len=args.seq)
     pack, _ = write_stage_pack(directory, model_name, base, layers, quant, training)
+    # built twice: writing a pack and writing the probe's weights both quantize the model in place
     probe = save_base(stage_submodel(base, layers)[1], QuantSpec(quant), directory / "probe")
     return pack, probe
 

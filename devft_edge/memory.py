@@ -226,7 +226,8 @@ def heap_width(shape: ModelShape, tokens: int) -> int:
     The agent bounds glibc's mmap threshold (:mod:`devft_edge.allocator`): a tensor at or above it
     gets its own mapping, returned whole when freed; a smaller one lives on the heap, where freed
     blocks stay resident and fragment. So the same activations cost more at few tokens (SmolLM2 at
-    4 x 64: the 576- and 192-wide outputs are heap tensors) than at many (at 8 x 128 all are mapped).
+    4 x 64: the 576- and 192-wide outputs are heap tensors) than at many (at 8 x 128 only the
+    192-wide ones, from 2,048 tokens none).
     """
     return sum(
         lin.out_features for lin in shape.block_linears if tokens * lin.out_features * FLOAT < MMAP_THRESHOLD_BYTES

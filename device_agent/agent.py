@@ -17,14 +17,17 @@ import logging
 import queue
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from devft_edge.blobs import BlobInfo, BlobStore, Download, chunk_index, chunk_indices
-from devft_edge.errors import DevFTError
+from devft_edge.errors import ConfigError, DevFTError
 from devft_edge.mqtt import BrokerAddress, Connection, Incoming
 from devft_edge.peak_memory import peak_bytes, reset_peak
 from devft_edge.protocol import AGGREGATOR, Envelope, Kind, ProtocolError, Reason, Topics, decode
 from device_agent.config import AgentConfig
+
+if TYPE_CHECKING:
+    from devft_edge.training import TrainSettings
 
 logger = logging.getLogger(__name__)
 
@@ -130,6 +133,12 @@ class Agent:
             return
         if self.task is not None and self.task.id == task.id:
             return
+        try:
+            task_settings(task)
+        except ProtocolError as error:  # refuse at once: the round need not wait for its deadline
+            logger.error("task %s refused: %s", task.id, error)
+            self._send(task.reply(Kind.REFUSAL, self.cfg.device_id, reason=error.reason, data={"detail": str(error)}))
+            return
         self.task, self.downloads = task, {}
         for key in ("pack", "lora"):
             info = BlobInfo.from_json(task.data[key])
@@ -191,7 +200,6 @@ class Agent:
         from safetensors.torch import save as safetensors_save
 
         from devft_edge.pack import PackError, VerifiedPack, read_pack
-        from devft_edge.training import TrainSettings
         from devft_edge.weights import read_safetensors
 
         task = self.task
@@ -212,14 +220,7 @@ class Agent:
             )
             self.task = None
             return
-        train = task.data["train"]
-        settings = TrainSettings(
-            steps=train["steps"],
-            batch_size=train["batch"],
-            seq_len=train["seq"],
-            lr=train["lr"],
-            checkpointing=bool(train.get("checkpointing", False)),
-        )
+        settings = task_settings(task)
         start = {k: v.clone() for k, v in read_safetensors(self.store.path(lora_sha)).items()}
         began = time.monotonic()
         try:
@@ -256,6 +257,38 @@ class Agent:
 
     def _send(self, message: Envelope) -> None:
         self.connection.publish(self.topics.up(self.cfg.device_id), message.encode())
+
+
+def task_settings(task: Envelope) -> TrainSettings:
+    """The local training ``task`` asks for.
+
+    Raises:
+        ProtocolError: ``malformed``, naming every bad field of the task's ``train`` object.
+    """
+    from devft_edge.training import TrainSettings
+
+    train = task.data.get("train")
+    if not isinstance(train, dict):
+        raise ProtocolError(Reason.MALFORMED, "the task has no 'train' object")
+    problems = [
+        f"train.{name} must be a number, got {train.get(name)!r}"
+        for name in ("steps", "batch", "seq", "lr")
+        if isinstance(train.get(name), bool) or not isinstance(train.get(name), int if name != "lr" else (int, float))
+    ]
+    if not isinstance(train.get("checkpointing", False), bool):
+        problems.append(f"train.checkpointing must be true or false, got {train['checkpointing']!r}")
+    if problems:
+        raise ProtocolError(Reason.MALFORMED, "; ".join(problems))
+    try:
+        return TrainSettings(
+            steps=train["steps"],
+            batch_size=train["batch"],
+            seq_len=train["seq"],
+            lr=float(train["lr"]),
+            checkpointing=train.get("checkpointing", False),
+        )
+    except ConfigError as error:
+        raise ProtocolError(Reason.MALFORMED, str(error)) from error
 
 
 def _load_profile(cfg: AgentConfig) -> Any:

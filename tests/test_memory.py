@@ -14,6 +14,7 @@ from devft_edge.memory import (
     base_weight_bytes,
     estimate_memory,
     estimate_step_seconds,
+    heap_width,
     max_batch,
     max_layers,
     model_shape,
@@ -104,3 +105,14 @@ def test_bad_step_configs_list_every_problem(smollm2_shape):
     assert len(error.value.problems) == 3
     with pytest.raises(ConfigError, match="exceeds"):
         estimate_memory(smollm2_shape, StepConfig(layers=31))
+
+
+def test_heap_width_counts_the_outputs_below_the_mmap_threshold(smollm2_shape) -> None:
+    # SmolLM2 block outputs: q 576, k 192, v 192, o 576, gate 1536, up 1536, down 576 (fp32).
+    assert heap_width(smollm2_shape, 256) == 576 + 192 + 192 + 576 + 576  # < 1 MiB at 256 tokens
+    assert heap_width(smollm2_shape, 512) == 192 + 192
+    assert heap_width(smollm2_shape, 1024) == 192 + 192  # 768 KiB each
+    assert heap_width(smollm2_shape, 2048) == 0
+    few = estimate_memory(smollm2_shape, StepConfig(layers=30, batch=4, seq=64)).parts["activations"]
+    many = estimate_memory(smollm2_shape, StepConfig(layers=30, batch=16, seq=64)).parts["activations"]
+    assert many < 4 * few  # 4x the tokens, but none of them on the heap
