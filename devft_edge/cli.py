@@ -42,12 +42,35 @@ def _add_simulation_options(p: argparse.ArgumentParser, defaults: dict[str, obje
     p.add_argument("--rank", type=int, default=8, help="LoRA rank")
     p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha")
     p.add_argument("--targets", default=None, help="comma-separated LoRA targets (default: all block projections)")
-    p.add_argument("--similarity", default="cka", help="layer similarity: cka | weights")
     p.add_argument(
-        "--grouping", default="contiguous", help="contiguous | contiguous_ratiocut | spectral | random | even"
+        "--preset",
+        choices=["default", "paper"],
+        default="default",
+        help="paper: the paper's literal DevFT (equal round split, copy transfer, no healing, no kept ends); "
+        "options given explicitly override the preset",
     )
-    p.add_argument("--fusion", default="dblf", help="dblf | one | sum | mean")
-    p.add_argument("--beta", type=_beta, default=0.1, help="DBLF beta in (0, 1] or 'auto'")
+    p.add_argument("--similarity", default=None, help="layer similarity: cka (default) | weights")
+    p.add_argument(
+        "--grouping", default=None, help="contiguous (default) | contiguous_ratiocut | spectral | random | even"
+    )
+    p.add_argument("--fusion", default=None, help="dblf (default) | one | sum | mean")
+    p.add_argument("--beta", type=_beta, default=None, help="DBLF beta in (0, 1] or 'auto' (default 0.1)")
+    p.add_argument("--transfer", default=None, help="knowledge transfer: copy (the paper) | inv_n (B/n per member)")
+    p.add_argument("--keep-ends", type=int, default=None, help="keep the first and last k layers unfused")
+    p.add_argument("--heal", choices=["off", "bake", "adapter"], default=None, help="heal fused submodels (server)")
+    p.add_argument("--heal-steps", type=int, default=None, help="distillation steps per stage submodel")
+    p.add_argument("--heal-rank", type=int, default=None, help="rank of the heal adapter (--heal adapter)")
+    p.add_argument("--capacities", default=None, help="comma-separated stage depths, e.g. 8,15,30")
+    p.add_argument(
+        "--stage-steps", choices=["fixed", "compute"], default=None, help="local steps per stage round"
+    )
+    p.add_argument("--quant", choices=QUANTIZATIONS, default="none", help="pack quantization (bytes, trained base)")
+    p.add_argument(
+        "--full-eval",
+        choices=["stage", "round", "off"],
+        default="stage",
+        help="evaluate the full model with the transferred LoRA after each stage (default), round, or never",
+    )
     p.add_argument("--data", default=None, help="JSONL instruction data (default: synthetic multi-task)")
     p.add_argument("--examples-per-client", type=int, default=48, help="synthetic training examples per client")
     p.add_argument("--data-alpha", type=float, default=0.5, help="Dirichlet alpha over tasks (non-IID); 0 = IID")
@@ -64,7 +87,7 @@ def _add_simulation_options(p: argparse.ArgumentParser, defaults: dict[str, obje
     p.add_argument(
         "--round-split",
         choices=["equal", "depth"],
-        default="depth",
+        default=None,
         help="rounds per stage: in proportion to stage depth (default), or equal (the paper)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed for data, sampling, init and training")
@@ -74,9 +97,25 @@ def _add_simulation_options(p: argparse.ArgumentParser, defaults: dict[str, obje
 
 def _run_simulation(args: argparse.Namespace) -> int:
     from devft_edge.lora import LoraSettings
+    from devft_edge.presets import method_settings
     from devft_edge.simulator import SimulationConfig, simulate
     from devft_edge.training import TrainSettings
 
+    method = method_settings(
+        args.preset,
+        similarity=args.similarity,
+        grouping=args.grouping,
+        fusion=args.fusion,
+        beta=args.beta,
+        transfer=args.transfer,
+        keep_ends=args.keep_ends,
+        heal=args.heal,
+        heal_steps=args.heal_steps,
+        heal_rank=args.heal_rank,
+        round_split=args.round_split,
+        stage_steps=args.stage_steps,
+        capacities=args.capacities,
+    )
     cfg = SimulationConfig(
         model=args.model,
         method=args.method,
@@ -88,10 +127,7 @@ def _run_simulation(args: argparse.Namespace) -> int:
         lora=LoraSettings(
             rank=args.rank, alpha=args.alpha, targets=tuple(args.targets.split(",")) if args.targets else None
         ),
-        similarity=args.similarity,
-        grouping=args.grouping,
-        fusion=args.fusion,
-        beta=args.beta,
+        recipe=method.recipe,
         seed=args.seed,
         data=args.data,
         examples_per_client=args.examples_per_client,
@@ -101,7 +137,11 @@ def _run_simulation(args: argparse.Namespace) -> int:
         export_merged=args.export_merged,
         adaptive_patience=args.adaptive_patience,
         adaptive_min_delta=args.adaptive_min_delta,
-        round_split=args.round_split,
+        round_split=method.round_split,
+        capacities=method.capacities,
+        stage_steps=method.stage_steps,
+        quant=args.quant,
+        full_eval=args.full_eval,
     )
     summary = simulate(cfg, args.out)
     if args.json:

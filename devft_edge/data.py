@@ -43,6 +43,7 @@ __all__ = [
     "generate_synthetic",
     "load_jsonl",
     "normalize_answer",
+    "pad_id",
     "partition",
     "render_answer",
     "render_prompt",
@@ -214,7 +215,8 @@ def exact_match(prediction: str, reference: str) -> bool:
     return normalize_answer(prediction) == normalize_answer(reference)
 
 
-def _pad_id(tokenizer: Any) -> int:
+def pad_id(tokenizer: Any) -> int:
+    """The id that pads batches: the tokenizer's pad token, else its EOS token."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad is None:
         raise ConfigError("tokenizer has neither a pad token nor an EOS token to pad with")
@@ -291,7 +293,7 @@ def encode_batch(tokenizer: Any, examples: Sequence[Example], seq_len: int) -> d
     header), never the answer. Raises :class:`DataError` naming every example whose answer does not
     fit.
     """
-    return _collate(_tokenize_for_training(tokenizer, examples, seq_len), seq_len, _pad_id(tokenizer))
+    return _collate(_tokenize_for_training(tokenizer, examples, seq_len), seq_len, pad_id(tokenizer))
 
 
 def encode_prompts(tokenizer: Any, examples: Sequence[Example], max_length: int | None = None) -> dict[str, Tensor]:
@@ -307,7 +309,7 @@ def encode_prompts(tokenizer: Any, examples: Sequence[Example], max_length: int 
     if max_length is not None:
         prompts = [p[-max_length:] for p in prompts]
     width = max(len(p) for p in prompts)
-    input_ids = torch.full((len(prompts), width), _pad_id(tokenizer), dtype=torch.long)
+    input_ids = torch.full((len(prompts), width), pad_id(tokenizer), dtype=torch.long)
     attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
     for row, p in enumerate(prompts):
         input_ids[row, width - len(p) :] = torch.tensor(p, dtype=torch.long)
@@ -327,7 +329,7 @@ def batches(
     """
     raise_if([f"batch_size must be >= 1, got {batch_size}"] if batch_size < 1 else [])
     tokenized = _tokenize_for_training(tokenizer, examples, seq_len)
-    pad_id = _pad_id(tokenizer)
+    pad = pad_id(tokenizer)
     rng = random.Random(seed)
 
     def stream() -> Iterator[dict[str, Tensor]]:
@@ -339,6 +341,6 @@ def batches(
             while len(pending) >= batch_size:
                 chosen = pending[:batch_size]
                 del pending[:batch_size]
-                yield _collate([tokenized[i] for i in chosen], seq_len, pad_id)
+                yield _collate([tokenized[i] for i in chosen], seq_len, pad)
 
     return stream()

@@ -16,15 +16,13 @@ from __future__ import annotations
 import json
 import logging
 import random
-import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 from peft import PeftModel
-from safetensors.torch import save_file
 from torch import Tensor
 from tqdm import tqdm
 
@@ -33,31 +31,39 @@ from devft_edge.calibration import calibration_ids
 from devft_edge.data import Example, batches, load_jsonl, partition, train_eval_split
 from devft_edge.errors import ConfigError, raise_if
 from devft_edge.export import export_adapter, export_merged
-from devft_edge.fusion import FUSIONS, Fusion
-from devft_edge.grouping import GROUPINGS
-from devft_edge.layers import layer_prefix, num_layers
+from devft_edge.layers import num_layers
 from devft_edge.lora import (
     LoraSettings,
     LoraState,
     attach_lora,
     get_lora_state,
     init_lora_state,
+    lora_applied,
     lora_shapes,
     set_lora_state,
     state_bytes,
 )
-from devft_edge.models import load_model, load_tokenizer
+from devft_edge.memory import model_shape
+from devft_edge.models import cache_dir, load_model, load_tokenizer, model_dir
+from devft_edge.pack_size import pack_file_bytes
 from devft_edge.peak_memory import peak_bytes
 from devft_edge.plot import plot_curves
+from devft_edge.quantization import QuantSpec, dequantize_model, quantize_model
 from devft_edge.schedule import StageSchedule
-from devft_edge.similarity import SIMILARITIES
-from devft_edge.submodel import add_weight_delta, build_submodel, stage_groups, stage_lora
+from devft_edge.stage import Stage, StageBuilder, StageRecipe
+from devft_edge.step_cost import StepCostModel, step_cost_model
+from devft_edge.submodel import add_weight_delta
 from devft_edge.training import EvalResult, TrainSettings, evaluate, train_local
-from devft_edge.transfer import transfer_lora
 
 logger = logging.getLogger(__name__)
 
 METHODS = ("devft", "fedit", "fedsa", "flora", "devft+fedit", "devft+fedsa", "devft+flora")
+FULL_EVALS = ("stage", "round", "off")
+"""When the full model with the transferred LoRA is evaluated: after each stage's transfer, after
+every round (the running hand-over), or never."""
+STAGE_STEPS = ("fixed", "compute")
+"""Local steps per round in each stage: the same everywhere, or in inverse proportion to the
+stage's step cost so that a round of every stage costs what a full-depth round costs."""
 
 
 @dataclass(frozen=True)
@@ -80,14 +86,8 @@ class SimulationConfig:
     """Local training of one client round."""
     lora: LoraSettings = field(default_factory=LoraSettings)
     """LoRA rank, alpha, targets."""
-    similarity: str = "cka"
-    """Layer similarity for grouping (``cka`` or ``weights``)."""
-    grouping: str = "contiguous"
-    """Grouping algorithm (``contiguous``, ``spectral``, ``random``, ``even``)."""
-    fusion: str = "dblf"
-    """Layer fusion (``dblf``, ``one``, ``sum``, ``mean``)."""
-    beta: float | str = 0.1
-    """DBLF beta in (0, 1], or ``auto`` = min(0.1, 1/n)."""
+    recipe: StageRecipe = field(default_factory=StageRecipe)
+    """How each stage is built: similarity, grouping, fusion, transfer rule, kept ends, healing."""
     seed: int = 0
     """Seeds data, client sampling, LoRA init and training."""
     data: str | None = None
@@ -111,6 +111,14 @@ class SimulationConfig:
     """How the round budget is shared out over the stages: ``depth`` (default: in proportion to stage
     depth) or the paper's ``equal``. On SmolLM2-135M the depth split ended 0.19 +- 0.05 lower in eval
     loss over 3 seeds at the same budget (docs/results.md, issue 3)."""
+    capacities: tuple[int, ...] | None = None
+    """Stage depths instead of the doubling rule (e.g. ``(8, 15, 30)``); sets the number of stages."""
+    stage_steps: str = "fixed"
+    """``fixed`` local steps in every stage, or ``compute``: ``steps / cost(depth)`` per round."""
+    quant: str = "none"
+    """Pack quantization: what devices download (bytes) and the base weights they train on."""
+    full_eval: str = "stage"
+    """Evaluate the full model with the transferred LoRA after each ``stage``, every ``round``, or ``off``."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -128,20 +136,17 @@ class SimulationConfig:
             problems.append("eval-examples and eval-every must be >= 1")
         if self.adaptive_patience < 0 or self.adaptive_min_delta < 0:
             problems.append("adaptive patience and min delta must be >= 0")
-        for registry, name in ((SIMILARITIES, self.similarity), (GROUPINGS, self.grouping), (FUSIONS, self.fusion)):
-            if name not in registry:
-                problems.append(f"unknown {registry.kind} {name!r}; known: {', '.join(registry.names())}")
-        if self.fusion in FUSIONS:
-            try:  # the variant validates its own parameters
-                FUSIONS.get(self.fusion, **self.fusion_params)
-            except ConfigError as err:
-                problems.extend(err.problems)
+        for name, value, allowed in (
+            ("stage_steps", self.stage_steps, STAGE_STEPS),
+            ("full_eval", self.full_eval, FULL_EVALS),
+        ):
+            if value not in allowed:
+                problems.append(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+        try:
+            QuantSpec(self.quant)
+        except ConfigError as err:
+            problems.extend(err.problems)
         raise_if(problems)
-
-    @property
-    def fusion_params(self) -> dict[str, object]:
-        """Parameters of the fusion variant (``beta`` applies to DBLF only)."""
-        return {"beta": self.beta} if self.fusion == "dblf" else {}
 
     @property
     def devft(self) -> bool:
@@ -153,6 +158,16 @@ class SimulationConfig:
         """The in-stage aggregation rule's name."""
         return self.method.partition("+")[2] or "fedit" if self.devft else self.method
 
+    def schedule(self, total_layers: int) -> StageSchedule:
+        """The stage schedule of this run for a ``total_layers``-layer model."""
+        if not self.devft:
+            return StageSchedule(total_layers, 1, self.rounds)
+        if self.capacities is not None:
+            return StageSchedule(
+                total_layers, len(self.capacities), self.rounds, self.capacities, round_split=self.round_split
+            )
+        return StageSchedule(total_layers, self.stages, self.rounds, round_split=self.round_split)
+
 
 @dataclass(frozen=True)
 class RoundMetrics:
@@ -163,31 +178,26 @@ class RoundMetrics:
     layers: int
     train_loss: float
     eval_loss: float | None
+    """The stage submodel (with the round's aggregated LoRA) on the held-out set."""
     eval_accuracy: float | None
+    full_eval_loss: float | None
+    """The full model with the LoRA transferred from this stage so far: what the stage hands over.
+    Set on a stage's last round (``full_eval = stage``) or every round (``round``); at full depth it
+    equals ``eval_loss``."""
+    full_eval_accuracy: float | None
     wall_seconds: float
     parallel_seconds: float
+    compute: float
+    """Cumulative device compute: local steps weighted by their submodel's step cost, in
+    full-model-step equivalents (:mod:`devft_edge.step_cost`)."""
+    server_seconds: float
+    """Cumulative server time spent healing fused submodels (not in ``wall_seconds``)."""
     bytes_up: int
     bytes_down: int
     bytes_down_pack: int
-    """Part of ``bytes_down`` that is model weights (stage packs, shared embeddings/head); the rest
-    is LoRA state (and FLoRA's merged updates)."""
+    """Part of ``bytes_down`` that is model weights (stage packs); the rest is LoRA state (and
+    FLoRA's merged updates)."""
     peak_rss_bytes: int
-
-
-def serialized_bytes(tensors: dict[str, Tensor]) -> int:
-    """Exact safetensors size of ``tensors``, written to a temporary file (no in-memory copy).
-
-    Tied tensors (e.g. embeddings shared with the LM head) are stored and counted once.
-    """
-    unique: dict[str, Tensor] = {}
-    seen: set[int] = set()
-    for key, value in tensors.items():
-        if value.data_ptr() not in seen:
-            seen.add(value.data_ptr())
-            unique[key] = value.contiguous()
-    with tempfile.NamedTemporaryFile(suffix=".safetensors") as handle:
-        save_file(unique, handle.name)
-        return Path(handle.name).stat().st_size
 
 
 def _load_data(cfg: SimulationConfig) -> tuple[list[list[Example]], list[Example]]:
@@ -209,26 +219,37 @@ def _load_data(cfg: SimulationConfig) -> tuple[list[list[Example]], list[Example
 class _Stage:
     """What the server holds while one stage runs."""
 
-    number: int
-    """1-based stage number."""
-    groups: list[list[int]]
-    """``groups[g]`` = original layers fused into submodel block g."""
-    fusion: Fusion
+    built: Stage
     model: PeftModel
-    """The fused submodel with LoRA attached: every simulated client trains this one instance."""
+    """The stage submodel with LoRA attached: every simulated client trains this one instance."""
     server: GlobalState
-    block_bytes: int
-    """Serialised size of the stage's fused blocks (the per-stage part of the pack)."""
+    builder: StageBuilder
+    pack_bytes: int
+    """Size of the stage's pack as the aggregator would write it (at the run's quantization)."""
+    steps: int
+    """Local steps per client round in this stage."""
+    cost: float
+    """Step cost of this stage's depth, in full-model-step equivalents."""
     has_pack: set[int] = field(default_factory=set)
     """Clients that already downloaded this stage's pack."""
 
+    @property
+    def number(self) -> int:
+        """1-based stage number."""
+        return self.built.number
+
+    @property
+    def groups(self) -> list[list[int]]:
+        """``groups[g]`` = original layers fused into submodel block g."""
+        return self.built.groups
+
     def to_stage(self, state: LoraState) -> LoraState:
-        """Full-model state -> this stage's space (fusion of each group)."""
-        return stage_lora(state, self.groups, self.fusion)
+        """Full-model state -> this stage's space (the transfer rule's contraction)."""
+        return self.builder.contract(state, self.groups)
 
     def to_full(self, state: LoraState) -> LoraState:
         """This stage's state -> full-model space (knowledge transfer)."""
-        return transfer_lora(state, self.groups)
+        return self.builder.expand(state, self.groups)
 
 
 @dataclass
@@ -269,29 +290,34 @@ class Simulation:
         self.cfg, self.out_dir, self.progress = cfg, out_dir, progress
         self.tokenizer = load_tokenizer(cfg.model)
         self.base = load_model(cfg.model, seed=cfg.seed)
+        if cfg.quant != "none":  # devices train on the pack's quantized weights: quantize, dequantize
+            self.base = dequantize_model(quantize_model(self.base, QuantSpec(cfg.quant)))
+            self.base.requires_grad_(False)
         self.total_layers = num_layers(self.base.config)
-        self.schedule = StageSchedule(
-            self.total_layers, cfg.stages if cfg.devft else 1, cfg.rounds, round_split=cfg.round_split
-        )
+        self.schedule = cfg.schedule(self.total_layers)
         self.rule = RULES.get(cfg.rule)
-        self.fusion = FUSIONS.get(cfg.fusion, **cfg.fusion_params)
-        self.similarity = SIMILARITIES.get(cfg.similarity)
-        self.grouping = GROUPINGS.get(cfg.grouping)
+        self.builder = StageBuilder(
+            self.base,
+            self.tokenizer,
+            cfg.lora,
+            cfg.recipe,
+            calibration_ids(self.tokenizer),
+            cfg.model,
+            cfg.seed,
+            cache_dir=cache_dir() / "heal",
+        )
+        self.step_cost: StepCostModel = step_cost_model(
+            cfg.model, model_shape(self.base.config), cfg.train.batch_size, cfg.train.seq_len, cfg.lora.rank
+        )
         client_data, self.held_out = _load_data(cfg)
         self.memories = [ClientMemory(num_samples=len(d)) for d in client_data]
         self.streams: dict[int, Iterator[dict[str, Tensor]]] = {
             c: batches(d, cfg.train.batch_size, cfg.seed * 7919 + c, self.tokenizer, cfg.train.seq_len)
             for c, d in enumerate(client_data)
         }
-        self.calibration = calibration_ids(self.tokenizer)
         self.sampler = random.Random(cfg.seed)
         self.full = GlobalState(lora=init_lora_state(lora_shapes(self.base, cfg.lora), cfg.lora.rank, cfg.seed))
-        self.prefix = layer_prefix(self.base, 0)[: -len("0.")]
-        self.shared_bytes = serialized_bytes(
-            {k: v for k, v in self.base.state_dict().items() if not k.startswith(self.prefix)}
-        )
-        self.has_shared: set[int] = set()
-        self.wall = self.parallel = 0.0
+        self.wall = self.parallel = self.compute = self.server = 0.0
         self.bytes_up = self.bytes_down = self.bytes_down_pack = 0
 
     def run(self) -> dict[str, object]:
@@ -315,71 +341,100 @@ class Simulation:
                 zip(self.schedule.capacities, self.schedule.rounds_per_stage, strict=True), start=1
             ):
                 budget = self.cfg.rounds - round_index if number == last_stage else n_rounds + carry
-                stage = self._open_stage(number, capacity, round_index)
+                stage = self._open_stage(number, capacity)
                 plateau = _Plateau(self.cfg.adaptive_patience, self.cfg.adaptive_min_delta)
                 used = 0
                 while used < budget:
                     line = self._run_round(stage, round_index)
                     round_index += 1
                     used += 1
+                    ends = used == budget or (number < last_stage and plateau.reached(line.eval_loss))
+                    if ends:
+                        self._close_stage(stage)
+                        line = self._with_full_eval(line, self.full, after_transfer=True)
+                    elif self.cfg.full_eval == "round":
+                        line = self._with_full_eval(line, self._transferred(stage), after_transfer=False)
                     metrics.append(line)
                     metrics_file.write(json.dumps(asdict(line)) + "\n")
                     metrics_file.flush()
                     bar.update(1)
                     bar.set_postfix(stage=number, eval_loss="-" if line.eval_loss is None else f"{line.eval_loss:.3f}")
-                    if number < last_stage and plateau.reached(line.eval_loss):
-                        logger.info("stage %d plateaued after %d of %d rounds", number, used, budget)
+                    if ends:
+                        if used < budget:
+                            logger.info("stage %d plateaued after %d of %d rounds", number, used, budget)
                         break
                 carry = budget - used
-                stages_info.append(
-                    {
-                        "stage": number,
-                        "layers": capacity,
-                        "rounds": used,
-                        "groups": stage.groups,
-                        "pack_block_bytes": stage.block_bytes,
-                    }
-                )
-                self._close_stage(stage)
+                stages_info.append(self._stage_info(stage, capacity, used, metrics[-1]))
         return self._finish(initial, metrics, stages_info, time.perf_counter() - start)
 
-    def _open_stage(self, number: int, capacity: int, first_round: int) -> _Stage:
-        """Plan and pack one stage: group, fuse, attach LoRA initialised from the full state."""
+    def _stage_info(self, stage: _Stage, capacity: int, rounds: int, last: RoundMetrics) -> dict[str, object]:
+        heal = stage.built.heal
+        return {
+            "stage": stage.number,
+            "layers": capacity,
+            "rounds": rounds,
+            "local_steps": stage.steps,
+            "step_cost": round(stage.cost, 4),
+            "groups": stage.groups,
+            "pack_bytes": stage.pack_bytes,
+            "eval_loss": last.eval_loss,
+            "full_eval_loss": last.full_eval_loss,
+            "full_eval_accuracy": last.full_eval_accuracy,
+            "heal": None
+            if heal is None
+            else {
+                "seconds": round(heal.seconds, 3),
+                "cached": stage.built.heal_cached,
+                "kl_before": heal.kl_before,
+                "kl_after": heal.kl_after,
+                "peak_rss_bytes": heal.peak_rss_bytes,
+                "trained_params": heal.trained_params,
+            },
+        }
+
+    def _open_stage(self, number: int, capacity: int) -> _Stage:
+        """Plan and pack one stage: group, fuse, heal, attach LoRA started from the full state."""
         t0 = time.perf_counter()
-        groups = stage_groups(
-            self.base,
-            capacity,
-            self.similarity,
-            self.grouping,
-            self.cfg.lora,
-            self.full.lora,
-            self.calibration,
-            self.cfg.seed + number,
+        built = self.builder.open(number, capacity, self.full.lora)
+        logger.info("stage %d: %d layers, groups %s", number, capacity, built.groups)
+        fused_delta = self.builder.contract(self.full.delta, built.groups) if self.full.delta else {}
+        add_weight_delta(built.model, fused_delta, self.cfg.lora.scaling)
+        pack_bytes = pack_file_bytes(
+            built.model,
+            built.start,
+            built.groups,
+            model_name=self.cfg.model,
+            lora=self.cfg.lora,
+            quant=self.cfg.quant,
+            tokenizer_dir=model_dir(self.cfg.model),
         )
-        logger.info("stage %d: %d layers, groups %s", number, capacity, groups)
-        sub = build_submodel(self.base, groups, self.fusion)
-        fused_delta = stage_lora(self.full.delta, groups, self.fusion) if self.full.delta else {}
-        add_weight_delta(sub.model, fused_delta, self.cfg.lora.scaling)
-        block_bytes = serialized_bytes({k: v for k, v in sub.model.state_dict().items() if k.startswith(self.prefix)})
+        cost = self.step_cost(capacity)
+        steps = self.cfg.train.steps
+        if self.cfg.stage_steps == "compute":
+            steps = max(1, round(steps / cost))
         stage = _Stage(
-            number=number,
-            groups=groups,
-            fusion=self.fusion,
-            model=attach_lora(sub.model, self.cfg.lora),
+            built=built,
+            model=attach_lora(built.model, self.cfg.lora),
             server=GlobalState(lora={}, delta=fused_delta),
-            block_bytes=block_bytes,
+            builder=self.builder,
+            pack_bytes=pack_bytes,
+            steps=steps,
+            cost=cost,
         )
         stage.server.lora = stage.to_stage(self.full.lora)
-        self.rule.start_stage(first_round)
+        self.rule.start_stage(0)
         elapsed = time.perf_counter() - t0
-        self.wall += elapsed
-        self.parallel += elapsed
+        heal_seconds = built.heal.seconds if built.heal is not None and not built.heal_cached else 0.0
+        self.server += built.heal.seconds if built.heal is not None else 0.0
+        self.wall += elapsed - heal_seconds
+        self.parallel += elapsed - heal_seconds
         return stage
 
     def _client_updates(
         self, stage: _Stage, selected: list[int], round_index: int, tally: _RoundTally
     ) -> Iterator[tuple[LoraState, float]]:
         """Ship, train and collect each selected client's update, one at a time (a stream)."""
+        train = replace(self.cfg.train, steps=stage.steps)
         for c in selected:
             t0 = time.perf_counter()
             memory = self.memories[c]
@@ -387,16 +442,15 @@ class Simulation:
             tally.bytes_down += state_bytes(received) if received else 0
             if c in stage.has_pack:
                 tally.bytes_down += self.rule.extra_downlink_bytes(stage.server, memory, round_index)
-            else:  # first time in this stage: the pack (and, once per run, the shared embeddings/head)
-                pack = stage.block_bytes + (0 if c in self.has_shared else self.shared_bytes)
-                tally.bytes_down += pack
-                tally.bytes_down_pack += pack
+            else:  # first time in this stage: the stage's pack
+                tally.bytes_down += stage.pack_bytes
+                tally.bytes_down_pack += stage.pack_bytes
                 stage.has_pack.add(c)
-                self.has_shared.add(c)
                 memory.synced_round = round_index - 1
             set_lora_state(stage.model, self.rule.client_start(received, stage.server, memory, stage.to_stage))
             torch.manual_seed(self.cfg.seed * 1_000_003 + round_index * 1009 + c)
-            tally.losses.append(train_local(stage.model, self.streams[c], self.cfg.train))
+            tally.losses.append(train_local(stage.model, self.streams[c], train))
+            self.compute += train.steps * stage.cost
             sent = self.rule.uplink(get_lora_state(stage.model), memory, stage.to_full)
             tally.bytes_up += state_bytes(sent)
             tally.client_seconds.append(time.perf_counter() - t0)
@@ -436,23 +490,49 @@ class Simulation:
             train_loss=sum(tally.losses) / len(tally.losses),
             eval_loss=None if result is None else result.loss,
             eval_accuracy=None if result is None else result.accuracy,
+            full_eval_loss=None,
+            full_eval_accuracy=None,
             wall_seconds=round(self.wall, 3),
             parallel_seconds=round(self.parallel, 3),
+            compute=round(self.compute, 4),
+            server_seconds=round(self.server, 3),
             bytes_up=self.bytes_up,
             bytes_down=self.bytes_down,
             bytes_down_pack=self.bytes_down_pack,
             peak_rss_bytes=peak_bytes(),
         )
 
-    def _close_stage(self, stage: _Stage) -> None:
-        """Knowledge transfer: the representatives' LoRA (and FLoRA's update) back to every member."""
-        t0 = time.perf_counter()
-        self.full = GlobalState(
+    def _transferred(self, stage: _Stage) -> GlobalState:
+        """The full-model state the stage would hand over if it ended now."""
+        return GlobalState(
             lora=stage.to_full(self.rule.eval_lora(stage.server, self.memories, stage.to_stage)),
             delta=stage.to_full(stage.server.delta) if stage.server.delta else {},
         )
+
+    def _close_stage(self, stage: _Stage) -> None:
+        """Knowledge transfer: the representatives' LoRA (and FLoRA's update) back to every member."""
+        t0 = time.perf_counter()
+        self.full = self._transferred(stage)
         stage.model.unload()
         self.wall += time.perf_counter() - t0
+
+    def _with_full_eval(self, line: RoundMetrics, state: GlobalState, after_transfer: bool) -> RoundMetrics:
+        """``line`` with the full model's held-out metrics under ``state`` (when this run asks for them)."""
+        if self.cfg.full_eval == "off" or (self.cfg.full_eval == "stage" and not after_transfer):
+            return line
+        if line.layers == self.total_layers and line.eval_loss is not None:  # the stage model is the full model
+            return replace(line, full_eval_loss=line.eval_loss, full_eval_accuracy=line.eval_accuracy)
+        result = self._evaluate_full(state)
+        return replace(line, full_eval_loss=result.loss, full_eval_accuracy=result.accuracy)
+
+    def _evaluate_full(self, state: GlobalState) -> EvalResult:
+        """The full base model with ``state`` applied, on the held-out set (the base is restored)."""
+        add_weight_delta(self.base, state.delta, self.cfg.lora.scaling)
+        try:
+            with lora_applied(self.base, self.cfg.lora, state.lora) as model:
+                return evaluate(model, self.tokenizer, self.held_out, self.cfg.train.seq_len)
+        finally:
+            add_weight_delta(self.base, state.delta, -self.cfg.lora.scaling)
 
     def _finish(
         self,
@@ -482,6 +562,9 @@ class Simulation:
             "final_eval_accuracy": final.eval_accuracy,
             "wall_seconds": round(self.wall, 3),
             "parallel_seconds": round(self.parallel, 3),
+            "compute": round(self.compute, 4),
+            "step_cost": {"source": self.step_cost.source, "intercept": round(self.step_cost.intercept, 4)},
+            "server_seconds": round(self.server, 3),
             "bytes_up": self.bytes_up,
             "bytes_down": self.bytes_down,
             "bytes_down_pack": self.bytes_down_pack,

@@ -23,8 +23,9 @@ from devft_edge.errors import ConfigError
 from devft_edge.fusion import Fusion, fuse_layers
 from devft_edge.grouping import Grouping
 from devft_edge.layers import architecture_of, decoder_layers, layer_prefix, num_layers
-from devft_edge.lora import LoraSettings, LoraState, join_layers, lora_applied, split_layers
+from devft_edge.lora import LoraSettings, LoraState, lora_applied
 from devft_edge.similarity import LayerEvidence, Similarity, collect_layer_outputs
+from devft_edge.transfer import TRANSFERS
 
 
 @dataclass
@@ -99,11 +100,12 @@ def build_submodel(base: PreTrainedModel, groups: Sequence[Sequence[int]], fusio
     return Submodel(model=model, groups=group_lists)
 
 
-def stage_lora(full_state: Mapping[str, Tensor], groups: Sequence[Sequence[int]], fusion: Fusion) -> LoraState:
-    """The representatives' initial LoRA: DBLF on the members' A and B, separately."""
-    layers = split_layers(full_state)
-    ordered = [layers[j] for j in range(len(layers))]
-    return join_layers(dict(enumerate(fuse_layers(ordered, [list(g) for g in groups], fusion))))
+def stage_lora(
+    full_state: Mapping[str, Tensor], groups: Sequence[Sequence[int]], fusion: Fusion, transfer: str = "copy"
+) -> LoraState:
+    """The representatives' initial LoRA: the transfer rule's contraction (the paper's ``copy``:
+    DBLF on the members' A and B, separately; see :mod:`devft_edge.transfer`)."""
+    return TRANSFERS.get(transfer).contract(full_state, groups, fusion)
 
 
 def layer_evidence(
@@ -141,17 +143,35 @@ def stage_groups(
     lora_state: Mapping[str, Tensor],
     calibration_ids: Tensor,
     seed: int,
+    keep_ends: int = 0,
 ) -> list[list[int]]:
     """The groups of a stage with ``capacity`` blocks, from the full model with its current LoRA.
 
     The full-depth stage is all singletons (no similarity needed); shallower stages group by the
     similarity of the LoRA-adapted layers, as the simulator and the aggregator both do.
+
+    ``keep_ends = k`` keeps the first and last ``k`` layers as singleton groups (unfused) and
+    groups only the middle ``L - 2k`` layers into ``capacity - 2k`` groups, as offsite-tuning's
+    emulator keeps the bottom and top layers exact and compresses the middle: the embedding-side
+    and head-side layers, whose LoRA then transfers exactly, are the least alike of all layers
+    (CKA on SmolLM2), so fusing them costs the most.
     """
     total = num_layers(base.config)
     if capacity == total:
         return [[j] for j in range(total)]
+    problems = [f"keep_ends must be >= 0, got {keep_ends}"] if keep_ends < 0 else []
+    if keep_ends > 0 and capacity < 2 * keep_ends + 1:
+        problems.append(f"a {capacity}-layer stage cannot keep {keep_ends} layers at each end and fuse the middle")
+    if problems:
+        raise ConfigError(problems)
     evidence = layer_evidence(base, similarity, settings, lora_state, calibration_ids)
-    return grouping.group(similarity.compute(evidence), capacity, seed)
+    matrix = similarity.compute(evidence)
+    if keep_ends == 0:
+        return grouping.group(matrix, capacity, seed)
+    middle = grouping.group(matrix[keep_ends:-keep_ends, keep_ends:-keep_ends], capacity - 2 * keep_ends, seed)
+    head = [[j] for j in range(keep_ends)]
+    tail = [[j] for j in range(total - keep_ends, total)]
+    return head + [[j + keep_ends for j in g] for g in middle] + tail
 
 
 def add_weight_delta(model: nn.Module, delta: Mapping[str, Tensor], scaling: float) -> None:
