@@ -27,6 +27,20 @@ class Train(_Strict):
     checkpointing: bool = Field(False, description="gradient checkpointing on the devices (less memory, more compute)")
 
 
+class Heal(_Strict):
+    """Server-side healing of fused stage submodels (``devft_edge.healing.HealSettings``)."""
+
+    steps: int = Field(300, ge=1)
+    lr: float = Field(3e-4, gt=0)
+    batch: int = Field(4, ge=1)
+    prompts: int = Field(256, ge=1)
+    new_tokens: int = Field(40, ge=1)
+    hidden_weight: float = Field(0.0, ge=0)
+    mode: Literal["bake", "adapter"] = "bake"
+    rank: int = Field(64, ge=1)
+    seed: int = 0
+
+
 class AggregatorConfig(_Strict, BrokerLogin):
     """Everything one federated run of the aggregator depends on."""
 
@@ -52,6 +66,10 @@ class AggregatorConfig(_Strict, BrokerLogin):
     grouping: str = "contiguous"
     fusion: str = "dblf"
     beta: float = Field(0.1, gt=0, le=1)
+    transfer: Literal["copy", "inv_n"] = Field("copy", description="knowledge transfer rule between stages")
+    keep_ends: int = Field(0, ge=0, description="keep the first and last k layers unfused")
+    heal: Heal | None = Field(None, description="distil each fused submodel toward the full model (server)")
+    full_eval: bool = Field(True, description="evaluate the full model with the transferred LoRA after each stage")
     seed: int = 0
     sign_key: Path
     state_dir: Path = Path("runs/aggregator/state")

@@ -40,8 +40,13 @@ def metrics_row(entry: dict[str, Any]) -> dict[str, Any]:
         "train_loss": sum(losses) / len(losses) if losses else None,
         "eval_loss": entry.get("eval_loss"),
         "eval_accuracy": entry.get("eval_accuracy"),
+        "eval_accuracy_by_task": entry.get("eval_accuracy_by_task"),
+        "full_eval_loss": entry.get("full_eval_loss"),
+        "full_eval_accuracy": entry.get("full_eval_accuracy"),
         "wall_seconds": entry["wall_seconds"],
         "parallel_seconds": entry["wall_seconds"],
+        "compute": entry.get("compute", 0.0),
+        "server_seconds": entry.get("server_seconds", 0.0),
         "bytes_up": entry["bytes_up"],
         "bytes_down": entry["bytes_down"],
         "bytes_down_pack": entry["bytes_down_pack"],
@@ -71,6 +76,11 @@ def device_totals(history: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return dict(sorted(totals.items()))
 
 
+def _stage_end(history: list[dict[str, Any]], stage: int) -> dict[str, Any]:
+    """The history entry of ``stage``'s last round ({} if it has none)."""
+    return next((e for e in reversed(history) if e["stage"] == stage), {})
+
+
 def write_summary(cfg: AggregatorConfig, state: RunState, adapter_dir: Path) -> dict[str, Any]:
     """Write ``summary.json`` and ``curves.png`` of a finished run; returns the summary."""
     history = state.history
@@ -88,6 +98,7 @@ def write_summary(cfg: AggregatorConfig, state: RunState, adapter_dir: Path) -> 
         "rounds": len(history),
         "stages": [
             {k: s[k] for k in ("stage", "layers", "groups", "pack_bytes")}
+            | {"heal": s.get("heal"), "full_eval_loss": _stage_end(history, s["stage"]).get("full_eval_loss")}
             | {
                 "rounds": rounds_per_stage[s["stage"]],
                 "predicted_peak_bytes": s.get("predicted_peak_bytes", 0),
@@ -101,6 +112,7 @@ def write_summary(cfg: AggregatorConfig, state: RunState, adapter_dir: Path) -> 
         "final_eval_accuracy": final.get("eval_accuracy"),
         "wall_seconds": final.get("wall_seconds", 0.0),
         "parallel_seconds": final.get("wall_seconds", 0.0),
+        "compute": final.get("compute", 0.0),
         "bytes_up": state.bytes_up,
         "bytes_down": state.bytes_down,
         "bytes_down_pack": state.bytes_down_pack,

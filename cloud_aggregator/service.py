@@ -43,15 +43,16 @@ class Aggregator:
         import torch
 
         from devft_edge.aggregation import RULES
-        from devft_edge.fusion import FUSIONS
-        from devft_edge.grouping import GROUPINGS
+        from devft_edge.calibration import calibration_ids
+        from devft_edge.healing import HealSettings
         from devft_edge.layers import num_layers
         from devft_edge.lora import LoraSettings
         from devft_edge.memory import model_shape
         from devft_edge.models import load_model, load_tokenizer
         from devft_edge.schedule import StageSchedule
         from devft_edge.signing import load_private_key
-        from devft_edge.similarity import SIMILARITIES
+        from devft_edge.stage import StageBuilder, StageRecipe
+        from devft_edge.step_cost import step_cost_model
         from devft_edge.tasks import train_eval_split
 
         self.cfg = cfg
@@ -71,9 +72,27 @@ class Aggregator:
         self.schedule = StageSchedule(
             total, cfg.stages if cfg.method == "devft" else 1, cfg.rounds, round_split=cfg.round_split
         )
-        self.similarity = SIMILARITIES.get(cfg.similarity)
-        self.grouping = GROUPINGS.get(cfg.grouping)
-        self.fusion = FUSIONS.get(cfg.fusion, **({"beta": cfg.beta} if cfg.fusion == "dblf" else {}))
+        recipe = StageRecipe(
+            similarity=cfg.similarity,
+            grouping=cfg.grouping,
+            fusion=cfg.fusion,
+            beta=cfg.beta,
+            transfer=cfg.transfer,
+            keep_ends=cfg.keep_ends,
+            heal=None if cfg.heal is None else HealSettings(**cfg.heal.model_dump()),
+        )
+        # healed blocks are cached in the state directory: a restart rebuilds a stage without healing again
+        self.step_cost = step_cost_model(cfg.model, self.shape, cfg.train.batch, cfg.train.seq, cfg.rank)
+        self.builder = StageBuilder(
+            self.base,
+            self.tokenizer,
+            self.lora,
+            recipe,
+            calibration_ids(self.tokenizer),
+            cfg.model,
+            cfg.seed,
+            cache_dir=cfg.state_dir / "heal",
+        )
         self.rule = RULES.get("fedit")
         self.held_out = train_eval_split(0, cfg.eval_examples, seed=cfg.seed)[1] if cfg.eval_examples else []
         self.uploads: dict[str, Download] = {}
@@ -404,11 +423,9 @@ class Aggregator:
         self._open_stage(1)
 
     def _open_stage(self, number: int) -> None:
-        from devft_edge.calibration import calibration_ids
         from devft_edge.lora import init_lora_state, lora_shapes
         from devft_edge.pack import write_pack
         from devft_edge.quantization import QuantSpec
-        from devft_edge.submodel import build_submodel, stage_groups, stage_lora
         from devft_edge.training import TrainSettings
         from devft_edge.weights import read_safetensors
 
@@ -418,25 +435,15 @@ class Aggregator:
         else:
             full = init_lora_state(lora_shapes(self.base, self.lora), self.lora.rank, self.cfg.seed)
             self.state.full_lora = self.store.add_bytes(safetensors_save(full), self.cfg.chunk_bytes).sha256
-        groups = stage_groups(
-            self.base,
-            capacity,
-            self.similarity,
-            self.grouping,
-            self.lora,
-            full,
-            calibration_ids(self.tokenizer),
-            self.cfg.seed + number,
-        )
-        start = stage_lora(full, groups, self.fusion)
-        sub = build_submodel(self.base, groups, self.fusion)
+        stage = self.builder.open(number, capacity, full)
+        groups = stage.groups
         t = self.cfg.train
         with tempfile.TemporaryDirectory(dir=self.cfg.state_dir) as tmp:
             path = Path(tmp) / "stage.devpack"
             write_pack(
                 path,
-                sub.model,
-                start,
+                stage.model,
+                stage.start,
                 model_name=self.cfg.model,
                 stage=number,
                 stages=len(self.schedule.capacities),
@@ -451,7 +458,7 @@ class Aggregator:
                 sign_key=self.key,
             )
             self.state.pack = self.store.add_file(path, self.cfg.chunk_bytes).sha256
-        self.state.stage_lora = self.store.add_bytes(safetensors_save(start), self.cfg.chunk_bytes).sha256
+        self.state.stage_lora = self.store.add_bytes(safetensors_save(stage.start), self.cfg.chunk_bytes).sha256
         self.state.groups, self.state.stage, self.state.stage_rounds_done = groups, number, 0
         pack_bytes = self.store.path(self.state.pack).stat().st_size
         self.state.stages.append(
@@ -463,6 +470,13 @@ class Aggregator:
                 "pack_bytes": pack_bytes,
                 # what the planner admits devices by (CPU), for the report to set beside what they measured
                 "predicted_peak_bytes": estimate_memory(self.shape, self._step()).peak_bytes,
+                "heal": None
+                if stage.heal is None
+                else {
+                    "seconds": round(stage.heal.seconds, 3),
+                    "cached": stage.heal_cached,
+                    "kl_after": stage.heal.kl_after,
+                },
             }
         )
         save_state(self.cfg.state_dir, self.state)
@@ -605,6 +619,13 @@ class Aggregator:
             "bytes_up": self.state.bytes_up,
             "bytes_down": self.state.bytes_down,
             "bytes_down_pack": self.state.bytes_down_pack,
+            # device compute in full-model-step equivalents (devft_edge.step_cost), cumulative
+            "compute": round(
+                (self.state.history[-1].get("compute", 0.0) if self.state.history else 0.0)
+                + len(round_.accepted) * self.cfg.train.steps * self.step_cost(len(self.state.groups)),
+                4,
+            ),
+            "server_seconds": round(sum((s.get("heal") or {}).get("seconds", 0.0) for s in self.state.stages), 3),
             "time": now(),
             "wall_seconds": round(now() - self.state.started, 3),
         }
@@ -632,10 +653,10 @@ class Aggregator:
 
     def _close_stage(self, lora: dict[str, Any]) -> None:
         from devft_edge.export import export_adapter, export_merged
-        from devft_edge.transfer import transfer_lora
 
-        full = transfer_lora(lora, self.state.groups)
+        full = self.builder.expand(lora, self.state.groups)
         self.state.full_lora = self.store.add_bytes(safetensors_save(full), self.cfg.chunk_bytes).sha256
+        self._record_handover(full)
         if self.state.stage < len(self.schedule.capacities):
             save_state(self.cfg.state_dir, self.state)
             self._open_stage(self.state.stage + 1)
@@ -656,12 +677,29 @@ class Aggregator:
             out,
         )
 
+    def _record_handover(self, full: dict[str, Any]) -> None:
+        """Evaluate the full model with the transferred LoRA (what the stage hands over) into the
+        stage's last history entry; at full depth that is the round's own evaluation."""
+        entry = self.state.history[-1]
+        if not self.held_out or not self.cfg.full_eval:
+            return
+        if entry["layers"] == self.builder.total:
+            entry["full_eval_loss"], entry["full_eval_accuracy"] = entry["eval_loss"], entry["eval_accuracy"]
+        else:
+            from devft_edge.lora import lora_applied
+
+            with lora_applied(self.base, self.lora, full) as model:
+                result = self._evaluate(model)
+            entry["full_eval_loss"], entry["full_eval_accuracy"] = result["eval_loss"], result["eval_accuracy"]
+            entry["full_eval_accuracy_by_task"] = result["eval_accuracy_by_task"]
+        logger.info("stage %d hands over: full model eval loss %.4f", self.state.stage, entry["full_eval_loss"])
+        write_metrics(self.cfg.out_dir / METRICS_FILE, self.state.history)
+
     def _ensure_submodel(self) -> Any:
         from devft_edge.lora import attach_lora
-        from devft_edge.submodel import build_submodel
 
         if self.submodel is None:
-            self.submodel = attach_lora(build_submodel(self.base, self.state.groups, self.fusion).model, self.lora)
+            self.submodel = attach_lora(self.builder.submodel(self.state.groups)[0], self.lora)
         return self.submodel
 
     def _evaluate(self, model: Any) -> dict[str, float]:
@@ -671,7 +709,11 @@ class Aggregator:
         from devft_edge.training import evaluate
 
         result = evaluate(model, self.tokenizer, self.held_out, self.cfg.train.seq)
-        return {"eval_loss": result.loss, "eval_accuracy": result.accuracy}
+        return {
+            "eval_loss": result.loss,
+            "eval_accuracy": result.accuracy,
+            "eval_accuracy_by_task": result.accuracy_by_task,
+        }
 
     # ---- output ---------------------------------------------------------------------------------
 

@@ -86,7 +86,7 @@ class RunState:
     """Part of ``bytes_down`` that is stage packs (model weights); the rest is LoRA state."""
     started: float = 0.0
     """Wall-clock start of the run (metrics count seconds from here, across restarts)."""
-    initial_eval: dict[str, float] = field(default_factory=dict)
+    initial_eval: dict[str, Any] = field(default_factory=dict)
     """The untuned base model on the held-out set."""
     stages: list[dict[str, Any]] = field(default_factory=list)
     """Per opened stage: number, layers, groups, pack blob and size."""

@@ -61,10 +61,26 @@ def _add_simulation_options(p: argparse.ArgumentParser, defaults: dict[str, obje
     p.add_argument("--heal-steps", type=int, default=None, help="distillation steps per stage submodel")
     p.add_argument("--heal-rank", type=int, default=None, help="rank of the heal adapter (--heal adapter)")
     p.add_argument("--capacities", default=None, help="comma-separated stage depths, e.g. 8,15,30")
-    p.add_argument(
-        "--stage-steps", choices=["fixed", "compute"], default=None, help="local steps per stage round"
-    )
+    p.add_argument("--stage-steps", choices=["fixed", "compute"], default=None, help="local steps per stage round")
     p.add_argument("--quant", choices=QUANTIZATIONS, default="none", help="pack quantization (bytes, trained base)")
+    p.add_argument(
+        "--exact-match",
+        choices=["every_eval", "stage_end"],
+        default="every_eval",
+        help="measure exact match at every evaluation, or only at each stage's end (eval loss always)",
+    )
+    p.add_argument(
+        "--client-profiles",
+        default=None,
+        help="comma-separated device profile per client (cycled); clients only train stages that fit",
+    )
+    p.add_argument(
+        "--data-split",
+        choices=["dirichlet", "by_profile"],
+        default="dirichlet",
+        help="by_profile: each profile's clients hold task families the others lack",
+    )
+    p.add_argument("--stop-after", type=int, default=None, help="end after this stage's transfer (screening)")
     p.add_argument(
         "--full-eval",
         choices=["stage", "round", "off"],
@@ -142,6 +158,10 @@ def _run_simulation(args: argparse.Namespace) -> int:
         stage_steps=method.stage_steps,
         quant=args.quant,
         full_eval=args.full_eval,
+        exact_match=args.exact_match,
+        client_profiles=tuple(args.client_profiles.split(",")) if args.client_profiles else None,
+        data_split=args.data_split,
+        stop_after=args.stop_after,
     )
     summary = simulate(cfg, args.out)
     if args.json:

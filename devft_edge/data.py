@@ -45,6 +45,7 @@ __all__ = [
     "normalize_answer",
     "pad_id",
     "partition",
+    "partition_by_kind",
     "render_answer",
     "render_prompt",
     "train_eval_split",
@@ -178,6 +179,34 @@ def partition(
             clients[empty].append(clients[largest].pop())
     # Shuffle within each client so its list is not grouped by family.
     return [[examples[i] for i in np.asarray(c)[rng.permutation(len(c))].tolist()] for c in clients]
+
+
+def partition_by_kind(
+    examples: Sequence[Example], kinds: Sequence[str], seed: int, alpha: float | None = None
+) -> list[list[Example]]:
+    """Split ``examples`` over clients of several kinds (``kinds[c]`` = client ``c``'s kind, e.g.
+    its device profile) so that every kind holds task families no other kind has.
+
+    The sorted task families are dealt round-robin to the sorted kinds; each kind's examples are
+    then split over its own clients by :func:`partition` (IID or Dirichlet ``alpha``). This is the
+    fleet DevFT is made for: when a kind of device cannot train the full-depth stage, the families
+    only it holds are learned in the shallower stages or not at all.
+    """
+    distinct = sorted(set(kinds))
+    families = sorted({ex.task for ex in examples})
+    raise_if(
+        [f"{len(distinct)} kinds of client need at least as many task families, got {len(families)}"]
+        if len(families) < len(distinct)
+        else []
+    )
+    owner = {family: distinct[i % len(distinct)] for i, family in enumerate(families)}
+    parts: list[list[Example]] = [[] for _ in kinds]
+    for k, kind in enumerate(distinct):
+        members = [c for c, x in enumerate(kinds) if x == kind]
+        mine = [ex for ex in examples if owner[ex.task] == kind]
+        for client, part in zip(members, partition(mine, len(members), seed + k, alpha), strict=True):
+            parts[client] = part
+    return parts
 
 
 # --------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from devft_edge.aggregation import RULES, ClientMemory, GlobalState
 from devft_edge.calibration import calibration_ids
-from devft_edge.data import Example, batches, load_jsonl, partition, train_eval_split
+from devft_edge.data import Example, batches, load_jsonl, partition, partition_by_kind, train_eval_split
 from devft_edge.errors import ConfigError, raise_if
 from devft_edge.export import export_adapter, export_merged
 from devft_edge.layers import num_layers
@@ -61,6 +61,12 @@ METHODS = ("devft", "fedit", "fedsa", "flora", "devft+fedit", "devft+fedsa", "de
 FULL_EVALS = ("stage", "round", "off")
 """When the full model with the transferred LoRA is evaluated: after each stage's transfer, after
 every round (the running hand-over), or never."""
+EXACT_MATCH = ("every_eval", "stage_end")
+"""When greedy exact match is measured (most of an evaluation's time): at every evaluation, or
+only on each stage's last round (the eval loss is measured at every evaluation either way)."""
+DATA_SPLITS = ("dirichlet", "by_profile")
+"""How training examples are split over clients: Dirichlet(alpha) over task families, or first
+by client profile (each profile's clients hold families no other profile has), then Dirichlet."""
 STAGE_STEPS = ("fixed", "compute")
 """Local steps per round in each stage: the same everywhere, or in inverse proportion to the
 stage's step cost so that a round of every stage costs what a full-depth round costs."""
@@ -119,6 +125,15 @@ class SimulationConfig:
     """Pack quantization: what devices download (bytes) and the base weights they train on."""
     full_eval: str = "stage"
     """Evaluate the full model with the transferred LoRA after each ``stage``, every ``round``, or ``off``."""
+    exact_match: str = "every_eval"
+    """Measure exact match at ``every_eval`` or only at each stage's end (``stage_end``)."""
+    client_profiles: tuple[str, ...] | None = None
+    """Device profile of each client (cycled over the clients); a client is only selected for a
+    stage the planner says its profile can train. None: every client can train every stage."""
+    data_split: str = "dirichlet"
+    """``dirichlet`` over task families, or ``by_profile`` (see :data:`DATA_SPLITS`)."""
+    stop_after: int | None = None
+    """End the run after this stage's transfer (screening what early stages hand over); None: all."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -136,9 +151,15 @@ class SimulationConfig:
             problems.append("eval-examples and eval-every must be >= 1")
         if self.adaptive_patience < 0 or self.adaptive_min_delta < 0:
             problems.append("adaptive patience and min delta must be >= 0")
+        if self.stop_after is not None and self.stop_after < 1:
+            problems.append(f"stop_after must be a stage number >= 1, got {self.stop_after}")
+        if self.data_split == "by_profile" and not self.client_profiles:
+            problems.append("data_split by_profile needs client_profiles")
         for name, value, allowed in (
             ("stage_steps", self.stage_steps, STAGE_STEPS),
             ("full_eval", self.full_eval, FULL_EVALS),
+            ("exact_match", self.exact_match, EXACT_MATCH),
+            ("data_split", self.data_split, DATA_SPLITS),
         ):
             if value not in allowed:
                 problems.append(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
@@ -157,6 +178,10 @@ class SimulationConfig:
     def rule(self) -> str:
         """The in-stage aggregation rule's name."""
         return self.method.partition("+")[2] or "fedit" if self.devft else self.method
+
+    def profile_of(self, client: int) -> str | None:
+        """Client ``client``'s device profile (None: no fleet given)."""
+        return None if not self.client_profiles else self.client_profiles[client % len(self.client_profiles)]
 
     def schedule(self, total_layers: int) -> StageSchedule:
         """The stage schedule of this run for a ``total_layers``-layer model."""
@@ -180,6 +205,7 @@ class RoundMetrics:
     eval_loss: float | None
     """The stage submodel (with the round's aggregated LoRA) on the held-out set."""
     eval_accuracy: float | None
+    eval_accuracy_by_task: dict[str, float] | None
     full_eval_loss: float | None
     """The full model with the LoRA transferred from this stage so far: what the stage hands over.
     Set on a stage's last round (``full_eval = stage``) or every round (``round``); at full depth it
@@ -201,6 +227,10 @@ class RoundMetrics:
 
 
 def _load_data(cfg: SimulationConfig) -> tuple[list[list[Example]], list[Example]]:
+    if cfg.data_split == "by_profile":
+        train, held_out = train_eval_split(cfg.clients * cfg.examples_per_client, cfg.eval_examples, cfg.seed)
+        kinds = [str(cfg.profile_of(c)) for c in range(cfg.clients)]
+        return partition_by_kind(train, kinds, cfg.seed, cfg.data_alpha), held_out
     if cfg.data is None:
         train, held_out = train_eval_split(cfg.clients * cfg.examples_per_client, cfg.eval_examples, cfg.seed)
     else:
@@ -230,6 +260,8 @@ class _Stage:
     """Local steps per client round in this stage."""
     cost: float
     """Step cost of this stage's depth, in full-model-step equivalents."""
+    eligible: list[int] = field(default_factory=list)
+    """Clients whose device profile can train this stage (all of them without a fleet)."""
     has_pack: set[int] = field(default_factory=set)
     """Clients that already downloaded this stage's pack."""
 
@@ -306,8 +338,9 @@ class Simulation:
             cfg.seed,
             cache_dir=cache_dir() / "heal",
         )
+        self.shape = model_shape(self.base.config)
         self.step_cost: StepCostModel = step_cost_model(
-            cfg.model, model_shape(self.base.config), cfg.train.batch_size, cfg.train.seq_len, cfg.lora.rank
+            cfg.model, self.shape, cfg.train.batch_size, cfg.train.seq_len, cfg.lora.rank
         )
         client_data, self.held_out = _load_data(cfg)
         self.memories = [ClientMemory(num_samples=len(d)) for d in client_data]
@@ -318,6 +351,7 @@ class Simulation:
         self.sampler = random.Random(cfg.seed)
         self.full = GlobalState(lora=init_lora_state(lora_shapes(self.base, cfg.lora), cfg.lora.rank, cfg.seed))
         self.wall = self.parallel = self.compute = self.server = 0.0
+        self._full_by_task: dict[str, float] | None = None
         self.bytes_up = self.bytes_down = self.bytes_down_pack = 0
 
     def run(self) -> dict[str, object]:
@@ -350,6 +384,8 @@ class Simulation:
                     used += 1
                     ends = used == budget or (number < last_stage and plateau.reached(line.eval_loss))
                     if ends:
+                        if line.eval_loss is not None and line.eval_accuracy is None:
+                            line = self._with_accuracy(stage, line)
                         self._close_stage(stage)
                         line = self._with_full_eval(line, self.full, after_transfer=True)
                     elif self.cfg.full_eval == "round":
@@ -365,6 +401,8 @@ class Simulation:
                         break
                 carry = budget - used
                 stages_info.append(self._stage_info(stage, capacity, used, metrics[-1]))
+                if number == self.cfg.stop_after:
+                    break
         return self._finish(initial, metrics, stages_info, time.perf_counter() - start)
 
     def _stage_info(self, stage: _Stage, capacity: int, rounds: int, last: RoundMetrics) -> dict[str, object]:
@@ -380,6 +418,8 @@ class Simulation:
             "eval_loss": last.eval_loss,
             "full_eval_loss": last.full_eval_loss,
             "full_eval_accuracy": last.full_eval_accuracy,
+            "full_eval_accuracy_by_task": self._full_by_task,
+            "eligible_clients": len(stage.eligible),
             "heal": None
             if heal is None
             else {
@@ -395,6 +435,7 @@ class Simulation:
     def _open_stage(self, number: int, capacity: int) -> _Stage:
         """Plan and pack one stage: group, fuse, heal, attach LoRA started from the full state."""
         t0 = time.perf_counter()
+        self._full_by_task = None
         built = self.builder.open(number, capacity, self.full.lora)
         logger.info("stage %d: %d layers, groups %s", number, capacity, built.groups)
         fused_delta = self.builder.contract(self.full.delta, built.groups) if self.full.delta else {}
@@ -420,6 +461,7 @@ class Simulation:
             pack_bytes=pack_bytes,
             steps=steps,
             cost=cost,
+            eligible=self._eligible(capacity),
         )
         stage.server.lora = stage.to_stage(self.full.lora)
         self.rule.start_stage(0)
@@ -429,6 +471,27 @@ class Simulation:
         self.wall += elapsed - heal_seconds
         self.parallel += elapsed - heal_seconds
         return stage
+
+    def _eligible(self, layers: int) -> list[int]:
+        """Clients whose profile the planner says can train a ``layers``-deep submodel."""
+        if not self.cfg.client_profiles:
+            return list(range(self.cfg.clients))
+        from devft_edge.memory import StepConfig
+        from devft_edge.planner import fit_profile
+        from devft_edge.profiles import load_profile
+
+        t = self.cfg.train
+        step = StepConfig(
+            layers=layers, batch=t.batch_size, seq=t.seq_len, rank=self.cfg.lora.rank, quant=self.cfg.quant
+        )
+        fits = {
+            name: fit_profile(self.shape, step, load_profile(name), self.cfg.model).fits
+            for name in set(self.cfg.client_profiles)
+        }
+        eligible = [c for c in range(self.cfg.clients) if fits[str(self.cfg.profile_of(c))]]
+        if not eligible:
+            raise ConfigError(f"no client's profile can train the {layers}-layer stage ({', '.join(sorted(fits))})")
+        return eligible
 
     def _client_updates(
         self, stage: _Stage, selected: list[int], round_index: int, tally: _RoundTally
@@ -459,7 +522,7 @@ class Simulation:
     def _run_round(self, stage: _Stage, round_index: int) -> RoundMetrics:
         """Select clients, train them, aggregate, evaluate when due."""
         t0 = time.perf_counter()
-        selected = sorted(self.sampler.sample(range(self.cfg.clients), self.cfg.per_round))
+        selected = sorted(self.sampler.sample(stage.eligible, min(self.cfg.per_round, len(stage.eligible))))
         tally = _RoundTally()
         before = stage.server.delta
         stage.server = self.rule.aggregate(
@@ -482,7 +545,8 @@ class Simulation:
         result = None
         if number == self.cfg.rounds or number % self.cfg.eval_every == 0:
             set_lora_state(stage.model, self.rule.eval_lora(stage.server, self.memories, stage.to_stage))
-            result = evaluate(stage.model, self.tokenizer, self.held_out, self.cfg.train.seq_len)
+            accuracy = self.cfg.exact_match == "every_eval"
+            result = evaluate(stage.model, self.tokenizer, self.held_out, self.cfg.train.seq_len, accuracy=accuracy)
         return RoundMetrics(
             round=number,
             stage=stage.number,
@@ -490,6 +554,7 @@ class Simulation:
             train_loss=sum(tally.losses) / len(tally.losses),
             eval_loss=None if result is None else result.loss,
             eval_accuracy=None if result is None else result.accuracy,
+            eval_accuracy_by_task=None if result is None else result.accuracy_by_task,
             full_eval_loss=None,
             full_eval_accuracy=None,
             wall_seconds=round(self.wall, 3),
@@ -501,6 +566,11 @@ class Simulation:
             bytes_down_pack=self.bytes_down_pack,
             peak_rss_bytes=peak_bytes(),
         )
+
+    def _with_accuracy(self, stage: _Stage, line: RoundMetrics) -> RoundMetrics:
+        """``line`` with exact match measured (the stage model still holds the round's LoRA)."""
+        result = evaluate(stage.model, self.tokenizer, self.held_out, self.cfg.train.seq_len)
+        return replace(line, eval_accuracy=result.accuracy, eval_accuracy_by_task=result.accuracy_by_task)
 
     def _transferred(self, stage: _Stage) -> GlobalState:
         """The full-model state the stage would hand over if it ended now."""
@@ -521,8 +591,10 @@ class Simulation:
         if self.cfg.full_eval == "off" or (self.cfg.full_eval == "stage" and not after_transfer):
             return line
         if line.layers == self.total_layers and line.eval_loss is not None:  # the stage model is the full model
+            self._full_by_task = line.eval_accuracy_by_task
             return replace(line, full_eval_loss=line.eval_loss, full_eval_accuracy=line.eval_accuracy)
         result = self._evaluate_full(state)
+        self._full_by_task = result.accuracy_by_task
         return replace(line, full_eval_loss=result.loss, full_eval_accuracy=result.accuracy)
 
     def _evaluate_full(self, state: GlobalState) -> EvalResult:
@@ -560,6 +632,8 @@ class Simulation:
             "initial_eval_accuracy": initial.accuracy,
             "final_eval_loss": final.eval_loss,
             "final_eval_accuracy": final.eval_accuracy,
+            "final_eval_accuracy_by_task": final.eval_accuracy_by_task,
+            "initial_eval_accuracy_by_task": initial.accuracy_by_task,
             "wall_seconds": round(self.wall, 3),
             "parallel_seconds": round(self.parallel, 3),
             "compute": round(self.compute, 4),

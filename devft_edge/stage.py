@@ -153,11 +153,18 @@ class StageBuilder:
         """Build stage ``number``: groups (unless given, e.g. on a resume), fused and healed
         submodel, starting LoRA."""
         groups = groups if groups is not None else self.groups(number, capacity, full_lora)
+        model, heal, cached = self.submodel(groups)
+        start = self.contract(full_lora, groups)
+        return Stage(number=number, groups=groups, model=model, start=start, heal=heal, heal_cached=cached)
+
+    def submodel(self, groups: list[list[int]]) -> tuple[PreTrainedModel, HealResult | None, bool]:
+        """The fused submodel of ``groups``, healed when the recipe asks (from the cache when there),
+        with the heal's result and whether it came from the cache."""
         model = build_submodel(self.base, groups, self.fusion).model
-        stage = Stage(number=number, groups=groups, model=model, start=self.contract(full_lora, groups))
-        if self.recipe.heal is not None and len(groups) < self.total:
-            stage.heal, stage.heal_cached = self._heal(model, groups, self.recipe.heal)
-        return stage
+        if self.recipe.heal is None or len(groups) == self.total:
+            return model, None, False
+        heal, cached = self._heal(model, groups, self.recipe.heal)
+        return model, heal, cached
 
     def contract(self, full_state: LoraState, groups: list[list[int]]) -> LoraState:
         """Full-model state -> a stage's space (the transfer rule's contraction)."""

@@ -107,8 +107,11 @@ class EvalResult:
 
     loss: float
     """Mean cross-entropy per answer token."""
-    accuracy: float
-    """Fraction of examples whose greedy answer equals the reference after normalisation."""
+    accuracy: float | None
+    """Fraction of examples whose greedy answer equals the reference after normalisation (None:
+    not measured; greedy generation is most of an evaluation's time)."""
+    accuracy_by_task: dict[str, float] | None = None
+    """The same per task family of the examples."""
 
 
 @torch.no_grad()
@@ -118,8 +121,9 @@ def evaluate(
     examples: Sequence[Example],
     seq_len: int,
     batch_size: int = 16,
+    accuracy: bool = True,
 ) -> EvalResult:
-    """Teacher-forced answer loss and greedy exact-match accuracy on ``examples``.
+    """Teacher-forced answer loss and (unless ``accuracy`` is False) greedy exact-match accuracy.
 
     Generation stops at EOS or two tokens past the longest reference answer: a longer output
     cannot match exactly, so generating further would only cost time.
@@ -136,7 +140,9 @@ def evaluate(
         )
         loss_sum += float(losses[mask.flatten()].sum())
         tokens += int(mask.sum())
-    correct = 0
+    if not accuracy:
+        return EvalResult(loss=loss_sum / max(tokens, 1), accuracy=None)
+    hits: dict[str, list[bool]] = {}
     longest = max(len(tokenizer(ex.output, add_special_tokens=False).input_ids) for ex in examples)  # type: ignore[operator]
     max_new_tokens = longest + 2
     pad = tokenizer.pad_token_id  # type: ignore[attr-defined]
@@ -151,7 +157,10 @@ def evaluate(
             eos_token_id=tokenizer.eos_token_id,  # type: ignore[attr-defined]
         )
         answers = tokenizer.batch_decode(out[:, prompts["input_ids"].shape[1] :], skip_special_tokens=True)  # type: ignore[attr-defined]
-        correct += sum(
-            normalize_answer(a) == normalize_answer(ex.output) for a, ex in zip(answers, chunk, strict=False)
-        )
-    return EvalResult(loss=loss_sum / max(tokens, 1), accuracy=correct / max(len(examples), 1))
+        for answer, ex in zip(answers, chunk, strict=True):
+            hits.setdefault(ex.task, []).append(normalize_answer(answer) == normalize_answer(ex.output))
+    return EvalResult(
+        loss=loss_sum / max(tokens, 1),
+        accuracy=sum(sum(h) for h in hits.values()) / max(len(examples), 1),
+        accuracy_by_task={task: sum(h) / len(h) for task, h in sorted(hits.items())},
+    )

@@ -42,6 +42,10 @@ def test_quick_demo_runs_the_fleet_and_writes_the_simulators_files(tmp_path):
         reported = [r["peak_rss_bytes"] for r in rows if r["stage"] == stage["stage"]]
         assert 2**27 < stage["device_peak_bytes"] == max(reported) < 2**33 and stage["predicted_peak_bytes"] > 2**27
     assert summary["final_eval_loss"] == rows[-1]["eval_loss"] < summary["initial_eval_loss"]
+    # the hand-over: the full model with stage 1's transferred LoRA, measured by the aggregator
+    assert rows[0]["full_eval_loss"] is not None and rows[1]["full_eval_loss"] is None
+    assert rows[-1]["full_eval_loss"] == rows[-1]["eval_loss"]
+    assert rows[-1]["compute"] > rows[0]["compute"] > 0
     assert summary["bytes_down_pack"] > 0 and summary["bytes_up"] > 0 and summary["rejected"] == {}
     assert sum(d["updates"] for d in summary["devices"].values()) == sum(len(r["devices"]) for r in rows)
     assert len(summary["demo"]["device_profiles"]) == 3

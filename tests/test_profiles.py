@@ -29,6 +29,7 @@ from devft_edge.profiles import (
 )
 
 SHIPPED = (
+    "rpi4-2gb",
     "rpi4-4gb",
     "rpi4-8gb",
     "rpi5-4gb",

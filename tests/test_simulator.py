@@ -254,3 +254,47 @@ def test_cli_json_summary(tmp_path, capsys):
     assert main(argv) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["method"] == "devft" and summary["rounds"] == 2
+
+
+def test_fleet_of_two_kinds_selects_by_fit_and_splits_families(tmp_path):
+    """DevFT's edge case: half the clients cannot train the full-depth stage (the planner says so)
+    and hold task families the others lack; they train the shallow stage only."""
+    import yaml
+
+    from devft_edge.memory import StepConfig, estimate_memory, model_shape
+    from devft_edge.models import load_config
+    from devft_edge.profiles import PROFILES_DIR
+
+    shape = model_shape(load_config("tiny"))
+    peaks = [estimate_memory(shape, StepConfig(layers=n, batch=4, seq=48)).peak_bytes for n in (4, 8)]
+    small = yaml.safe_load((PROFILES_DIR / "rpi4-4gb.yaml").read_text())
+    small["memory"] = {"total_gb": (sum(peaks) / 2) / 2**30 + 0.5, "reserved_gb": 0.5, "shared_with_gpu": True}
+    (tmp_path / "small.yaml").write_text(yaml.safe_dump(small))
+    cfg = replace(
+        BASE,
+        clients=4,
+        client_profiles=(str(tmp_path / "small.yaml"), "rpi5-8gb"),
+        data_split="by_profile",
+        exact_match="stage_end",
+        eval_every=1,
+    )
+    summary = simulate(cfg, tmp_path / "run", progress=False)
+    assert [s["eligible_clients"] for s in summary["stages"]] == [4, 2]
+    rows = _lines(tmp_path / "run" / "metrics.jsonl")
+    assert [r["eval_accuracy"] is not None for r in rows] == [True, False, False, True]  # stage ends only
+    assert set(rows[-1]["eval_accuracy_by_task"]) == set(summary["final_eval_accuracy_by_task"])
+    assert len(summary["stages"][0]["full_eval_accuracy_by_task"]) >= 2
+    fedit = simulate(replace(cfg, method="fedit"), tmp_path / "fedit", progress=False)
+    assert fedit["stages"][0]["eligible_clients"] == 2
+
+
+def test_partition_by_kind_gives_each_kind_its_own_families():
+    from devft_edge.data import partition_by_kind
+
+    examples = train_eval_split(120, 10, seed=0)[0]
+    parts = partition_by_kind(examples, ["a", "b", "a", "b"], seed=0, alpha=0.5)
+    assert sum(map(len, parts)) == len(examples) and all(parts)
+    families = [{ex.task for ex in part} for part in parts]
+    assert (families[0] | families[2]).isdisjoint(families[1] | families[3])
+    with pytest.raises(ConfigError, match="task families"):
+        partition_by_kind(examples[:3], [str(i) for i in range(5)], seed=0)
