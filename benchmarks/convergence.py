@@ -86,10 +86,20 @@ def _settings(quick: bool) -> dict[str, str]:
 
 @cache
 def _simulate_defaults() -> dict[str, str]:
-    """The simulate command's own defaults, read from its parser so they are never restated here."""
+    """The simulate command's own defaults, read from its parser and, for the options a preset
+    decides (their parser default is None), from the default preset, so they are never restated here."""
     from devft_edge.cli import build_parser
+    from devft_edge.presets import method_settings
 
-    return {key: str(value) for key, value in vars(build_parser().parse_args(["simulate"])).items()}
+    method = method_settings("default")
+    preset = {
+        **{k: getattr(method.recipe, k) for k in ("similarity", "grouping", "fusion", "beta", "transfer", "keep_ends")},
+        "heal": "off" if method.recipe.heal is None else method.recipe.heal.mode,
+        "round_split": method.round_split,
+        "stage_steps": method.stage_steps,
+    }
+    parsed = vars(build_parser().parse_args(["simulate"]))
+    return {key: str(preset.get(key, value) if value is None else value) for key, value in parsed.items()}
 
 
 def _spec(suite: str, method: str, seed: int, overrides: Mapping[str, str], quick: bool) -> RunSpec:

@@ -70,6 +70,11 @@ class AggregatorConfig(_Strict, BrokerLogin):
     keep_ends: int = Field(0, ge=0, description="keep the first and last k layers unfused")
     heal: Heal | None = Field(None, description="distil each fused submodel toward the full model (server)")
     full_eval: bool = Field(True, description="evaluate the full model with the transferred LoRA after each stage")
+    delivery: Literal["stage_packs", "full_pack"] = Field(
+        "stage_packs",
+        description="stage_packs: a pack per stage; full_pack: the full pack once, then a signed stage plan per stage "
+        "from which devices fuse the stage themselves",
+    )
     seed: int = 0
     sign_key: Path
     state_dir: Path = Path("runs/aggregator/state")

@@ -98,6 +98,7 @@ def write_summary(cfg: AggregatorConfig, state: RunState, adapter_dir: Path) -> 
         "rounds": len(history),
         "stages": [
             {k: s[k] for k in ("stage", "layers", "groups", "pack_bytes")}
+            | {"full_pack_bytes": s.get("full_pack_bytes", 0)}
             | {"heal": s.get("heal"), "full_eval_loss": _stage_end(history, s["stage"]).get("full_eval_loss")}
             | {
                 "rounds": rounds_per_stage[s["stage"]],

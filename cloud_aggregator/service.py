@@ -202,7 +202,9 @@ class Aggregator:
     def _on_chunk_request(self, device: str, message: Envelope) -> None:
         self._require_known(device)
         info = BlobInfo.from_json(message.data)
-        if info.sha256 not in (self.state.pack, self.state.stage_lora) or not self.store.has(info.sha256):
+        if info.sha256 not in (self.state.pack, self.state.plan, self.state.stage_lora) or not self.store.has(
+            info.sha256
+        ):
             raise ProtocolError(Reason.STALE, f"{device} asked for blob {info.sha256[:12]}..., not in the open stage")
         served = self.store.info(info.sha256, self.cfg.chunk_bytes)
         if info != served:  # another chunking could mean one oversize message, over the broker's limit
@@ -219,7 +221,7 @@ class Aggregator:
                 ),
             )
             self.state.bytes_down += len(chunk)
-            if info.sha256 == self.state.pack:
+            if info.sha256 in (self.state.pack, self.state.plan):
                 self.state.bytes_down_pack += len(chunk)
 
     def _on_update(self, device: str, message: Envelope) -> None:
@@ -424,9 +426,6 @@ class Aggregator:
 
     def _open_stage(self, number: int) -> None:
         from devft_edge.lora import init_lora_state, lora_shapes
-        from devft_edge.pack import write_pack
-        from devft_edge.quantization import QuantSpec
-        from devft_edge.training import TrainSettings
         from devft_edge.weights import read_safetensors
 
         capacity = self.schedule.capacities[number - 1]
@@ -437,37 +436,21 @@ class Aggregator:
             self.state.full_lora = self.store.add_bytes(safetensors_save(full), self.cfg.chunk_bytes).sha256
         stage = self.builder.open(number, capacity, full)
         groups = stage.groups
-        t = self.cfg.train
-        with tempfile.TemporaryDirectory(dir=self.cfg.state_dir) as tmp:
-            path = Path(tmp) / "stage.devpack"
-            write_pack(
-                path,
-                stage.model,
-                stage.start,
-                model_name=self.cfg.model,
-                stage=number,
-                stages=len(self.schedule.capacities),
-                groups=groups,
-                lora=self.lora,
-                quant=QuantSpec(self.cfg.quant),
-                training=TrainSettings(
-                    steps=t.steps, batch_size=t.batch, seq_len=t.seq, lr=t.lr, checkpointing=t.checkpointing
-                ),
-                tokenizer_dir=_tokenizer_dir(self.cfg.model),
-                created=_iso(time.time()),
-                sign_key=self.key,
-            )
-            self.state.pack = self.store.add_file(path, self.cfg.chunk_bytes).sha256
+        self._ship_weights(stage, full)
         self.state.stage_lora = self.store.add_bytes(safetensors_save(stage.start), self.cfg.chunk_bytes).sha256
         self.state.groups, self.state.stage, self.state.stage_rounds_done = groups, number, 0
-        pack_bytes = self.store.path(self.state.pack).stat().st_size
+        new_blob = self.state.plan or self.state.pack
+        pack_bytes = self.store.path(new_blob).stat().st_size
         self.state.stages.append(
             {
                 "stage": number,
                 "layers": capacity,
                 "groups": groups,
                 "pack": self.state.pack,
+                "plan": self.state.plan,
+                # what this stage adds to a device's downloads: its pack, or its plan (full_pack delivery)
                 "pack_bytes": pack_bytes,
+                "full_pack_bytes": self.store.path(self.state.full_pack).stat().st_size if self.state.full_pack else 0,
                 # what the planner admits devices by (CPU), for the report to set beside what they measured
                 "predicted_peak_bytes": estimate_memory(self.shape, self._step()).peak_bytes,
                 "heal": None
@@ -490,6 +473,65 @@ class Aggregator:
             pack_bytes / 1e6,
         )
         self._publish_status()
+
+    def _ship_weights(self, stage: Any, full_lora: dict[str, Any]) -> None:
+        """Write what devices need for ``stage``'s weights: its own signed pack (``stage_packs``), or
+        the full pack once and the stage's signed plan (``full_pack``: devices fuse the stage)."""
+        import copy
+
+        from devft_edge.layers import layer_prefix
+        from devft_edge.pack import write_pack
+        from devft_edge.quantization import QuantSpec, quantize_model
+        from devft_edge.stage_plan import write_plan
+        from devft_edge.training import TrainSettings
+        from devft_edge.weights import unique_state
+
+        t = self.cfg.train
+        common: dict[str, Any] = {
+            "model_name": self.cfg.model,
+            "stages": len(self.schedule.capacities),
+            "lora": self.lora,
+            "quant": QuantSpec(self.cfg.quant),
+            "training": TrainSettings(
+                steps=t.steps, batch_size=t.batch, seq_len=t.seq, lr=t.lr, checkpointing=t.checkpointing
+            ),
+            "created": _iso(time.time()),
+            "sign_key": self.key,
+        }
+        packs = {"tokenizer_dir": _tokenizer_dir(self.cfg.model), **common}
+        with tempfile.TemporaryDirectory(dir=self.cfg.state_dir) as tmp:
+            if self.cfg.delivery == "stage_packs":
+                path = Path(tmp) / "stage.devpack"
+                write_pack(path, stage.model, stage.start, stage=stage.number, groups=stage.groups, **packs)
+                self.state.pack, self.state.plan = self.store.add_file(path, self.cfg.chunk_bytes).sha256, ""
+                return
+            if not self.state.full_pack:
+                path = Path(tmp) / "full.devpack"
+                singletons = [[j] for j in range(self.builder.total)]
+                write_pack(path, copy.deepcopy(self.base), full_lora, stage=0, groups=singletons, **packs)
+                self.state.full_pack = self.store.add_file(path, self.cfg.chunk_bytes).sha256
+            blocks = None
+            if stage.heal is not None and self.cfg.heal is not None and self.cfg.heal.mode == "bake":
+                prefix = layer_prefix(stage.model, 0)[: -len("0.")]
+                quantized = quantize_model(copy.deepcopy(stage.model), QuantSpec(self.cfg.quant))
+                blocks = {k: v for k, v in unique_state(quantized).items() if k.startswith(prefix)}
+            path = Path(tmp) / "stage.plan"
+            write_plan(
+                path,
+                base_pack=self.state.full_pack,
+                model_type=self.base.config.model_type,
+                stage=stage.number,
+                groups=stage.groups,
+                coefficients=[self.builder.fusion.coefficients(len(g)) for g in stage.groups],
+                targets=self.lora.target_names(self.base),
+                heal=stage.heal.adapter if stage.heal is not None else None,
+                blocks=blocks,
+                **common,
+            )
+            self.state.pack, self.state.plan = (
+                self.state.full_pack,
+                self.store.add_file(path, self.cfg.chunk_bytes).sha256,
+            )
 
     def _step(self) -> StepConfig:
         """One local training step of the current stage, as the planner models it."""
@@ -581,6 +623,7 @@ class Aggregator:
         assert round_ is not None and device in round_.tasks  # callers only send tasks of the open round
         data = {
             "pack": self.store.info(self.state.pack, self.cfg.chunk_bytes).to_json(),
+            **({"plan": self.store.info(self.state.plan, self.cfg.chunk_bytes).to_json()} if self.state.plan else {}),
             "lora": self.store.info(self.state.stage_lora, self.cfg.chunk_bytes).to_json(),
             "train": self.cfg.train.model_dump(),
             "deadline": round_.deadline,

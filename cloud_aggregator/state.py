@@ -77,7 +77,11 @@ class RunState:
     stage_lora: str = ""
     """Blob id of the stage submodel's global LoRA."""
     pack: str = ""
-    """Blob id of the stage's pack."""
+    """Blob id of the pack devices train from: the stage's own, or the full pack (``full_pack`` delivery)."""
+    plan: str = ""
+    """Blob id of the stage's signed plan (``full_pack`` delivery; empty with stage packs)."""
+    full_pack: str = ""
+    """Blob id of the full model's pack (``full_pack`` delivery: written once per run)."""
     devices: dict[str, Device] = field(default_factory=dict)
     open_round: OpenRound | None = None
     bytes_up: int = 0

@@ -225,6 +225,17 @@ def _add_demo_options(p: argparse.ArgumentParser) -> None:
         default=None,
         help=f"device profile, repeatable, cycled (default: {', '.join(d.profiles)})",
     )
+    p.add_argument("--transfer", choices=["copy", "inv_n"], default=d.transfer, help="knowledge transfer rule")
+    p.add_argument("--keep-ends", type=int, default=d.keep_ends, help="keep the first and last k layers unfused")
+    p.add_argument("--heal", choices=["off", "bake", "adapter"], default=d.heal, help="heal fused submodels")
+    p.add_argument("--heal-steps", type=int, default=d.heal_steps, help="distillation steps per stage submodel")
+    p.add_argument("--heal-prompts", type=int, default=d.heal_prompts, help="server-text sequences to heal on")
+    p.add_argument(
+        "--delivery",
+        choices=["stage_packs", "full_pack"],
+        default=d.delivery,
+        help="a pack per stage, or the full pack once and a signed stage plan per stage (devices fuse)",
+    )
     p.add_argument(
         "--broker", default=None, help="mqtt://host:port of a running broker (default: start the embedded one)"
     )
@@ -255,6 +266,12 @@ def _run_demo(args: argparse.Namespace) -> int:
         eval_examples=args.eval_examples,
         seed=args.seed,
         broker=args.broker,
+        transfer=args.transfer,
+        keep_ends=args.keep_ends,
+        heal=args.heal,
+        heal_steps=args.heal_steps,
+        heal_prompts=args.heal_prompts,
+        delivery=args.delivery,
         **({"profiles": tuple(args.profile)} if args.profile else {}),
     )
     summary = run_demo(cfg, args.out)

@@ -64,6 +64,18 @@ class DemoConfig:
     """``mqtt://host:port`` of a running broker; None starts the embedded one."""
     round_timeout_s: float = 600.0
     profiles: tuple[str, ...] = DEMO_PROFILES
+    transfer: str = "copy"
+    """Knowledge transfer between stages (``copy`` or ``inv_n``)."""
+    keep_ends: int = 0
+    """Keep the first and last ``k`` layers unfused."""
+    heal: str = "off"
+    """Heal fused submodels on the aggregator: ``off``, ``bake`` or ``adapter``."""
+    heal_steps: int = 300
+    """Distillation steps per healed stage submodel."""
+    heal_prompts: int = 256
+    """Server-text sequences the aggregator generates to heal on."""
+    delivery: str = "stage_packs"
+    """``stage_packs``, or ``full_pack``: devices download the full pack once and fuse each stage."""
 
     def __post_init__(self) -> None:
         raise_if(
@@ -187,6 +199,10 @@ def write_fleet(cfg: DemoConfig, out: Path) -> tuple[Path, list[Path]]:
         "state_dir": str(out / "aggregator-state"),
         "out_dir": str(out),
         "eval_examples": cfg.eval_examples,
+        "transfer": cfg.transfer,
+        "keep_ends": cfg.keep_ends,
+        "heal": None if cfg.heal == "off" else {"mode": cfg.heal, "steps": cfg.heal_steps, "prompts": cfg.heal_prompts},
+        "delivery": cfg.delivery,
     }
     path = out / "config" / "aggregator.yaml"
     path.write_text(yaml.safe_dump(aggregator, sort_keys=False))

@@ -53,7 +53,11 @@ SIGNATURE = "manifest.sig"
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 LORA = "lora.safetensors"
-PAYLOAD_NAMES = frozenset({CONFIG, WEIGHTS, LORA, *TOKENIZER_FILES})
+HEAL = "heal.safetensors"
+"""Stage plans only: a heal adapter a device applies to the blocks it fuses (devft_edge.stage_plan)."""
+BLOCKS = "blocks.safetensors"
+"""Stage plans only: ready fused (baked, healed) blocks that replace device-side fusion."""
+PAYLOAD_NAMES = frozenset({CONFIG, WEIGHTS, LORA, HEAL, BLOCKS, *TOKENIZER_FILES})
 """Every member name a pack may list besides the manifest and its signature."""
 MAX_MEMBER_BYTES = 8 * 2**30
 """No member of a pack can legitimately be larger; a bigger one is refused before it fills a disk."""
@@ -187,6 +191,17 @@ def write_pack(
         },
         "training": asdict(training),
         "fp32_bytes": fp32_bytes,
+    }
+    return write_archive(Path(path), manifest, payload, sign_key)
+
+
+def write_archive(
+    path: Path, manifest: dict[str, Any], payload: Mapping[str, bytes], sign_key: Ed25519PrivateKey | None
+) -> dict[str, Any]:
+    """Write a signed archive (a pack or a stage plan): ``manifest`` plus the size and sha256 of
+    every payload member, its signature, then the members; returns the manifest as written."""
+    manifest = {
+        **manifest,
         "members": {
             name: {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
             for name, data in sorted(payload.items())
@@ -197,7 +212,7 @@ def write_pack(
     if sign_key is not None:
         members.append((SIGNATURE, sign(sign_key, manifest_bytes)))
     members += sorted(payload.items())
-    _write_tar(Path(path), members)
+    _write_tar(path, members)
     return manifest
 
 

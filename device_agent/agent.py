@@ -27,6 +27,7 @@ from devft_edge.protocol import AGGREGATOR, Envelope, Kind, ProtocolError, Reaso
 from device_agent.config import AgentConfig
 
 if TYPE_CHECKING:
+    from devft_edge.pack import VerifiedPack
     from devft_edge.training import TrainSettings
 
 logger = logging.getLogger(__name__)
@@ -140,7 +141,9 @@ class Agent:
             self._send(task.reply(Kind.REFUSAL, self.cfg.device_id, reason=error.reason, data={"detail": str(error)}))
             return
         self.task, self.downloads = task, {}
-        for key in ("pack", "lora"):
+        for key in ("pack", "lora", "plan"):
+            if key == "plan" and key not in task.data:
+                continue  # stage packs: the pack is the stage's own
             info = BlobInfo.from_json(task.data[key])
             if not self.store.has(info.sha256):
                 self.downloads[info.sha256] = Download(self.store.receiver(info))
@@ -199,29 +202,26 @@ class Agent:
     def _run_task(self) -> None:
         from safetensors.torch import save as safetensors_save
 
-        from devft_edge.pack import PackError, VerifiedPack, read_pack
+        from devft_edge.pack import PackError
         from devft_edge.weights import read_safetensors
 
         task = self.task
         assert task is not None  # only called once a task's blobs are in
-        pack_sha, lora_sha = task.data["pack"]["blob"], task.data["lora"]["blob"]
-        directory = self.packs / pack_sha
+        lora_sha = task.data["lora"]["blob"]
         reset_peak()  # the update reports this task's peak (unpacking, loading, training), not the process's
+        start = {k: v.clone() for k, v in read_safetensors(self.store.path(lora_sha)).items()}
         try:
-            if not directory.exists():
-                read_pack(self.store.path(pack_sha), directory, self.public_key)
-            manifest = json.loads((directory / "manifest.json").read_text())
-            pack = VerifiedPack(directory=directory, manifest=manifest, signed=True)
+            pack = self._verified(task.data["pack"]["blob"])
+            if "plan" in task.data:  # full_pack delivery: fuse this stage from the full pack ourselves
+                pack = self._derived(pack, task.data["plan"]["blob"], start)
         except PackError as error:
             logger.error("task %s refused: %s", task.id, error)
-            self.store.path(pack_sha).unlink(missing_ok=True)  # never keep or reuse a refused pack
             self._send(
                 task.reply(Kind.REFUSAL, self.cfg.device_id, reason=Reason.PACK, data={"detail": error.reason.value})
             )
             self.task = None
             return
         settings = task_settings(task)
-        start = {k: v.clone() for k, v in read_safetensors(self.store.path(lora_sha)).items()}
         began = time.monotonic()
         try:
             result = self.trainer.train(pack, self.examples, settings, seed=int(task.data.get("seed", 0)), start=start)
@@ -254,6 +254,43 @@ class Agent:
         )
         self._send(task.reply(Kind.UPDATE, self.cfg.device_id, data=data))
         self.task = None
+
+    def _verified(self, sha: str) -> VerifiedPack:
+        """The signed archive (pack or plan) ``sha``, verified and unpacked once; a refused one is deleted.
+
+        Raises:
+            PackError: with the reason it was refused.
+        """
+        from devft_edge.pack import PackError, VerifiedPack, read_pack
+
+        directory = self.packs / sha
+        try:
+            if not directory.exists():
+                read_pack(self.store.path(sha), directory, self.public_key)
+        except PackError:
+            self.store.path(sha).unlink(missing_ok=True)  # never keep or reuse a refused archive
+            raise
+        manifest = json.loads((directory / "manifest.json").read_text())
+        return VerifiedPack(directory=directory, manifest=manifest, signed=True)
+
+    def _derived(self, full: VerifiedPack, plan_sha: str, start: dict[str, Any]) -> VerifiedPack:
+        """The stage pack that the signed plan ``plan_sha`` makes of ``full``, built once."""
+        from devft_edge.pack import PackError, Refusal, VerifiedPack
+        from devft_edge.stage_plan import derive_stage_pack, plan_matches
+
+        plan = self._verified(plan_sha)
+        problems = plan_matches(plan, full.directory.name)
+        if problems:
+            raise PackError(Refusal.MANIFEST, "; ".join(problems))
+        stage = self.packs / f"{plan_sha}-stage"
+        if stage.exists():
+            return VerifiedPack(
+                directory=stage, manifest=json.loads((stage / "manifest.json").read_text()), signed=True
+            )
+        began = time.monotonic()
+        derived = derive_stage_pack(full, plan, start, stage)
+        logger.info("stage %s fused from the full pack in %.1f s", plan.manifest.get("stage"), time.monotonic() - began)
+        return derived
 
     def _send(self, message: Envelope) -> None:
         self.connection.publish(self.topics.up(self.cfg.device_id), message.encode())

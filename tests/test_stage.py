@@ -46,7 +46,10 @@ def test_open_contracts_and_close_expands_with_the_recipes_rule(tiny, tokenizer)
     back = builder.expand(trained, stage.groups)
     for g, members in enumerate(stage.groups):
         for j in members:
-            torch.testing.assert_close(back[f"layers.{j}.self_attn.q_proj.lora_B"], trained[f"layers.{g}.self_attn.q_proj.lora_B"] / len(members))
+            torch.testing.assert_close(
+                back[f"layers.{j}.self_attn.q_proj.lora_B"],
+                trained[f"layers.{g}.self_attn.q_proj.lora_B"] / len(members),
+            )
 
 
 def test_heal_runs_once_then_comes_from_the_cache(tiny, tokenizer, tmp_path):

@@ -40,7 +40,9 @@ def test_inv_n_transfer_keeps_the_submodels_output_change():
     torch.testing.assert_close(_lora_output_change(full, x), submodel_change)
     # the paper's copy applies each group's change once per member
     copied = TRANSFERS.get("copy").expand(stage, GROUPS)
-    per_group = [_lora_output_change({k: v for k, v in stage.items() if k.startswith(f"layers.{g}.")}, x) for g in range(3)]
+    per_group = [
+        _lora_output_change({k: v for k, v in stage.items() if k.startswith(f"layers.{g}.")}, x) for g in range(3)
+    ]
     torch.testing.assert_close(_lora_output_change(copied, x), sum(len(m) * c for m, c in zip(GROUPS, per_group)))
 
 
@@ -72,7 +74,9 @@ def test_inv_n_refusion_does_not_double_the_effect():
     assert 0.5 < float(ratio) < 1.5
     copy = TRANSFERS.get("copy")
     copied = copy.contract(copy.expand(stage1, first), [[0, 1], [2], [3], [4, 5]], fusion)
-    torch.testing.assert_close(_lora_output_change(copied, x), 4 / 6 * _lora_output_change(copy.expand(stage1, first), x))
+    torch.testing.assert_close(
+        _lora_output_change(copied, x), 4 / 6 * _lora_output_change(copy.expand(stage1, first), x)
+    )
 
 
 def test_dense_deltas_scale_like_lora_b():
