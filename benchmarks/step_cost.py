@@ -56,7 +56,10 @@ def main() -> None:
     total = num_layers(base.config)
     depths = args.depths or sorted({1, 2, 4, 8, -(-total // 2), total})
     examples = generate_synthetic(64, seed=0)
-    models = {d: attach_lora(build_submodel(base, even_groups(total, d), FUSIONS.get("dblf")).model, LoraSettings()) for d in depths}
+    models = {
+        d: attach_lora(build_submodel(base, even_groups(total, d), FUSIONS.get("dblf")).model, LoraSettings())
+        for d in depths
+    }
     load_before = load_average()
     times: dict[int, list[float]] = {d: [] for d in depths}
     for repeat in range(args.repeats):

@@ -7,13 +7,13 @@ import copy
 import pytest
 import torch
 
+from devft_edge.errors import DevFTError
 from devft_edge.fusion import FUSIONS
 from devft_edge.layers import decoder_layers
 from devft_edge.lora import LoraSettings, init_lora_state, lora_shapes
 from devft_edge.models import model_dir
 from devft_edge.pack import PackError, load_pack, read_pack, write_pack
 from devft_edge.quantization import QuantSpec
-from devft_edge.errors import DevFTError
 from devft_edge.signing import Ed25519PrivateKey
 from devft_edge.stage_plan import derive_stage_pack, plan_matches, write_plan
 from devft_edge.submodel import build_submodel

@@ -43,7 +43,9 @@ def test_inv_n_transfer_keeps_the_submodels_output_change():
     per_group = [
         _lora_output_change({k: v for k, v in stage.items() if k.startswith(f"layers.{g}.")}, x) for g in range(3)
     ]
-    torch.testing.assert_close(_lora_output_change(copied, x), sum(len(m) * c for m, c in zip(GROUPS, per_group)))
+    torch.testing.assert_close(
+        _lora_output_change(copied, x), sum(len(m) * c for m, c in zip(GROUPS, per_group, strict=True))
+    )
 
 
 @pytest.mark.parametrize("rule", ["copy", "inv_n"])
