@@ -479,12 +479,10 @@ class Aggregator:
         the full pack once and the stage's signed plan (``full_pack``: devices fuse the stage)."""
         import copy
 
-        from devft_edge.layers import layer_prefix
         from devft_edge.pack import write_pack
-        from devft_edge.quantization import QuantSpec, quantize_model
-        from devft_edge.stage_plan import write_plan
+        from devft_edge.quantization import QuantSpec
+        from devft_edge.stage_plan import write_stage_plan
         from devft_edge.training import TrainSettings
-        from devft_edge.weights import unique_state
 
         t = self.cfg.train
         common: dict[str, Any] = {
@@ -510,24 +508,8 @@ class Aggregator:
                 singletons = [[j] for j in range(self.builder.total)]
                 write_pack(path, copy.deepcopy(self.base), full_lora, stage=0, groups=singletons, **packs)
                 self.state.full_pack = self.store.add_file(path, self.cfg.chunk_bytes).sha256
-            blocks = None
-            if stage.heal is not None and self.cfg.heal is not None and self.cfg.heal.mode == "bake":
-                prefix = layer_prefix(stage.model, 0)[: -len("0.")]
-                quantized = quantize_model(copy.deepcopy(stage.model), QuantSpec(self.cfg.quant))
-                blocks = {k: v for k, v in unique_state(quantized).items() if k.startswith(prefix)}
             path = Path(tmp) / "stage.plan"
-            write_plan(
-                path,
-                base_pack=self.state.full_pack,
-                model_type=self.base.config.model_type,
-                stage=stage.number,
-                groups=stage.groups,
-                coefficients=[self.builder.fusion.coefficients(len(g)) for g in stage.groups],
-                targets=self.lora.target_names(self.base),
-                heal=stage.heal.adapter if stage.heal is not None else None,
-                blocks=blocks,
-                **common,
-            )
+            write_stage_plan(path, stage, self.builder.fusion, base_pack=self.state.full_pack, **common)
             self.state.pack, self.state.plan = (
                 self.state.full_pack,
                 self.store.add_file(path, self.cfg.chunk_bytes).sha256,

@@ -64,6 +64,12 @@ def _add_simulation_options(p: argparse.ArgumentParser, defaults: dict[str, obje
     p.add_argument("--stage-steps", choices=["fixed", "compute"], default=None, help="local steps per stage round")
     p.add_argument("--quant", choices=QUANTIZATIONS, default="none", help="pack quantization (bytes, trained base)")
     p.add_argument(
+        "--delivery",
+        choices=["stage_packs", "full_pack"],
+        default="stage_packs",
+        help="a pack per stage, or the full pack once and a signed stage plan per stage (devices fuse)",
+    )
+    p.add_argument(
         "--exact-match",
         choices=["every_eval", "stage_end"],
         default="every_eval",
@@ -157,6 +163,7 @@ def _run_simulation(args: argparse.Namespace) -> int:
         capacities=method.capacities,
         stage_steps=method.stage_steps,
         quant=args.quant,
+        delivery=args.delivery,
         full_eval=args.full_eval,
         exact_match=args.exact_match,
         client_profiles=tuple(args.client_profiles.split(",")) if args.client_profiles else None,

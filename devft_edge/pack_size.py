@@ -24,12 +24,15 @@ from pathlib import Path
 
 from transformers import PreTrainedModel
 
+from devft_edge.fusion import Fusion
 from devft_edge.lora import LoraSettings, LoraState
 from devft_edge.pack import write_pack
 from devft_edge.quantization import QuantSpec
+from devft_edge.stage import Stage
+from devft_edge.stage_plan import write_stage_plan
 from devft_edge.training import TrainSettings
 
-__all__ = ["DELIVERIES", "pack_file_bytes"]
+__all__ = ["DELIVERIES", "pack_file_bytes", "plan_file_bytes"]
 
 DELIVERIES = ("stage_packs", "full_pack")
 
@@ -59,6 +62,25 @@ def pack_file_bytes(
             quant=QuantSpec(quant),
             training=TrainSettings(),
             tokenizer_dir=tokenizer_dir,
+            created="1970-01-01T00:00:00Z",
+        )
+        return path.stat().st_size + 64
+
+
+def plan_file_bytes(stage: Stage, fusion: Fusion, *, model_name: str, lora: LoraSettings, quant: str) -> int:
+    """Size of the signed plan of ``stage`` (``full_pack`` delivery), written as the aggregator does."""
+    with tempfile.TemporaryDirectory(prefix="devft-plansize-") as tmp:
+        path = Path(tmp) / "stage.plan"
+        write_stage_plan(
+            path,
+            stage,
+            fusion,
+            base_pack="0" * 64,
+            quant=QuantSpec(quant),
+            lora=lora,
+            model_name=model_name,
+            stages=1,
+            training=TrainSettings(),
             created="1970-01-01T00:00:00Z",
         )
         return path.stat().st_size + 64

@@ -45,7 +45,7 @@ from devft_edge.lora import (
 )
 from devft_edge.memory import model_shape
 from devft_edge.models import cache_dir, load_model, load_tokenizer, model_dir
-from devft_edge.pack_size import pack_file_bytes
+from devft_edge.pack_size import DELIVERIES, pack_file_bytes, plan_file_bytes
 from devft_edge.peak_memory import peak_bytes
 from devft_edge.plot import plot_curves
 from devft_edge.quantization import QuantSpec, dequantize_model, quantize_model
@@ -123,6 +123,9 @@ class SimulationConfig:
     """``fixed`` local steps in every stage, or ``compute``: ``steps / cost(depth)`` per round."""
     quant: str = "none"
     """Pack quantization: what devices download (bytes) and the base weights they train on."""
+    delivery: str = "stage_packs"
+    """How weights reach devices (:data:`devft_edge.pack_size.DELIVERIES`): a pack per stage, or the
+    full pack once plus a signed stage plan per stage (devices fuse the stage themselves)."""
     full_eval: str = "stage"
     """Evaluate the full model with the transferred LoRA after each ``stage``, every ``round``, or ``off``."""
     exact_match: str = "every_eval"
@@ -160,6 +163,7 @@ class SimulationConfig:
             ("full_eval", self.full_eval, FULL_EVALS),
             ("exact_match", self.exact_match, EXACT_MATCH),
             ("data_split", self.data_split, DATA_SPLITS),
+            ("delivery", self.delivery, DELIVERIES),
         ):
             if value not in allowed:
                 problems.append(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
@@ -255,7 +259,7 @@ class _Stage:
     server: GlobalState
     builder: StageBuilder
     pack_bytes: int
-    """Size of the stage's pack as the aggregator would write it (at the run's quantization)."""
+    """Size of the stage's pack, or of its plan (``full_pack`` delivery), as the aggregator writes it."""
     steps: int
     """Local steps per client round in this stage."""
     cost: float
@@ -350,6 +354,19 @@ class Simulation:
         }
         self.sampler = random.Random(cfg.seed)
         self.full = GlobalState(lora=init_lora_state(lora_shapes(self.base, cfg.lora), cfg.lora.rank, cfg.seed))
+        self.full_pack_bytes = 0
+        """``full_pack`` delivery: size of the full model's pack, downloaded once per device."""
+        if cfg.delivery == "full_pack":
+            self.full_pack_bytes = pack_file_bytes(
+                self.base,
+                self.full.lora,
+                [[j] for j in range(self.total_layers)],
+                model_name=cfg.model,
+                lora=cfg.lora,
+                quant=cfg.quant,
+                tokenizer_dir=model_dir(cfg.model),
+            )
+        self.has_full_pack: set[int] = set()
         self.wall = self.parallel = self.compute = self.server = 0.0
         self._full_by_task: dict[str, float] | None = None
         self.bytes_up = self.bytes_down = self.bytes_down_pack = 0
@@ -440,15 +457,20 @@ class Simulation:
         logger.info("stage %d: %d layers, groups %s", number, capacity, built.groups)
         fused_delta = self.builder.contract(self.full.delta, built.groups) if self.full.delta else {}
         add_weight_delta(built.model, fused_delta, self.cfg.lora.scaling)
-        pack_bytes = pack_file_bytes(
-            built.model,
-            built.start,
-            built.groups,
-            model_name=self.cfg.model,
-            lora=self.cfg.lora,
-            quant=self.cfg.quant,
-            tokenizer_dir=model_dir(self.cfg.model),
-        )
+        if self.cfg.delivery == "full_pack":
+            pack_bytes = plan_file_bytes(
+                built, self.builder.fusion, model_name=self.cfg.model, lora=self.cfg.lora, quant=self.cfg.quant
+            )
+        else:
+            pack_bytes = pack_file_bytes(
+                built.model,
+                built.start,
+                built.groups,
+                model_name=self.cfg.model,
+                lora=self.cfg.lora,
+                quant=self.cfg.quant,
+                tokenizer_dir=model_dir(self.cfg.model),
+            )
         cost = self.step_cost(capacity)
         steps = self.cfg.train.steps
         if self.cfg.stage_steps == "compute":
@@ -505,10 +527,12 @@ class Simulation:
             tally.bytes_down += state_bytes(received) if received else 0
             if c in stage.has_pack:
                 tally.bytes_down += self.rule.extra_downlink_bytes(stage.server, memory, round_index)
-            else:  # first time in this stage: the stage's pack
-                tally.bytes_down += stage.pack_bytes
-                tally.bytes_down_pack += stage.pack_bytes
+            else:  # first time in this stage: the stage's pack or plan (and, once, the full pack)
+                weights = stage.pack_bytes + (0 if c in self.has_full_pack else self.full_pack_bytes)
+                tally.bytes_down += weights
+                tally.bytes_down_pack += weights
                 stage.has_pack.add(c)
+                self.has_full_pack.add(c)
                 memory.synced_round = round_index - 1
             set_lora_state(stage.model, self.rule.client_start(received, stage.server, memory, stage.to_stage))
             torch.manual_seed(self.cfg.seed * 1_000_003 + round_index * 1009 + c)

@@ -34,6 +34,7 @@ from safetensors.torch import save, save_file
 from torch import Tensor
 
 from devft_edge.errors import DevFTError
+from devft_edge.fusion import Fusion
 from devft_edge.layers import architecture_of, num_layers
 from devft_edge.lora import LoraSettings, LoraState
 from devft_edge.memory import model_shape
@@ -41,10 +42,11 @@ from devft_edge.models import TOKENIZER_FILES
 from devft_edge.pack import BLOCKS, FORMAT_VERSION, HEAL, LORA, WEIGHTS, VerifiedPack, write_archive
 from devft_edge.quantization import QuantSpec
 from devft_edge.signing import Ed25519PrivateKey
+from devft_edge.stage import Stage
 from devft_edge.submodel import submodel_config
 from devft_edge.training import TrainSettings
 
-__all__ = ["KIND", "derive_stage_pack", "plan_matches", "write_plan"]
+__all__ = ["KIND", "derive_stage_pack", "plan_matches", "write_plan", "write_stage_plan"]
 
 KIND = "stage_plan"
 
@@ -102,6 +104,48 @@ def write_plan(
         "training": asdict(training),
     }
     return write_archive(Path(path), manifest, payload, sign_key)
+
+
+def write_stage_plan(
+    path: str | Path,
+    stage: Stage,
+    fusion: Fusion,
+    *,
+    base_pack: str,
+    quant: QuantSpec,
+    lora: LoraSettings,
+    **fields: Any,
+) -> dict[str, Any]:
+    """Write the plan of an opened :class:`~devft_edge.stage.Stage`: its groups, ``fusion``'s
+    coefficients, and its heal (the adapter, or for a baked heal the finished blocks at ``quant``).
+
+    ``fields`` are :func:`write_plan`'s remaining keywords (model name, stages, training, ...).
+    """
+    import copy
+
+    from devft_edge.layers import layer_prefix
+    from devft_edge.quantization import quantize_model
+    from devft_edge.weights import unique_state
+
+    blocks = None
+    if stage.heal is not None and not stage.heal.adapter:  # a baked heal: the device cannot derive it
+        prefix = layer_prefix(stage.model, 0)[: -len("0.")]
+        quantized = quantize_model(copy.deepcopy(stage.model), quant)
+        blocks = {k: v for k, v in unique_state(quantized).items() if k.startswith(prefix)}
+    return write_plan(
+        path,
+        base_pack=base_pack,
+        model_type=stage.model.config.model_type,
+        stage=stage.number,
+        groups=stage.groups,
+        coefficients=[fusion.coefficients(len(g)) for g in stage.groups],
+        quant=quant,
+        lora=lora,
+        targets=lora.target_names(stage.model),
+        heal=stage.heal.adapter if stage.heal is not None else None,
+        blocks=blocks,
+        **fields,
+    )
 
 
 def plan_matches(plan: VerifiedPack, base_pack: str) -> list[str]:

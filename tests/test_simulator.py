@@ -191,6 +191,11 @@ def test_quantized_packs_stage_steps_and_capacities(tmp_path):
     assert steps == [round(20 / s["step_cost"]) for s in fp32["stages"]] and steps[0] > steps[2] == 20
     assert [s["local_steps"] for s in int4["stages"]] == [20, 20, 20]
     assert int4["bytes_down_pack"] < 0.5 * fp32["bytes_down_pack"]
+    # full_pack delivery: the full pack once per client, then only the small stage plans
+    once = simulate(replace(cfg, quant="int4", stage_steps="fixed", delivery="full_pack"), tmp_path / "f", progress=False)
+    assert once["final_eval_loss"] == int4["final_eval_loss"]  # the same training, other bytes
+    assert once["bytes_down_pack"] < int4["bytes_down_pack"]
+    assert all(s["pack_bytes"] < 0.05 * int4["stages"][-1]["pack_bytes"] for s in once["stages"])
     assert int4["final_eval_loss"] != fp32["final_eval_loss"]  # trained on other (quantized) weights
     rows = _lines(tmp_path / "n" / "metrics.jsonl")
     assert all(r["full_eval_loss"] is not None for r in rows)  # full_eval = round
