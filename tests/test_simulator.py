@@ -192,7 +192,8 @@ def test_quantized_packs_stage_steps_and_capacities(tmp_path):
     assert [s["local_steps"] for s in int4["stages"]] == [20, 20, 20]
     assert int4["bytes_down_pack"] < 0.5 * fp32["bytes_down_pack"]
     # full_pack delivery: the full pack once per client, then only the small stage plans
-    once = simulate(replace(cfg, quant="int4", stage_steps="fixed", delivery="full_pack"), tmp_path / "f", progress=False)
+    once_cfg = replace(cfg, quant="int4", stage_steps="fixed", delivery="full_pack")
+    once = simulate(once_cfg, tmp_path / "f", progress=False)
     assert once["final_eval_loss"] == int4["final_eval_loss"]  # the same training, other bytes
     assert once["bytes_down_pack"] < int4["bytes_down_pack"]
     assert all(s["pack_bytes"] < 0.05 * int4["stages"][-1]["pack_bytes"] for s in once["stages"])
