@@ -52,6 +52,8 @@ def test_quick_pipeline_runs_and_reports(tmp_path):
         [
             "run",
             "--quick",
+            "--suite",
+            "all",
             "--seeds",
             "0",
             "--results",
