@@ -310,6 +310,8 @@ def _run_plan(args: argparse.Namespace) -> int:
         quant_embeddings=not args.fp32_embeddings,
         checkpointing=args.checkpointing,
         tokenizer_bytes=tokenizer_bytes(args.model),
+        rounds=args.rounds,
+        round_split=args.round_split,
     )
     profiles = load_profiles(args.profile, args.profiles_dir)
     shape = model_shape(load_config(args.model))
@@ -782,6 +784,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--quant", choices=QUANTIZATIONS, default="none", help="pack base weights")
     pl.add_argument("--fp32-embeddings", action="store_true", help="keep embedding/head fp32 in quantized packs")
     pl.add_argument("--checkpointing", action="store_true", help="gradient checkpointing on the devices")
+    pl.add_argument("--rounds", type=int, default=12, help="round budget (for the cost predicted against FedIT)")
+    pl.add_argument("--round-split", choices=["depth", "equal"], default="depth", help="rounds per stage")
     pl.add_argument("--check", action="store_true", help="measure one training step per stage on this machine")
     pl.add_argument("--json", action="store_true", help="print the plan as JSON")
     pl.set_defaults(func=_run_plan)

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 
 from devft_edge.errors import ConfigError
+from devft_edge.handover import cost_warning, early_rounds
 from devft_edge.memory import (
     FLOAT,
     ModelShape,
@@ -31,6 +32,7 @@ from devft_edge.memory import (
 )
 from devft_edge.profiles import DeviceProfile
 from devft_edge.schedule import StageSchedule
+from devft_edge.step_cost import step_cost_model
 
 CHECK_FIELDS = ("measured_peak_bytes", "predicted_local_bytes")
 """Stage fields present only in a checked plan."""
@@ -66,6 +68,10 @@ class PlanSettings:
     """Gradient checkpointing on the devices."""
     tokenizer_bytes: int = 0
     """Tokenizer files shipped in every pack."""
+    rounds: int = 12
+    """Round budget of the run (for the predicted cost against FedIT)."""
+    round_split: str = "depth"
+    """How the rounds are shared out over the stages (``depth`` or ``equal``)."""
 
     def step(self, layers: int) -> StepConfig:
         """The local training step these settings describe, on a ``layers``-block submodel."""
@@ -132,6 +138,8 @@ class Plan:
     """Deepest submodel each profile can train with the planned settings."""
     capped_capacities: tuple[int, ...] | None = None
     """Stage depths capped to the weakest profile, when it cannot train every stage."""
+    cost_warning: str | None = None
+    """When DevFT is predicted to cost more device compute than FedIT (:mod:`devft_edge.handover`)."""
 
     def to_json(self) -> dict[str, object]:
         """The machine-readable document of ``devft-edge plan --json``."""
@@ -151,6 +159,7 @@ class Plan:
             ],
             "max_layers": self.max_layers,
             "capped_capacities": list(self.capped_capacities) if self.capped_capacities else None,
+            "cost_warning": self.cost_warning,
         }
 
 
@@ -249,7 +258,12 @@ def plan(shape: ModelShape, model_name: str, profiles: Sequence[DeviceProfile], 
     """Plan every stage against every profile."""
     if not profiles:
         raise ConfigError("plan needs at least one device profile (--profile NAME)")
-    schedule = StageSchedule(num_layers=shape.num_layers, num_stages=settings.stages, total_rounds=settings.stages)
+    schedule = StageSchedule(
+        num_layers=shape.num_layers,
+        num_stages=settings.stages,
+        total_rounds=max(settings.rounds, settings.stages),
+        round_split=settings.round_split,
+    )
     stages = []
     for number, layers in enumerate(schedule.capacities, start=1):
         step = settings.step(layers)
@@ -282,12 +296,14 @@ def plan(shape: ModelShape, model_name: str, profiles: Sequence[DeviceProfile], 
         for p in profiles
     }
     weakest = min(deepest.values())
+    cost = step_cost_model(model_name, shape, settings.batch, settings.seq, settings.rank)
     return Plan(
         model=model_name,
         settings=settings,
         stages=stages,
         max_layers=deepest,
         capped_capacities=capped_capacities(schedule.capacities, weakest) if weakest >= 1 else None,
+        cost_warning=cost_warning(model_name, early_rounds(schedule.capacities, schedule.rounds_per_stage, cost)),
     )
 
 
@@ -336,6 +352,8 @@ def render(plan_: Plan) -> str:
             f"schedule capped to the weakest profile: stage depths {caps} "
             "(the last stage's LoRA is transferred to the full model)"
         )
+    if plan_.cost_warning:
+        lines += ["", f"warning: {plan_.cost_warning}"]
     checked = [st for st in plan_.stages if st.measured_peak_bytes and st.predicted_local_bytes]
     if checked:
         lines += ["", "predicted vs measured peak of a training step on this machine (fresh process per stage):"]

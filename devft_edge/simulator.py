@@ -31,6 +31,7 @@ from devft_edge.calibration import calibration_ids
 from devft_edge.data import Example, batches, load_jsonl, partition, partition_by_kind, train_eval_split
 from devft_edge.errors import ConfigError, raise_if
 from devft_edge.export import export_adapter, export_merged
+from devft_edge.handover import cost_warning, early_rounds
 from devft_edge.layers import num_layers
 from devft_edge.lora import (
     LoraSettings,
@@ -346,6 +347,9 @@ class Simulation:
         self.step_cost: StepCostModel = step_cost_model(
             cfg.model, self.shape, cfg.train.batch_size, cfg.train.seq_len, cfg.lora.rank
         )
+        self.warning = self._cost_warning()
+        if self.warning:
+            logger.warning("%s", self.warning)
         client_data, self.held_out = _load_data(cfg)
         self.memories = [ClientMemory(num_samples=len(d)) for d in client_data]
         self.streams: dict[int, Iterator[dict[str, Tensor]]] = {
@@ -370,6 +374,12 @@ class Simulation:
         self.wall = self.parallel = self.compute = self.server = 0.0
         self._full_by_task: dict[str, float] | None = None
         self.bytes_up = self.bytes_down = self.bytes_down_pack = 0
+
+    def _cost_warning(self) -> str | None:
+        """What the measured hand-over predicts for this schedule's cost against FedIT's."""
+        caps, rounds = self.schedule.capacities, self.schedule.rounds_per_stage
+        ratios = [1 / self.step_cost(c) if self.cfg.stage_steps == "compute" else 1.0 for c in caps]
+        return cost_warning(self.cfg.model, early_rounds(caps, rounds, self.step_cost, ratios))
 
     def run(self) -> dict[str, object]:
         """Run every stage and round; write metrics, summary, adapter and plot. Returns the summary."""
@@ -662,6 +672,7 @@ class Simulation:
             "parallel_seconds": round(self.parallel, 3),
             "compute": round(self.compute, 4),
             "step_cost": {"source": self.step_cost.source, "intercept": round(self.step_cost.intercept, 4)},
+            "cost_warning": self.warning,
             "server_seconds": round(self.server, 3),
             "bytes_up": self.bytes_up,
             "bytes_down": self.bytes_down,
