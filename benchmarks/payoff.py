@@ -59,17 +59,15 @@ Pi 5 8 GB; each kind holds three of the six task families."""
 VARIANTS: dict[str, list[str]] = {
     "fedit": ["--method", "fedit"],
     "paper": ["--preset", "paper"],
-    "depth": [],
     "two-stage": ["--capacities", "15,30"],
     "best": ["--heal", "bake", "--capacities", "15,30", "--delivery", "full_pack"],
 }
 """Method flags on top of the federation. ``paper`` is the paper's literal DevFT (4 doubling stages,
-equal rounds, copy transfer, stage packs); ``depth`` is this project's default before issue 13 (the
-depth round split); ``two-stage`` starts at 15 layers (the ablation that helped most in issue 3);
+equal rounds, copy transfer, stage packs); ``two-stage`` starts at 15 layers (the ablation that helped most in issue 3);
 ``best`` adds to it what the hand-over screening favoured (healing; copy transfer) and the full-pack
 delivery (docs/results.md)."""
 SUITES: dict[str, tuple[tuple[str, ...], int, list[str]]] = {
-    "main": (("fedit", "paper", "depth", "two-stage", "best"), 12, []),
+    "main": (("fedit", "paper", "two-stage", "best"), 12, []),
     "long": (("fedit", "paper", "best"), 36, []),
     "fleet": (("fedit", "paper", "best"), 12, FLEET),
 }
