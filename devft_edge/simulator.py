@@ -402,7 +402,7 @@ class Simulation:
                 zip(self.schedule.capacities, self.schedule.rounds_per_stage, strict=True), start=1
             ):
                 budget = self.cfg.rounds - round_index if number == last_stage else n_rounds + carry
-                stage = self._open_stage(number, capacity)
+                stage = self._open_stage(number, capacity, round_index)
                 plateau = _Plateau(self.cfg.adaptive_patience, self.cfg.adaptive_min_delta)
                 used = 0
                 while used < budget:
@@ -459,7 +459,7 @@ class Simulation:
             },
         }
 
-    def _open_stage(self, number: int, capacity: int) -> _Stage:
+    def _open_stage(self, number: int, capacity: int, first_round: int) -> _Stage:
         """Plan and pack one stage: group, fuse, heal, attach LoRA started from the full state."""
         t0 = time.perf_counter()
         self._full_by_task = None
@@ -496,7 +496,7 @@ class Simulation:
             eligible=self._eligible(capacity),
         )
         stage.server.lora = stage.to_stage(self.full.lora)
-        self.rule.start_stage(0)
+        self.rule.start_stage(first_round)
         elapsed = time.perf_counter() - t0
         heal_seconds = built.heal.seconds if built.heal is not None and not built.heal_cached else 0.0
         self.server += built.heal.seconds if built.heal is not None else 0.0
