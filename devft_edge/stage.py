@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -199,7 +200,7 @@ class StageBuilder:
             tensors.update({f"adapter.{k}": v.contiguous() for k, v in result.adapter.items()})
             cached.parent.mkdir(parents=True, exist_ok=True)
             meta = {k: v for k, v in asdict(result).items() if k != "adapter"}
-            tmp = cached.with_suffix(".tmp")
+            tmp = cached.with_name(f"{cached.name}.{os.getpid()}.tmp")  # runs side by side may heal at once
             save_file(tensors, tmp)
             cached.with_suffix(".json").write_text(json.dumps(meta))
             tmp.replace(cached)
@@ -222,7 +223,9 @@ class StageBuilder:
         text = server_text(self.base, self.tokenizer, settings.prompts, settings.new_tokens, settings.seed)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            save_file({"input_ids": text.input_ids, "loss_mask": text.loss_mask.to(torch.uint8)}, path)
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+            save_file({"input_ids": text.input_ids, "loss_mask": text.loss_mask.to(torch.uint8)}, tmp)
+            tmp.replace(path)
         return text
 
     def _heal_key(self, groups: list[list[int]], settings: HealSettings) -> str:
