@@ -184,6 +184,18 @@ def cost_to(rows: Sequence[Mapping[str, Any]], target: float) -> dict[str, float
     return None
 
 
+def compute_to(rows: Sequence[Mapping[str, Any]], target: float, start: float) -> float | None:
+    """Device compute at which the eval loss first reaches ``target``, linear between evaluated rounds
+    from ``start`` (the untuned loss) at compute 0; None if it never does."""
+    points = [(0.0, start)] + [(float(r["compute"]), r["eval_loss"]) for r in rows if r.get("eval_loss") is not None]
+    if start <= target:
+        return 0.0
+    for (x0, y0), (x1, y1) in zip(points, points[1:], strict=False):
+        if y1 <= target:
+            return x0 + (x1 - x0) * (y0 - target) / (y0 - y1)
+    return None
+
+
 def loss_at(rows: Sequence[Mapping[str, Any]], key: str, budget: float) -> float | None:
     """Eval loss at cost ``budget`` of ``key`` (``compute`` or ``bytes``), linear between evaluated rounds."""
     points = [(0.0, None)] + [
@@ -249,13 +261,31 @@ class Report:
                 + f" @ {_stat([self._compute_at_stage(r, k + 1) for _, _, r in runs], 1)}"
                 for k in range(n)
             ]
-            rows.append([v, *cells, *[""] * (4 - n)])
+            rows.append([v, *cells, *[""] * (4 - n), self._efficiency(runs)])
         start = _stat([s["initial_eval_loss"] for _, s, _ in self.done("fedit")], 3)
         return [
-            f"Untuned model: {start}. Cells: full-model eval loss after the stage's transfer @ device compute spent.",
+            f"Untuned model: {start}. Cells: full-model eval loss after the stage's transfer @ device compute spent. "
+            "Hand-over efficiency: the device compute FedIT (same seed) needs to reach the loss handed over by the "
+            "last stage below full depth, over the compute DevFT spent to get there (linear between FedIT's "
+            "rounds; above 1 the early stages are cheaper than FedIT's own first rounds).",
             "",
-            *_table("variant | after stage 1 | after stage 2 | after stage 3 | after stage 4", rows),
+            *_table(
+                "variant | after stage 1 | after stage 2 | after stage 3 | after stage 4 | hand-over efficiency", rows
+            ),
         ]
+
+    def _efficiency(self, runs: Sequence[tuple[int, dict[str, Any], list[dict[str, Any]]]]) -> str:
+        fedit = {seed: (s, rows) for seed, s, rows in self.done("fedit")}
+        found = []
+        for seed, s, rows in runs:
+            if seed not in fedit:
+                continue
+            last = len(s["stages"]) - 1  # the stage before full depth
+            spent = self._compute_at_stage(rows, last)
+            needed = compute_to(fedit[seed][1], s["stages"][last - 1]["full_eval_loss"], s["initial_eval_loss"])
+            if needed is not None and spent > 0:
+                found.append(needed / spent)
+        return _stat(found, 2) if found else "missing"
 
     @staticmethod
     def _compute_at_stage(rows: Sequence[Mapping[str, Any]], stage: int) -> float:

@@ -36,6 +36,13 @@ def test_cost_to_target_and_loss_at_equal_cost():
     assert payoff.loss_at(ROWS, "compute", 8.0) == 2.0  # before the first evaluation: that evaluation
 
 
+def test_compute_to_a_handed_over_loss():
+    assert payoff.compute_to(ROWS, 2.5, start=3.0) == pytest.approx(8.0)  # halfway from the untuned loss to round 1
+    assert payoff.compute_to(ROWS, 1.75, start=3.0) == pytest.approx(32.0)  # the unevaluated round 2 is skipped
+    assert payoff.compute_to(ROWS, 3.5, start=3.0) == 0.0  # no better than untuned: worth no compute
+    assert payoff.compute_to(ROWS, 1.0, start=3.0) is None
+
+
 def test_every_run_is_a_simulate_command_with_the_federation():
     specs = payoff.build_specs(["main", "fleet"], [0, 1])
     assert len({s.name for s in specs}) == len(specs) == 2 * (len(payoff.SUITES["main"][0]) + 3)
