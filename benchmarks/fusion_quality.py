@@ -11,7 +11,7 @@ ends, with the server's healing time; heals are cached where ``simulate`` caches
 done for a run is not repeated (its seconds are the original heal's). Issue 13's targets: 4 layers
 <= 5.0 and 15 layers <= 3.5 before training.
 
-    .venv/bin/python benchmarks/fusion_quality.py [--model smollm2] [--table fusion|healing] [--markdown FILE]
+    .venv/bin/python benchmarks/fusion_quality.py [--model smollm2] [--table fusion|healing] [--variants ROW...] [--markdown FILE]
 """
 
 from __future__ import annotations
@@ -54,6 +54,13 @@ def main() -> None:
     parser.add_argument("--eval-examples", type=int, default=48)
     parser.add_argument("--markdown", type=Path, default=None)
     parser.add_argument("--table", choices=["fusion", "healing"], default="fusion")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        choices=[label for label, _ in HEAL_VARIANTS],
+        default=None,
+        help="rows of the healing table to measure (default: all)",
+    )
     args = parser.parse_args()
     if args.table == "healing":
         healing_table(args)
@@ -121,6 +128,8 @@ def healing_table(args: argparse.Namespace) -> None:
         "|---|" + "---|" * len(capacities),
     ]
     for label, recipe in HEAL_VARIANTS:
+        if args.variants and label not in args.variants:
+            continue
         builder = StageBuilder(
             base, tokenizer, settings, recipe, calibration_ids(tokenizer), args.model, 0, cache_dir() / "heal"
         )

@@ -25,6 +25,15 @@ def _beta(text: str) -> float | str:
     return text if text == "auto" else float(text)
 
 
+def _add_delivery_option(p: argparse.ArgumentParser, default: str) -> None:
+    p.add_argument(
+        "--delivery",
+        choices=["stage_packs", "full_pack"],  # devft_edge.pack_size.DELIVERIES, without importing torch here
+        default=default,
+        help="a pack per stage, or the full pack once and a signed stage plan per stage (devices fuse)",
+    )
+
+
 def _add_simulation_options(p: argparse.ArgumentParser, defaults: dict[str, object]) -> None:
     from devft_edge.simulator import METHODS
 
@@ -63,12 +72,7 @@ def _add_simulation_options(p: argparse.ArgumentParser, defaults: dict[str, obje
     p.add_argument("--capacities", default=None, help="comma-separated stage depths, e.g. 8,15,30")
     p.add_argument("--stage-steps", choices=["fixed", "compute"], default=None, help="local steps per stage round")
     p.add_argument("--quant", choices=QUANTIZATIONS, default="none", help="pack quantization (bytes, trained base)")
-    p.add_argument(
-        "--delivery",
-        choices=["stage_packs", "full_pack"],
-        default="stage_packs",
-        help="a pack per stage, or the full pack once and a signed stage plan per stage (devices fuse)",
-    )
+    _add_delivery_option(p, "stage_packs")
     p.add_argument(
         "--exact-match",
         choices=["every_eval", "stage_end"],
@@ -237,12 +241,7 @@ def _add_demo_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--heal", choices=["off", "bake", "adapter"], default=d.heal, help="heal fused submodels")
     p.add_argument("--heal-steps", type=int, default=d.heal_steps, help="distillation steps per stage submodel")
     p.add_argument("--heal-prompts", type=int, default=d.heal_prompts, help="server-text sequences to heal on")
-    p.add_argument(
-        "--delivery",
-        choices=["stage_packs", "full_pack"],
-        default=d.delivery,
-        help="a pack per stage, or the full pack once and a signed stage plan per stage (devices fuse)",
-    )
+    _add_delivery_option(p, d.delivery)
     p.add_argument(
         "--broker", default=None, help="mqtt://host:port of a running broker (default: start the embedded one)"
     )
