@@ -22,8 +22,9 @@ def test_early_rounds_counts_only_stages_below_full_depth():
 
 def test_warning_follows_the_measured_efficiency(monkeypatch):
     assert cost_warning("smollm2", 0.0) is None  # FedIT, or nothing below full depth
+    monkeypatch.setitem(handover.MEASURED, "smollm2", Handover(efficiency=0.15, source="x"))
     text = cost_warning("smollm2", 2.0)
-    assert "predicted to cost more device compute than FedIT" in text and "1.7 rounds more" in text
+    assert "predicted to cost more device compute than FedIT" in text and "1.7 rounds more" in text  # 2 x (1 - 0.15)
     assert "never measured" in cost_warning("my-model", 2.0)
     monkeypatch.setitem(handover.MEASURED, "smollm2", Handover(efficiency=1.5, source="x"))
     assert cost_warning("smollm2", 2.0) is None
