@@ -356,7 +356,9 @@ class Report:
 
 
 def plot(reports: Sequence[Report], path: Path) -> Path | None:
-    """Eval loss against device compute and against MB, every run (one colour per variant)."""
+    """Eval loss against device compute and against MB, every run (one colour per variant); squares
+    mark the full model after each stage's transfer (the hand-over). The loss axis stops a little
+    above the untuned model: the fused submodels' first rounds (up to ~18) would hide the rest."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -367,13 +369,20 @@ def plot(reports: Sequence[Report], path: Path) -> Path | None:
         return None
     fig, axes = plt.subplots(len(reports), 2, figsize=(11, 3.8 * len(reports)), squeeze=False)
     for (ax_c, ax_b), report in zip(axes, reports, strict=True):
-        for i, v in enumerate(report.variants):
+        top = 1.0
+        for v in report.variants:
+            colour = f"C{list(VARIANTS).index(v)}"
             for k, (_, s, rows) in enumerate(report.done(v)):
+                top = max(top, s["initial_eval_loss"] + 1.0)
                 points = [r for r in rows if r.get("eval_loss") is not None]
                 loss = [s["initial_eval_loss"], *(r["eval_loss"] for r in points)]
-                style = {"color": f"C{i}", "alpha": 0.8, "lw": 1.2, "label": v if k == 0 else None}
+                style = {"color": colour, "alpha": 0.8, "lw": 1.2, "label": v if k == 0 else None}
                 ax_c.plot([0.0, *(r["compute"] for r in points)], loss, **style)
                 ax_b.plot([0.0, *(_bytes(r) / 1e6 for r in points)], loss, **style)
+                handed = [r for r in rows if r.get("full_eval_loss") is not None]
+                mark = {"color": colour, "marker": "s", "ms": 4, "ls": "none"}
+                ax_c.plot([r["compute"] for r in handed], [r["full_eval_loss"] for r in handed], **mark)
+                ax_b.plot([_bytes(r) / 1e6 for r in handed], [r["full_eval_loss"] for r in handed], **mark)
         ax_c.set(
             xlabel="device compute (full-model steps)", ylabel="eval loss", title=f"{report.suite}: loss vs compute"
         )
@@ -381,6 +390,7 @@ def plot(reports: Sequence[Report], path: Path) -> Path | None:
             xlabel="MB up + down (int4 packs included)", ylabel="eval loss", title=f"{report.suite}: loss vs bytes"
         )
         for ax in (ax_c, ax_b):
+            ax.set_ylim(top=top)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
     fig.tight_layout()
