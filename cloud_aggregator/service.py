@@ -146,6 +146,8 @@ class Aggregator:
     def _dispatch(self, item: Incoming) -> None:
         try:
             device = self.topics.device_of(item.topic)
+            if item.retained and item.topic != self.topics.presence(device):  # replayed at every (re)start
+                raise ProtocolError(Reason.RETAINED, f"retained message on {item.topic} ignored")
             message = decode(item.payload)
             if message.sender != device:
                 raise ProtocolError(Reason.WRONG_SENDER, f"header says {message.sender!r} on {device!r}'s topic")
@@ -166,6 +168,9 @@ class Aggregator:
         except ProtocolError as error:
             self.state.count_rejection(error.reason.value)
             logger.warning("message on %s rejected: %s", item.topic, error)
+        except Exception:  # the error boundary: whatever a message raises, the service goes on
+            self.state.count_rejection(Reason.INTERNAL.value)
+            logger.exception("message on %s failed; counted as %s", item.topic, Reason.INTERNAL.value)
 
     # ---- handlers -------------------------------------------------------------------------------
 

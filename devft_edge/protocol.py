@@ -13,6 +13,7 @@ Pure functions and frozen dataclasses only: no MQTT client, no I/O.
 from __future__ import annotations
 
 import json
+import math
 import re
 import struct
 import time
@@ -27,6 +28,11 @@ PROTOCOL_VERSION = 1
 AGGREGATOR = "aggregator"
 """Sender id of the aggregator."""
 MAX_HEADER_BYTES = 64 * 1024
+MAX_JSON_DEPTH = 16
+"""Deepest nesting a header may have (the protocol's own headers nest 5 deep at most)."""
+MAX_INT_DIGITS = 19
+"""Longest integer a header may hold: every count, size and time the protocol carries is below 10**19,
+and a several-thousand-digit integer would cost quadratic time to parse."""
 DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 """Device ids: safe as MQTT topic levels, client ids and file names."""
 
@@ -62,6 +68,7 @@ class Reason(str, Enum):
     NORM = "norm"  # update norm above the configured bound
     PACK = "pack"  # the pack failed verification (detail: the pack's Refusal)
     MEMORY = "memory"  # the task does not fit the device's memory budget
+    RETAINED = "retained"  # a retained message on an uplink: an old message replayed by the broker
     INTERNAL = "internal"  # the receiver failed; see its log
 
 
@@ -121,11 +128,18 @@ def decode(payload: bytes) -> Envelope:
     if length > MAX_HEADER_BYTES or 4 + length > len(payload):
         raise ProtocolError(Reason.MALFORMED, f"header length {length} exceeds the payload or the limit")
     try:
-        header = json.loads(payload[4 : 4 + length])
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ProtocolError(Reason.MALFORMED, f"header is not JSON: {error}") from None
+        header = json.loads(
+            payload[4 : 4 + length],
+            parse_int=_bounded_int,
+            parse_float=_finite_float,
+            parse_constant=_constant,
+        )
+    except (ValueError, RecursionError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ProtocolError(Reason.MALFORMED, f"header is not bounded JSON: {str(error)[:200]}") from None
     if not isinstance(header, dict):
         raise ProtocolError(Reason.MALFORMED, "header is not an object")
+    if _depth(header) > MAX_JSON_DEPTH:
+        raise ProtocolError(Reason.MALFORMED, f"header nests deeper than {MAX_JSON_DEPTH}")
     if type(header.get("v")) is not int or header["v"] != PROTOCOL_VERSION:  # 1.0 and true equal 1
         raise ProtocolError(Reason.VERSION, f"protocol version {header.get('v')!r}, expected {PROTOCOL_VERSION}")
     try:
@@ -147,7 +161,42 @@ def decode(payload: bytes) -> Envelope:
         raise ProtocolError(Reason.MALFORMED, f"bad header field: {error}") from None
     if not isinstance(envelope.data, dict) or not envelope.id:
         raise ProtocolError(Reason.MALFORMED, "header needs an id and an object 'data'")
+    if not math.isfinite(envelope.sent):  # NaN or an integer past float range
+        raise ProtocolError(Reason.MALFORMED, "sent must be a finite number")
     return envelope
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise ValueError(f"an integer of {len(text)} digits (at most {MAX_INT_DIGITS})")
+    return int(text)
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:24]} is not finite")
+    return value
+
+
+def _constant(name: str) -> float:
+    """``NaN`` stands for a metric a device has no value for (``train_loss``); infinities are refused."""
+    if name == "NaN":
+        return math.nan
+    raise ValueError(f"{name} is not a finite number")
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of parsed JSON, without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item)
+    return deepest
 
 
 def _text(header: dict[str, Any], key: str) -> str:

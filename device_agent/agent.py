@@ -111,6 +111,8 @@ class Agent:
 
     def _dispatch(self, item: Incoming) -> None:
         try:
+            if item.retained and item.topic != self.topics.status:  # an old task replayed by the broker
+                raise ProtocolError(Reason.RETAINED, f"retained message on {item.topic} ignored")
             message = decode(item.payload)
             if message.sender != AGGREGATOR:
                 raise ProtocolError(Reason.WRONG_SENDER, f"message from {message.sender!r} on my downlink")
@@ -126,6 +128,8 @@ class Agent:
             handler(message)
         except ProtocolError as error:
             logger.warning("message rejected: %s", error)
+        except Exception:  # the error boundary: whatever a message raises, the agent goes on
+            logger.exception("message on %s failed; ignored", item.topic)
 
     def _on_task(self, task: Envelope) -> None:
         if task.id in self.done:

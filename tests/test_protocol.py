@@ -40,6 +40,42 @@ def test_malformed_payloads_are_refused_with_a_reason(payload, reason):
     assert error.value.reason is reason
 
 
+def _with_header_text(replace: str, by: str) -> bytes:
+    text = json.dumps(json.loads(Envelope(kind=Kind.HELLO, sender="a").encode()[4:])).replace(replace, by, 1)
+    assert by in text
+    return struct.pack(">I", len(text)) + text.encode()
+
+
+@pytest.mark.parametrize(
+    "replace,by",
+    [
+        ('"round": 0', '"round": ' + "9" * 5000),  # a several-thousand-digit integer
+        ('"round": 0', '"round": -' + "1" * 20),
+        ('"data": {}', '"data": {"z": ' + "[" * 30000 + "]" * 30000 + "}"),  # nesting past the recursion limit
+        ('"data": {}', '"data": {"z": ' + "[" * 15 + "]" * 15 + "}"),  # past MAX_JSON_DEPTH
+        ('"round": 0', '"round": 1e400'),  # overflows to inf
+        ('"data": {}', '"data": {"size": -1e999}'),
+        ('"data": {}', '"data": {"size": Infinity}'),
+    ],
+)
+def test_unbounded_json_is_refused_before_any_handler_sees_it(replace, by):
+    """Each of these is valid JSON that once escaped ``decode`` or reached the handlers (issue 14)."""
+    payload = _with_header_text(replace, by)
+    with pytest.raises(ProtocolError) as error:
+        decode(payload)
+    assert error.value.reason is Reason.MALFORMED
+    assert "Expecting" not in str(error.value)  # refused for its bounds, not as broken JSON
+
+
+def test_bounded_json_still_passes():
+    deep = decode(_with_header_text('"data": {}', '"data": {"z": ' + "[" * 12 + "]" * 12 + "}"))
+    assert deep.data["z"] == [[[[[[[[[[[[]]]]]]]]]]]]
+    big = decode(_with_header_text('"round": 0', '"round": ' + "9" * 19))
+    assert big.round == 10**19 - 1
+    loss = decode(Envelope(kind=Kind.UPDATE, sender="a", data={"train_loss": float("nan")}).encode())
+    assert loss.data["train_loss"] != loss.data["train_loss"]  # NaN: a device with no loss to report
+
+
 def test_bad_header_fields():
     good = json.loads(Envelope(kind=Kind.HELLO, sender="a").encode()[4:])
     for change in ({"kind": "dance"}, {"stage": -1}, {"round": "3"}, {"sender": 5}, {"id": ""}, {"data": []}):

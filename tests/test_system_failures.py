@@ -75,10 +75,10 @@ class Client:
             self.client.subscribe(topic, qos=1)
         self.client.loop_start()
 
-    def publish(self, topic: str, payload: bytes | Envelope) -> None:
+    def publish(self, topic: str, payload: bytes | Envelope, retain: bool = False) -> None:
         """QoS 1 publish of raw bytes or an envelope; :meth:`flush` waits until the broker has them."""
         raw = payload.encode() if isinstance(payload, Envelope) else payload
-        self.pending.append(self.client.publish(topic, raw, qos=1))
+        self.pending.append(self.client.publish(topic, raw, qos=1, retain=retain))
 
     def flush(self) -> None:
         for info in self.pending:
@@ -260,6 +260,22 @@ def hostile_messages(task: Envelope, rng: random.Random) -> list[tuple[str, byte
         ("sent", "noon"),
     ]
     add(40, Reason.MALFORMED, lambda i: (up("mallory"), raw({**header, fields[i % 8][0]: fields[i % 8][1]})))
+    # Valid JSON past the parser's bounds; each of these once stopped the aggregator (issue 14).
+    unbounded = [
+        ('"round": ' + json.dumps(task.round), '"round": ' + "7" * 5000),
+        ('"data": {', '"data": {"z": ' + "[" * 20000 + "]" * 20000 + ", "),
+        ('"sent": ' + json.dumps(header["sent"]), '"sent": 1e400'),
+        ('"data": {', '"data": {"size": Infinity, '),
+    ]
+
+    def past_bounds(i: int) -> tuple[str, bytes]:
+        text = json.dumps(header)
+        old, new = unbounded[i % len(unbounded)]
+        assert old in text
+        encoded = text.replace(old, new, 1).encode()
+        return up("mallory"), struct.pack(">I", len(encoded)) + encoded
+
+    add(20, Reason.MALFORMED, past_bounds)
     # Devices that never said hello, or say it with a bad profile or fields.
     add(50, Reason.UNKNOWN_DEVICE, lambda i: (up(f"ghost-{i}"), update(f"ghost-{i}")))
     add(
@@ -486,6 +502,11 @@ def test_a_thousand_hostile_messages_are_rejected_with_their_reasons(tmp_path, b
     sniffer = services.client(broker, "sniffer", [f"{PREFIX}/dev/+/up"])
     mallory = Mallory(broker)
     services.clients.append(mallory)
+    # Left on the broker before the aggregator starts: replayed to it at every (re)start; it once
+    # stopped the aggregator for good (issue 14). Now it is counted as retained and nothing else.
+    poison = Envelope(kind=Kind.HELLO, sender="mallory", data={"profile": valid_profile(), "n": 10**30})
+    mallory.publish(up("mallory"), raw({**header_of(poison), "round": 10**400}), retain=True)
+    mallory.flush()
     server = services.serve(agg_config)
     for config in agent_configs:
         services.agent(config)
@@ -499,7 +520,7 @@ def test_a_thousand_hostile_messages_are_rejected_with_their_reasons(tmp_path, b
     replays = [m.encode() for t, m in sniffer.drain() if m.id in seen and t == up(m.sender) and m.sender in HONEST]
     replays.append(hello.encode())
 
-    expected: Counter[Reason] = Counter()
+    expected: Counter[Reason] = Counter({Reason.RETAINED: 1})
     for topic, payload, reason in hostile_messages(mallory.task, rng):
         mallory.publish(topic, payload)
         expected[reason] += 1
