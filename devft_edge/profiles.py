@@ -45,7 +45,7 @@ class Memory(_Strict):
     """Main memory and what of it training may use."""
 
     total_gb: float = Field(gt=0, le=4096, description="installed RAM in GiB")
-    reserved_gb: float = Field(ge=0, description="kept by OS, agent services, page cache headroom (GiB)")
+    reserved_gb: float = Field(ge=0, le=4096, description="kept by OS, agent services, page cache headroom (GiB)")
     shared_with_gpu: bool = Field(description="GPU allocations come out of the same RAM (Jetson, Pi)")
 
     @model_validator(mode="after")
@@ -86,20 +86,20 @@ class Compute(_Strict):
 class Network(_Strict):
     """Typical link speeds to the broker, in megabits per second."""
 
-    uplink_mbps: float = Field(gt=0)
-    downlink_mbps: float = Field(gt=0)
+    uplink_mbps: float = Field(gt=0, le=1e6)
+    downlink_mbps: float = Field(gt=0, le=1e6)
 
 
 class MeasuredStep(_Strict):
     """A real local training step measured on the device (``devft-edge profile --measure-step``)."""
 
     model: str = Field(min_length=1, description="model spec the step trained, e.g. smollm2")
-    layers: int = Field(ge=1)
-    batch: int = Field(ge=1)
-    seq: int = Field(ge=1)
+    layers: int = Field(ge=1, le=4096)
+    batch: int = Field(ge=1, le=65536)
+    seq: int = Field(ge=1, le=1 << 20)
     quant: Quantization
-    peak_bytes: int = Field(gt=0, description="peak resident memory of the training process")
-    step_seconds: float = Field(gt=0, description="wall time of one steady-state step")
+    peak_bytes: int = Field(gt=0, le=1 << 50, description="peak resident memory of the training process")
+    step_seconds: float = Field(gt=0, le=86400, description="wall time of one steady-state step")
 
 
 class DeviceProfile(_Strict):
@@ -112,7 +112,7 @@ class DeviceProfile(_Strict):
     accelerator: Accelerator
     quantizations: tuple[Quantization, ...] = Field(min_length=1)
     compute: Compute
-    storage_gb: float = Field(gt=0)
+    storage_gb: float = Field(gt=0, le=1e6)
     network: Network
     sources: dict[str, str]
     measured_step: MeasuredStep | None = None

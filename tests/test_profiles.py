@@ -157,6 +157,24 @@ ERRORS = {
     "null-source": (_set("sources", memory=None), ["sources.memory", "valid string"]),
     "zero-gflops": (_set("compute", sustained_gflops=0), ["compute.sustained_gflops", "greater than 0"]),
     "string-for-number": (_set("network", uplink_mbps="fast"), ["network.uplink_mbps", "valid number"]),
+    # absurd but finite numbers once passed, were saved with the device, and overflowed planning (issue 14)
+    "absurd-bandwidth": (_set("network", downlink_mbps=1e300), ["network.downlink_mbps", "less than or equal"]),
+    "absurd-reserve": (_set("memory", reserved_gb=1e12), ["memory.reserved_gb", "less than or equal"]),
+    "infinite-storage": (lambda d: d.update(storage_gb=float("inf")), ["storage_gb", "less than or equal"]),
+    "absurd-measured-step": (
+        lambda d: d.update(
+            measured_step={
+                "model": "smollm2",
+                "layers": 10**18,
+                "batch": 4,
+                "seq": 64,
+                "quant": "none",
+                "peak_bytes": 10**9,
+                "step_seconds": 1.0,
+            }
+        ),
+        ["measured_step.layers", "less than or equal"],
+    ),
 }
 
 
