@@ -39,7 +39,7 @@ def sha256_file(path: str | Path) -> str:
 
 def check_sha(blob: str) -> str:
     """``blob`` if it is a lowercase hex sha256, else a :class:`ProtocolError`."""
-    if not isinstance(blob, str) or not SHA256.match(blob):
+    if not isinstance(blob, str) or not SHA256.fullmatch(blob):
         raise ProtocolError(Reason.MALFORMED, f"blob id {blob!r} is not a sha256 hex digest")
     return blob
 

@@ -89,14 +89,14 @@ class BrokerSpec:
 
     def __post_init__(self) -> None:
         problems = []
-        if not FLEET.match(self.fleet):
+        if not FLEET.fullmatch(self.fleet):
             problems.append(f"fleet {self.fleet!r} must match {FLEET.pattern}")
         if not self.devices:
             problems.append("no devices given")
         services = {aggregator_username(self.fleet), monitor_username(self.fleet)}
         seen: set[str] = set()
         for device in self.devices:
-            if not DEVICE_ID.match(device):
+            if not DEVICE_ID.fullmatch(device):
                 problems.append(f"device id {device!r} must match {DEVICE_ID.pattern}")
             elif device in services:
                 problems.append(f"device id {device!r} is the name of a service user")
@@ -115,7 +115,7 @@ class BrokerSpec:
         problems += [f"host {h!r} is neither an IP address nor a DNS name" for h in self.hosts if not _host_ok(h)]
         if self.bind is not None and not _host_ok(self.bind):
             problems.append(f"bind address {self.bind!r} is neither an IP address nor a DNS name")
-        if self.run_as is not None and not re.match(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$", self.run_as):
+        if self.run_as is not None and not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", self.run_as):
             problems.append(f"run-as user {self.run_as!r} is not a user name")
         raise_if(problems)
 
@@ -291,7 +291,7 @@ def _host_ok(host: str) -> bool:
         ipaddress.ip_address(host)
         return True
     except ValueError:
-        return bool(HOSTNAME.match(host))
+        return bool(HOSTNAME.fullmatch(host))
 
 
 def _write_certificates(spec: BrokerSpec, out: Path, identities: Iterable[Identity]) -> None:

@@ -98,7 +98,7 @@ class BundleSpec:
 
     def __post_init__(self) -> None:
         problems = []
-        if not DEVICE_ID.match(self.device_id):
+        if not DEVICE_ID.fullmatch(self.device_id):
             problems.append(f"device id {self.device_id!r} must match {DEVICE_ID.pattern}")
         if self.platform not in PLATFORMS:
             problems.append(f"platform {self.platform!r}: one of {', '.join(PLATFORMS)}")

@@ -215,7 +215,7 @@ def _count(header: dict[str, Any], key: str) -> int:
 
 def check_device_id(device_id: str) -> str:
     """``device_id`` if it is a valid id, else a :class:`ProtocolError`."""
-    if not DEVICE_ID.match(device_id):
+    if not DEVICE_ID.fullmatch(device_id):
         raise ProtocolError(Reason.MALFORMED, f"device id {device_id!r} must match {DEVICE_ID.pattern}")
     return device_id
 

@@ -226,3 +226,17 @@ def test_service_configs_report_file_and_field(tmp_path):
         AgentConfig.from_file(agent)
     with pytest.raises(ConfigError, match="cannot read config"):
         AgentConfig.from_file(tmp_path / "missing.yaml")
+
+
+def test_ids_must_match_whole_not_up_to_a_trailing_newline():
+    """``$`` in a Python pattern also matches before a final newline (issue 14)."""
+    from devft_edge.blobs import check_sha
+    from devft_edge.protocol import check_device_id
+
+    assert check_device_id("dev-0") == "dev-0"
+    with pytest.raises(ProtocolError):
+        check_device_id("dev-0\n")
+    digest = hashlib.sha256(b"x").hexdigest()
+    assert check_sha(digest) == digest
+    with pytest.raises(ProtocolError):
+        check_sha(digest + "\n")
