@@ -170,8 +170,11 @@ def build_bundle(spec: BundleSpec, out: Path, wheel_cache: Path | None = None) -
         (root / MANIFEST).write_text(_digest_lines(root))
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp_out = out.with_name(out.name + ".tmp")
-        with tarfile.open(tmp_out, "w:gz", compresslevel=1) as tar:  # wheels are zip files already
-            tar.add(root, arcname=TOP)
+        # 0600 from the first byte: the bundle holds the device's broker password and client key
+        fd = os.open(tmp_out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)  # an existing file keeps its mode through O_CREAT
+        with os.fdopen(fd, "wb") as raw, tarfile.open(fileobj=raw, mode="w:gz", compresslevel=1) as tar:
+            tar.add(root, arcname=TOP)  # wheels are zip files already: level 1
         tmp_out.replace(out)
     names = tuple(sorted(w.name for w in wheels) + [agent_wheel.name])
     logger.info("bundle %s: version %s, %d wheels, %.1f MB", out, version, len(names), out.stat().st_size / 1e6)

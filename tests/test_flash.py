@@ -118,7 +118,10 @@ def _wheel_platforms(bundle: Path) -> set[str]:
 def test_aarch64_bundle_holds_aarch64_wheels_only_and_ort_fails_early_naming_the_package(tmp_path):
     _, public = generate_keypair(tmp_path / "keys")
     spec = BundleSpec(device_id="pi-1", broker="mqtt://10.0.0.1", public_key=public, platform="linux_aarch64")
+    (tmp_path / "arm.tar.gz").write_bytes(b"an older bundle, world-readable")
+    (tmp_path / "arm.tar.gz").chmod(0o644)
     info = build_bundle(spec, tmp_path / "arm.tar.gz")
+    assert info.path.stat().st_mode & 0o777 == 0o600  # it holds the device's password and key (issue 14)
     platforms = _wheel_platforms(info.path)
     assert not any("x86_64" in p for p in platforms)
     assert any("aarch64" in p for p in platforms) and all("aarch64" in p or p == "any" for p in platforms)
