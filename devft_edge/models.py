@@ -151,9 +151,20 @@ def load_config(spec: str) -> PretrainedConfig:
 
 
 def load_tokenizer(spec: str) -> PreTrainedTokenizerBase:
-    """The tokenizer for a model spec (tiny models use SmolLM2's)."""
+    """The tokenizer for a model spec (tiny models use SmolLM2's).
+
+    Raises:
+        ConfigError: when the tokenizer has more tokens than the model's embedding (a mismatched
+            model directory), which would otherwise fail deep inside torch with an IndexError.
+    """
     path = smollm2_dir() if spec == "smollm2" or spec.startswith("tiny") else spec
     tokenizer = AutoTokenizer.from_pretrained(path)
+    vocab = getattr(load_config(spec), "vocab_size", None)
+    if vocab is not None and len(tokenizer) > vocab:
+        raise ConfigError(
+            f"model {spec!r}: its tokenizer has {len(tokenizer)} tokens but the model's embedding only {vocab}; "
+            "the tokenizer and the weights are not from the same model"
+        )
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

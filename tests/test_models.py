@@ -76,3 +76,18 @@ def test_unknown_model_spec():
 
 def test_table_covers_three_families():
     assert {"llama", "qwen2", "gpt2", "gpt_neox", "phi3"} <= set(ARCHITECTURES)
+
+
+def test_a_tokenizer_larger_than_the_embedding_is_a_clear_error(tmp_path):
+    """Once an IndexError deep inside torch at the first batch (issue 14)."""
+    import shutil
+
+    from devft_edge.models import TOKENIZER_FILES, load_tokenizer, smollm2_dir
+
+    for name in TOKENIZER_FILES:
+        if (smollm2_dir() / name).is_file():
+            shutil.copy(smollm2_dir() / name, tmp_path / name)
+    tiny_config("llama", vocab_size=1000).save_pretrained(tmp_path)
+    with pytest.raises(ConfigError, match="tokenizer has 49152 tokens but the model's embedding only 1000"):
+        load_tokenizer(str(tmp_path))
+    assert len(load_tokenizer("tiny")) == 49152  # SmolLM2's tokenizer on a tiny model of its vocabulary
