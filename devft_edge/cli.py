@@ -712,7 +712,9 @@ def _run_status(args: argparse.Namespace) -> int:
 
     topic = Topics(f"devft/{args.fleet}").status
     login = _status_login(args)
-    connection = Connection(BrokerAddress.parse(args.broker), f"status-{args.fleet}-{id(args)}", [topic], login=login)
+    connection = Connection(
+        BrokerAddress.parse(args.broker), f"status-{args.fleet}-{id(args)}", [topic], login=login, persistent=False
+    )
     connection.start(timeout=args.timeout)
     deadline = time.monotonic() + args.timeout
     data = None

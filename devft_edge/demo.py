@@ -245,7 +245,7 @@ def _follow(cfg: DemoConfig, broker: str, server: subprocess.Popen[bytes], progr
     from devft_edge.protocol import Kind, ProtocolError, Topics, decode
 
     topic = Topics(f"devft/{FLEET}").status
-    connection = Connection(BrokerAddress.parse(broker), f"demo-monitor-{os.getpid()}", [topic])
+    connection = Connection(BrokerAddress.parse(broker), f"demo-monitor-{os.getpid()}", [topic], persistent=False)
     connection.start()
     bar = tqdm(total=cfg.rounds, unit="round", desc=cfg.method, disable=None if progress is None else not progress)
     try:

@@ -149,6 +149,7 @@ class HelloWatch:
             client_id,
             [topics.up(device_id), topics.presence(device_id)],
             login=login,
+            persistent=False,
         )
 
     def __enter__(self) -> HelloWatch:

@@ -181,7 +181,11 @@ class Connection:
         will: tuple[str, bytes] | None = None,
         on_connect: object = None,
         login: BrokerLogin | None = None,
+        persistent: bool = True,
     ) -> None:
+        """``persistent``: keep a broker session (subscriptions and queued QoS 1 messages) across
+        disconnects, as the services need; short-lived clients (``status``, a health check) pass
+        False so they leave nothing behind on the broker."""
         self.address = address.with_login(login, client_id)
         self.subscriptions = subscriptions
         self.inbox: queue.Queue[Incoming] = queue.Queue()
@@ -191,7 +195,7 @@ class Connection:
         in between, and with it (without broker persistence) messages and retained topics."""
         self.stopping = False
         self._on_connect_hook = on_connect
-        self.client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False)
+        self.client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=not persistent)
         if self.address.username:
             self.client.username_pw_set(self.address.username, self.address.password)
         if self.address.tls is not None:

@@ -72,3 +72,37 @@ def test_connection_reports_unreadable_tls_files_as_config_errors(secret):
     login = BrokerLogin(tls_ca=secret)  # exists, but is no certificate
     with pytest.raises(ConfigError, match="TLS files for mqtts://h:8883"):
         Connection(BrokerAddress.parse("mqtts://h"), "c", [], login=login)
+
+
+@pytest.mark.parametrize("persistent", [True, False])
+def test_short_lived_clients_leave_no_session_on_the_broker(broker, persistent):
+    """``status`` and health checks connect once; a persistent session would stay on the broker
+    and queue messages for them forever (issue 14). The services keep theirs."""
+    import threading
+
+    import paho.mqtt.client as paho
+
+    client_id = f"probe-{persistent}"
+    connection = Connection(BrokerAddress.parse(broker), client_id, ["devft/t/agg/status"], persistent=persistent)
+    connection.start(timeout=15)
+    assert connection.connected.is_set()
+    connection.stop()
+
+    present: list[bool] = []
+    answered = threading.Event()
+
+    def on_connect(client, userdata, flags, reason, props):  # noqa: ANN001
+        present.append(bool(flags.session_present))
+        answered.set()
+
+    again = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False)
+    again.on_connect = on_connect
+    address = BrokerAddress.parse(broker)
+    again.connect(address.host, address.port)
+    again.loop_start()
+    try:
+        assert answered.wait(15)
+    finally:
+        again.disconnect()
+        again.loop_stop()
+    assert present == [persistent]
