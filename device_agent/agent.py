@@ -175,8 +175,11 @@ class Agent:
 
     def _on_chunk_request(self, message: Envelope) -> None:
         info = BlobInfo.from_json(message.data)
-        if not any(entry.get("blob") == info.sha256 for entry in self.done.values()):
+        offered = [BlobInfo.from_json(e) for e in self.done.values() if e.get("blob") == info.sha256]
+        if not offered:
             raise ProtocolError(Reason.STALE, f"asked for blob {info.sha256[:12]}..., which is not one of my updates")
+        if info != offered[0]:  # served as offered: a requester's chunk size could exceed the broker's limit
+            raise ProtocolError(Reason.MALFORMED, f"asked for {info}, my update is {offered[0]}")
         for index, chunk in self.store.chunks(info, chunk_indices(message.data.get("missing", []))):
             self._send(
                 message.reply(Kind.CHUNK, self.cfg.device_id, data={**info.to_json(), "index": index}, body=chunk)

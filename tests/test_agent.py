@@ -37,3 +37,35 @@ def test_a_malformed_train_object_is_refused_naming_the_field(train: object, nam
     with pytest.raises(ProtocolError) as error:
         task_settings(_task(train))
     assert error.value.reason is Reason.MALFORMED and named in str(error.value)
+
+
+def test_chunks_are_served_as_the_update_was_offered(tmp_path) -> None:
+    """A requester may not pick the chunk size: one huge chunk could exceed the broker's message
+    limit (issue 14). The agent's chunk server, with a store and an outbox beside it."""
+    from types import SimpleNamespace
+
+    from devft_edge.blobs import BlobInfo, BlobStore
+    from device_agent.agent import Agent
+
+    store = BlobStore(tmp_path)
+    offered = store.add_bytes(bytes(range(256)) * 100, chunk_bytes=4096)
+    sent: list[Envelope] = []
+    agent = SimpleNamespace(
+        done={"task-1": {**offered.to_json(), "num_samples": 8}},
+        store=store,
+        cfg=SimpleNamespace(device_id="pi-1"),
+        _send=sent.append,
+    )
+
+    def ask(info: BlobInfo) -> None:
+        request = Envelope(kind=Kind.CHUNK_REQUEST, sender="aggregator", data={**info.to_json(), "missing": [0, 1]})
+        Agent._on_chunk_request(agent, request)  # type: ignore[arg-type]
+
+    ask(offered)
+    assert [len(m.body) for m in sent] == [4096, 4096]
+    with pytest.raises(ProtocolError) as error:
+        ask(BlobInfo(offered.sha256, offered.size, 64 * 2**20))
+    assert error.value.reason is Reason.MALFORMED and len(sent) == 2
+    with pytest.raises(ProtocolError) as error:
+        ask(BlobInfo("0" * 64, 10, 4096))
+    assert error.value.reason is Reason.STALE
