@@ -259,3 +259,17 @@ def test_flash_hosts_runs_devices_in_parallel_and_reports_each(tmp_path, capsys)
     assert code == 1
     assert out.count("could not reach the device") >= 2 and "0 of 2 devices healthy" in out
     assert "building" not in out
+
+
+def test_the_unit_runs_the_agent_unprivileged_and_never_gives_up():
+    """Once root, and dead for good after 5 quick failures (issue 14)."""
+    import configparser
+
+    unit = configparser.ConfigParser(strict=False, interpolation=None)
+    unit.optionxform = str  # type: ignore[assignment,method-assign]
+    unit.read(ROOT / "device_agent" / "deploy" / "devft-edge-agent.service")
+    assert unit["Service"]["User"] == unit["Service"]["Group"] == "devft-edge"
+    assert unit["Service"]["Restart"] == "always" and unit["Unit"]["StartLimitIntervalSec"] == "0"
+    assert "StartLimitBurst" not in unit["Unit"]
+    ctl = (ROOT / "device_agent" / "deploy" / "devft-edge-ctl").read_text()
+    assert "useradd --system" in ctl and "chown -R devft-edge:devft-edge" in ctl
