@@ -25,7 +25,7 @@ from safetensors.torch import save as safetensors_save
 
 from cloud_aggregator.config import AggregatorConfig
 from cloud_aggregator.report import METRICS_FILE, write_metrics, write_summary
-from cloud_aggregator.state import Accepted, Device, OpenRound, RunState, load_state, now, save_state
+from cloud_aggregator.state import Accepted, Device, OpenRound, RunState, load_state, lock_state_dir, now, save_state
 from devft_edge.blobs import BlobInfo, BlobStore, Download, chunk_index, chunk_indices
 from devft_edge.errors import ConfigError, DataError
 from devft_edge.memory import StepConfig, estimate_memory
@@ -58,6 +58,7 @@ class Aggregator:
         self.cfg = cfg
         self.topics = Topics(cfg.prefix)
         self.key = load_private_key(cfg.sign_key)
+        self.lock = lock_state_dir(cfg.state_dir)
         self.store = BlobStore(cfg.state_dir / "blobs")
         state = load_state(cfg.state_dir)
         if state is not None and state.run_id != cfg.run_id:

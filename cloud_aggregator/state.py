@@ -11,14 +11,15 @@ one twice (the list is keyed by device).
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
-from devft_edge.errors import DataError
+from devft_edge.errors import ConfigError, DataError
 
 STATE_FILE = "state.json"
 STATE_VERSION = 1
@@ -144,6 +145,34 @@ def save_state(directory: str | Path, state: RunState) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+LOCK_FILE = "lock"
+
+
+def lock_state_dir(directory: str | Path) -> IO[str]:
+    """Hold ``directory`` for this process: two aggregators on one state directory would overwrite
+    each other's checkpoints. The lock is the kernel's (``flock``), so it ends with the process,
+    ``kill -9`` included; keep the returned file open for as long as the service runs.
+
+    Raises:
+        ConfigError: another process holds the directory (its pid is in the message).
+    """
+    path = Path(directory) / LOCK_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = path.open("a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise ConfigError(f"{directory} is in use by another aggregator (pid {holder})") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
 
 
 def load_state(directory: str | Path) -> RunState | None:
