@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from devft_edge.blobs import DEFAULT_CHUNK_BYTES
 from devft_edge.configfile import load_yaml_model
 from devft_edge.mqtt import BrokerLogin
+from devft_edge.robust import DEFAULT_NORM_RATIO, DEFAULT_WEIGHT_RATIO
 from devft_edge.update_check import DEFAULT_MAX_UPDATE_NORM
 
 
@@ -62,6 +63,12 @@ class AggregatorConfig(_Strict, BrokerLogin):
     quant: Literal["none", "fp16", "bf16", "int8", "int4", "nf4"] = "int4"
     chunk_bytes: int = Field(DEFAULT_CHUNK_BYTES, ge=1024, le=64 * 2**20)
     max_update_norm: float | None = Field(DEFAULT_MAX_UPDATE_NORM, gt=0)
+    max_weight_ratio: float = Field(
+        DEFAULT_WEIGHT_RATIO, ge=1, description="a device weighs at most this x the others' median sample count"
+    )
+    max_norm_ratio: float = Field(
+        DEFAULT_NORM_RATIO, ge=1, description="a device's change is clipped to this x the others' median norm"
+    )
     similarity: str = "cka"
     grouping: str = "contiguous"
     fusion: str = "dblf"

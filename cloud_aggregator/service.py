@@ -302,6 +302,7 @@ class Aggregator:
                 train_loss=float(meta.get("train_loss", float("nan"))),
                 seconds=float(meta.get("seconds", 0.0)),
                 peak_rss_bytes=int(meta.get("peak_rss_bytes", 0)),
+                norm=float(norm),
             )
             if accepted.num_samples < 1:
                 raise ProtocolError(Reason.MALFORMED, f"num_samples {meta.get('num_samples')!r} must be >= 1")
@@ -625,12 +626,19 @@ class Aggregator:
     def _close_round(self) -> None:
         from devft_edge.aggregation import GlobalState
         from devft_edge.lora import set_lora_state
+        from devft_edge.robust import clip_scales, clipped, robust_weights
         from devft_edge.weights import read_safetensors
 
         round_ = self.state.open_round
         assert round_ is not None  # only called with a round open
         start = self._round_start()
-        updates = ((read_safetensors(self.store.path(a.blob)), float(a.num_samples)) for a in round_.accepted.values())
+        accepted = list(round_.accepted.values())
+        weights = robust_weights([a.num_samples for a in accepted], self.cfg.max_weight_ratio)
+        scales = clip_scales([a.norm for a in accepted], self.cfg.max_norm_ratio)
+        updates = (
+            (clipped(read_safetensors(self.store.path(a.blob)), start, scale), weight)
+            for a, weight, scale in zip(accepted, weights, scales, strict=True)
+        )
         server = self.rule.aggregate(GlobalState(lora=dict(start)), updates, round_.index, self.cfg.seed)
         self.state.stage_lora = self.store.add_bytes(safetensors_save(server.lora), self.cfg.chunk_bytes).sha256
         entry: dict[str, Any] = {

@@ -48,6 +48,8 @@ class Accepted:
     """The device's training time for the task, as it reported."""
     peak_rss_bytes: int = 0
     """The device's peak resident memory during the task (unpacking, loading, training), as it reported."""
+    norm: float = 0.0
+    """L2 norm of the update's change from the round's start (robust aggregation clips by it)."""
 
 
 @dataclass
