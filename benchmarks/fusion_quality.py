@@ -11,7 +11,8 @@ ends, with the server's healing time; heals are cached where ``simulate`` caches
 done for a run is not repeated (its seconds are the original heal's). Issue 13's targets: 4 layers
 <= 5.0 and 15 layers <= 3.5 before training.
 
-    .venv/bin/python benchmarks/fusion_quality.py [--model smollm2] [--table fusion|healing] [--variants ROW...] [--markdown FILE]
+    .venv/bin/python benchmarks/fusion_quality.py [--model smollm2] [--table fusion|healing]
+        [--variants ROW...] [--markdown FILE]
 """
 
 from __future__ import annotations
