@@ -10,10 +10,24 @@ A pack is one uncompressed POSIX tar file (``.devpack``) whose members are, in t
   pack's quantization; ``lora.safetensors``: the starting LoRA in canonical naming;
 - the tokenizer files.
 
-Trust flows from the signature to the manifest to every member's hash, so :func:`read_pack`
-streams the archive into a private staging directory, hashes each member on the way, and only
-after the signature, the format version, the member list and every hash have verified does it
-hand the directory over; on any failure the staging directory is deleted and a
+Trust flows from the signature to the manifest to every member's hash, and :func:`read_pack`
+checks in that order, so that a hostile archive can make it write no more than a correctly signed
+manifest declares. It streams the archive once:
+
+1. the first member must be ``manifest.json``, at most :data:`MAX_MANIFEST_BYTES`; it is read into
+   memory, and ``manifest.sig`` (exactly 64 bytes), when present, must come next;
+2. with a public key, the signature is verified over the manifest bytes before they are parsed, and
+   a pack that is unsigned or whose signature fails is refused before any further member is read;
+3. the manifest is parsed as bounded JSON (the protocol header's limits on integers and floats, at
+   most :data:`MAX_MANIFEST_DEPTH` deep), its format version checked, and its member list must map
+   known member names to a size (at most :data:`MAX_MEMBER_BYTES`) and a sha256;
+4. every further member must be a plain regular file (no link, device, fifo, directory or sparse
+   file, whose expansion a tar header does not bound) listed in the manifest, not seen before, with
+   a header size equal to the listed size before a byte of it is written; it is written into a
+   private staging directory while hashed, and its sha256 compared with the listed one;
+5. every listed member must have come.
+
+Only then is the staging directory handed over; on any failure it is deleted and a
 :class:`PackError` says why (:class:`Refusal`). Nothing of a refused pack is ever used.
 
 Packing is deterministic: the same inputs (including ``created``) give byte-identical packs (tar
@@ -26,6 +40,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import tarfile
 import tempfile
@@ -42,6 +57,7 @@ from transformers import PreTrainedModel
 from devft_edge.errors import DevFTError
 from devft_edge.lora import LoraSettings, LoraState
 from devft_edge.models import TOKENIZER_FILES
+from devft_edge.protocol import _bounded_int, _constant, _depth, _finite_float
 from devft_edge.quantization import QuantizedEmbedding, QuantizedLinear, QuantSpec, quantize_model
 from devft_edge.signing import Ed25519PrivateKey, Ed25519PublicKey, sign, verifies
 from devft_edge.training import TrainSettings
@@ -61,6 +77,26 @@ PAYLOAD_NAMES = frozenset({CONFIG, WEIGHTS, LORA, HEAL, BLOCKS, *TOKENIZER_FILES
 """Every member name a pack may list besides the manifest and its signature."""
 MAX_MEMBER_BYTES = 8 * 2**30
 """No member of a pack can legitimately be larger; a bigger one is refused before it fills a disk."""
+MAX_MANIFEST_BYTES = 2**20
+"""The manifest is read into memory before anything in it is trusted, so it is bounded. Real ones
+are a few KB (the tiny test model's 2.2 KB; the quantized-module map adds about 0.3 KB per layer),
+so 1 MiB leaves a hundredfold room."""
+MAX_MANIFEST_DEPTH = 8
+"""Manifests nest 4 deep (``members.<name>.bytes``, ``quant.error.<field>``); deeper is refused."""
+SIGNATURE_BYTES = 64
+"""An ed25519 signature."""
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_PLAIN_FILE = (tarfile.REGTYPE, tarfile.AREGTYPE)
+_KINDS = {
+    tarfile.SYMTYPE: "symbolic link",
+    tarfile.LNKTYPE: "hard link",
+    tarfile.CHRTYPE: "character device",
+    tarfile.BLKTYPE: "block device",
+    tarfile.FIFOTYPE: "fifo",
+    tarfile.DIRTYPE: "directory",
+    tarfile.CONTTYPE: "contiguous file",
+}
+"""Names of the member types a pack refuses, for the refusal message."""
 
 
 class Refusal(str, Enum):
@@ -233,80 +269,151 @@ def _write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
         raise
 
 
-def _unpack_members(path: Path, staging: Path) -> dict[str, tuple[int, str]]:
-    """Stream the tar's members into ``staging``; returns name -> (bytes, sha256)."""
-    seen: dict[str, tuple[int, str]] = {}
+def _require_plain_file(info: tarfile.TarInfo) -> None:
+    """Refuse anything but a plain file: tarfile counts GNU sparse members (type ``S``, or pax
+    ``GNU.sparse.*`` keys) as regular files, yet a few KB of them expand to gigabytes of holes."""
+    sparse = info.sparse is not None or any(key.startswith("GNU.sparse") for key in info.pax_headers)
+    if sparse or info.type not in _PLAIN_FILE:
+        kind = "sparse file" if sparse else _KINDS.get(info.type, f"member of type {info.type!r}")
+        raise PackError(Refusal.ARCHIVE, f"member {info.name!r} is a {kind}, not a plain file")
+
+
+def _read_small(tar: tarfile.TarFile, info: tarfile.TarInfo, limit: int, reason: Refusal) -> bytes:
+    """The content of a member that is read into memory (the manifest, its signature), at most ``limit`` bytes."""
+    _require_plain_file(info)
+    if info.size > limit:
+        raise PackError(reason, f"{info.name} is {info.size} bytes (at most {limit})")
+    source = tar.extractfile(info)
+    assert source is not None  # a regular file always has a stream
+    return source.read()
+
+
+def _verified_head(
+    tar: tarfile.TarFile, public_key: Ed25519PublicKey | None
+) -> tuple[bytes, bytes | None, tarfile.TarInfo | None]:
+    """The manifest bytes, the signature (checked when ``public_key`` is given) and the header of the
+    member after them; no payload member's content has been read."""
+    first = tar.next()
+    if first is None:
+        raise PackError(Refusal.ARCHIVE, "the archive has no members")
+    if first.name != MANIFEST:
+        raise PackError(Refusal.MISSING, f"the first member is {first.name!r}; a pack starts with {MANIFEST}")
+    manifest_bytes = _read_small(tar, first, MAX_MANIFEST_BYTES, Refusal.MANIFEST)
+    after = tar.next()
+    signature = None
+    if after is not None and after.name == SIGNATURE:
+        if after.size != SIGNATURE_BYTES:
+            raise PackError(Refusal.SIGNATURE, f"{SIGNATURE} is {after.size} bytes, not {SIGNATURE_BYTES}")
+        signature = _read_small(tar, after, SIGNATURE_BYTES, Refusal.SIGNATURE)
+    if public_key is not None:
+        if signature is None:
+            raise PackError(Refusal.UNSIGNED, f"the pack is not signed ({SIGNATURE} must follow {MANIFEST})")
+        if not verifies(public_key, manifest_bytes, signature):
+            raise PackError(Refusal.SIGNATURE, "the manifest signature does not verify with the provisioned key")
+    return manifest_bytes, signature, after if signature is None else tar.next()
+
+
+def _parse_manifest(manifest_bytes: bytes) -> dict[str, Any]:
+    """The manifest, parsed with the protocol header's bounds (no huge integers, no infinities) and
+    refused when it nests deeper than :data:`MAX_MANIFEST_DEPTH`."""
+    try:
+        manifest = json.loads(
+            manifest_bytes, parse_int=_bounded_int, parse_float=_finite_float, parse_constant=_constant
+        )
+    except (ValueError, RecursionError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise PackError(Refusal.MANIFEST, f"manifest.json is not bounded JSON: {str(error)[:200]}") from None
+    if _depth(manifest) > MAX_MANIFEST_DEPTH:
+        raise PackError(Refusal.MANIFEST, f"manifest.json nests deeper than {MAX_MANIFEST_DEPTH}")
+    if not isinstance(manifest, dict) or "format_version" not in manifest:
+        raise PackError(Refusal.MANIFEST, "manifest.json is not a pack manifest")
+    version = manifest["format_version"]
+    if type(version) is not int or version != FORMAT_VERSION:  # true and 1.0 equal 1
+        raise PackError(Refusal.VERSION, f"format version {version!r}; this reader supports {FORMAT_VERSION}")
+    return manifest
+
+
+def _listed_members(manifest: Mapping[str, Any]) -> dict[str, tuple[int, str]]:
+    """The manifest's member list as name -> (bytes, sha256); every malformed entry is reported at once."""
+    members = manifest.get("members")
+    if not isinstance(members, dict):
+        raise PackError(Refusal.MANIFEST, "manifest.json: 'members' must map names to {bytes, sha256}")
+    listed, problems = {}, []
+    for name, entry in sorted(members.items()):
+        size, sha = (entry.get("bytes"), entry.get("sha256")) if isinstance(entry, dict) else (None, None)
+        if name not in PAYLOAD_NAMES:
+            problems.append(f"unknown member {name!r}")
+        elif type(size) is not int or not 0 <= size <= MAX_MEMBER_BYTES:
+            problems.append(f"{name}: bytes must be an integer from 0 to {MAX_MEMBER_BYTES}")
+        elif not (isinstance(sha, str) and _SHA256.fullmatch(sha)):
+            problems.append(f"{name}: sha256 must be 64 lowercase hex digits")
+        else:
+            listed[name] = (size, sha)
+    if problems:
+        raise PackError(Refusal.MANIFEST, f"manifest.json lists: {'; '.join(problems[:5])}")
+    return listed
+
+
+def _extract(
+    tar: tarfile.TarFile, info: tarfile.TarInfo, listed: Mapping[str, tuple[int, str]], staging: Path, written: set[str]
+) -> None:
+    """Write the listed member ``info`` into ``staging`` and add it to ``written``, refusing it
+    before a byte is written when its header does not match the manifest, and after when its
+    content does not."""
+    _require_plain_file(info)
+    name = info.name
+    if name not in listed:
+        raise PackError(Refusal.MEMBER, f"member {name!r} is not in the manifest")
+    if name in written:
+        raise PackError(Refusal.MEMBER, f"duplicate member {name!r}")
+    size, sha = listed[name]
+    if info.size != size:
+        raise PackError(Refusal.HASH, f"member {name!r} is {info.size} bytes, the manifest says {size}")
+    source = tar.extractfile(info)
+    assert source is not None  # a regular file always has a stream
+    digest = hashlib.sha256()
+    with (staging / name).open("wb") as out:
+        while chunk := source.read(1 << 20):  # tarfile stops at info.size and raises if the data ends early
+            digest.update(chunk)
+            out.write(chunk)
+    if digest.hexdigest() != sha:
+        raise PackError(
+            Refusal.HASH, f"member {name!r}: sha256 {digest.hexdigest()[:16]}..., manifest says {sha[:16]}..."
+        )
+    written.add(name)
+
+
+def _unpack(path: Path, staging: Path, public_key: Ed25519PublicKey | None) -> tuple[dict[str, Any], bool]:
+    """Verify ``path`` member by member (module docstring) into ``staging``; the manifest and whether it is signed."""
     try:
         with tarfile.open(path, mode="r|") as tar:
-            for info in tar:
-                name = info.name
-                if not info.isfile():
-                    raise PackError(Refusal.ARCHIVE, f"member {name!r} is not a plain file")
-                if name not in PAYLOAD_NAMES | {MANIFEST, SIGNATURE}:
-                    raise PackError(Refusal.MEMBER, f"unexpected member {name!r}")
-                if name in seen:
-                    raise PackError(Refusal.MEMBER, f"duplicate member {name!r}")
-                if info.size > MAX_MEMBER_BYTES:
-                    raise PackError(Refusal.MEMBER, f"member {name!r} is {info.size} bytes (limit {MAX_MEMBER_BYTES})")
-                source = tar.extractfile(info)
-                assert source is not None  # a regular file always has a stream
-                digest, size = hashlib.sha256(), 0
-                with (staging / name).open("wb") as out:
-                    while chunk := source.read(1 << 20):
-                        digest.update(chunk)
-                        size += len(chunk)
-                        out.write(chunk)
-                if size != info.size:
-                    raise PackError(Refusal.ARCHIVE, f"member {name!r} is truncated ({size} of {info.size} bytes)")
-                seen[name] = (size, digest.hexdigest())
-    except tarfile.TarError as error:
-        raise PackError(Refusal.ARCHIVE, f"{path}: not a readable pack archive: {error}") from None
+            manifest_bytes, signature, info = _verified_head(tar, public_key)
+            manifest = _parse_manifest(manifest_bytes)
+            listed = _listed_members(manifest)
+            (staging / MANIFEST).write_bytes(manifest_bytes)
+            if signature is not None:
+                (staging / SIGNATURE).write_bytes(signature)
+            written: set[str] = set()
+            while info is not None:
+                _extract(tar, info, listed, staging, written)
+                info = tar.next()
+    except PackError:
+        raise
+    except (tarfile.TarError, EOFError, ValueError) as error:  # tarfile lets a bad pax or sparse map's ValueError out
+        raise PackError(Refusal.ARCHIVE, f"{path}: not a readable pack archive: {str(error)[:200]}") from None
     except OSError as error:
         raise PackError(Refusal.ARCHIVE, f"{path}: cannot read: {error.strerror or error}") from None
-    return seen
-
-
-def _check(staging: Path, seen: Mapping[str, tuple[int, str]], public_key: Ed25519PublicKey | None) -> dict[str, Any]:
-    if MANIFEST not in seen:
-        raise PackError(Refusal.MISSING, "no manifest.json")
-    manifest_bytes = (staging / MANIFEST).read_bytes()
-    try:
-        manifest = json.loads(manifest_bytes)
-        version, listed = manifest["format_version"], manifest["members"]
-    except (ValueError, KeyError, TypeError):
-        raise PackError(Refusal.MANIFEST, "manifest.json is not a pack manifest") from None
-    if not (isinstance(listed, dict) and all(isinstance(v, dict) for v in listed.values())):
-        raise PackError(Refusal.MANIFEST, "manifest.json: 'members' must map names to {bytes, sha256}")
-    if version != FORMAT_VERSION:
-        raise PackError(Refusal.VERSION, f"format version {version!r}; this reader supports {FORMAT_VERSION}")
-    if public_key is not None:
-        if SIGNATURE not in seen:
-            raise PackError(Refusal.UNSIGNED, "the pack is not signed and a signature is required")
-        if not verifies(public_key, manifest_bytes, (staging / SIGNATURE).read_bytes()):
-            raise PackError(Refusal.SIGNATURE, "the manifest signature does not verify with the provisioned key")
-    unlisted = sorted(set(seen) - set(listed) - {MANIFEST, SIGNATURE})
-    if unlisted:
-        raise PackError(Refusal.MEMBER, f"members not in the manifest: {', '.join(unlisted)}")
-    for name, entry in sorted(listed.items()):
-        if name not in PAYLOAD_NAMES:
-            raise PackError(Refusal.MANIFEST, f"manifest lists an unknown member {name!r}")
-        if name not in seen:
-            raise PackError(Refusal.MISSING, f"member {name!r} listed in the manifest is absent")
-        size, sha = seen[name]
-        if size != entry.get("bytes") or sha != entry.get("sha256"):
-            raise PackError(
-                Refusal.HASH,
-                f"member {name!r}: {size} bytes sha256 {sha[:16]}..., manifest says "
-                f"{entry.get('bytes')} bytes sha256 {str(entry.get('sha256'))[:16]}...",
-            )
-    return manifest
+    missing = sorted(set(listed) - written)
+    if missing:
+        raise PackError(Refusal.MISSING, f"members listed in the manifest are absent: {', '.join(missing)}")
+    return manifest, signature is not None
 
 
 def read_pack(path: str | Path, dest: str | Path, public_key: Ed25519PublicKey | None) -> VerifiedPack:
     """Verify ``path`` and unpack it into the new directory ``dest``.
 
-    With ``public_key`` the manifest must carry a valid signature by it; ``None`` checks hashes
-    and format only (for inspection, never for training on a device).
+    With ``public_key`` the manifest must carry a valid signature by it, checked before anything
+    else is read; ``None`` checks hashes and format only (for inspection, never for training on a
+    device). The order of the checks is in the module docstring.
 
     Raises:
         PackError: with the :class:`Refusal` reason; ``dest`` is not created.
@@ -317,13 +424,12 @@ def read_pack(path: str | Path, dest: str | Path, public_key: Ed25519PublicKey |
     dest.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".pack-", dir=dest.parent))
     try:
-        seen = _unpack_members(path, staging)
-        manifest = _check(staging, seen, public_key)
+        manifest, signed = _unpack(path, staging, public_key)
         os.replace(staging, dest)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return VerifiedPack(directory=dest, manifest=manifest, signed=SIGNATURE in seen)
+    return VerifiedPack(directory=dest, manifest=manifest, signed=signed)
 
 
 def read_manifest(path: str | Path) -> tuple[dict[str, Any], bool]:

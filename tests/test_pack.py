@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import io
 import json
+import resource
+import signal
 import tarfile
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,7 +22,18 @@ from devft_edge.data import encode_batch
 from devft_edge.fusion import FUSIONS
 from devft_edge.lora import LoraSettings, attach_lora, init_lora_state, lora_shapes, set_lora_state
 from devft_edge.models import load_model, model_dir
-from devft_edge.pack import FORMAT_VERSION, PackError, Refusal, VerifiedPack, load_pack, read_pack, write_pack
+from devft_edge.pack import (
+    FORMAT_VERSION,
+    MAX_MANIFEST_BYTES,
+    MAX_MEMBER_BYTES,
+    PackError,
+    Refusal,
+    VerifiedPack,
+    load_pack,
+    read_pack,
+    write_archive,
+    write_pack,
+)
 from devft_edge.quantization import QuantSpec
 from devft_edge.signing import generate_keypair, load_private_key, load_public_key, sign
 from devft_edge.submodel import build_submodel, stage_lora
@@ -288,3 +304,231 @@ def test_gradient_checkpointing_trains_the_same_lora_and_is_switched_per_task(in
     for key, value in reference.lora.items():
         assert torch.allclose(recomputed.lora[key], value, rtol=1e-4, atol=1e-6), key
     assert recomputed.train_loss == pytest.approx(reference.train_loss, rel=1e-5)
+
+
+# ---- verify before you parse: hostile archives -------------------------------------------------
+
+LIMIT = 2**20
+"""No test below may make the reader write a file larger than this (the crafted packs are a few KB)."""
+NOT_FILES = {
+    "symbolic link": tarfile.SYMTYPE,
+    "hard link": tarfile.LNKTYPE,
+    "character device": tarfile.CHRTYPE,
+    "block device": tarfile.BLKTYPE,
+    "fifo": tarfile.FIFOTYPE,
+    "directory": tarfile.DIRTYPE,
+    "contiguous file": tarfile.CONTTYPE,
+}
+"""Member types a pack refuses, by the words its message uses (tarfile counts contiguous files as regular)."""
+
+
+@contextlib.contextmanager
+def _no_file_larger_than(limit: int) -> Iterator[list[int]]:
+    """Make every write past ``limit`` bytes of one file fail (``RLIMIT_FSIZE``) and record each try.
+
+    The kernel enforces the bound, so it holds whatever the reader writes and wherever; the
+    yielded list gains an entry for each write the limit stopped.
+    """
+    stopped: list[int] = []
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, lambda signum, frame: stopped.append(signum))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        yield stopped
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+
+
+def _entry(info: tarfile.TarInfo, data: bytes = b"") -> bytes:
+    """One member as it stands in a tar: header block(s), then its data padded to whole blocks."""
+    return info.tobuf(tarfile.PAX_FORMAT) + data + bytes(-len(data) % tarfile.BLOCKSIZE)
+
+
+def _file(name: str, data: bytes) -> bytes:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    return _entry(info, data)
+
+
+def _tar(path: Path, *entries: bytes) -> Path:
+    path.write_bytes(b"".join(entries) + bytes(2 * tarfile.BLOCKSIZE))
+    return path
+
+
+def _listing(name: str, size: int, data: bytes) -> dict:
+    """A manifest's ``members`` listing one member: its declared size and the sha256 of ``data``."""
+    return {name: {"bytes": size, "sha256": hashlib.sha256(data).hexdigest()}}
+
+
+def _head(manifest: dict | bytes, key=None) -> bytes:
+    """The manifest member and, with ``key``, its signature member: what a pack starts with."""
+    raw = manifest if isinstance(manifest, bytes) else json.dumps(manifest, sort_keys=True).encode()
+    return _file("manifest.json", raw) + (_file("manifest.sig", sign(key, raw)) if key is not None else b"")
+
+
+def _gnu_sparse(name: str, realsize: int, data: bytes) -> bytes:
+    """An old-GNU sparse member (type ``S``): ``data`` stored, placed after ``realsize - len(data)``
+    bytes of holes, so a reader that expands it writes ``realsize`` bytes."""
+    info = tarfile.TarInfo(name)
+    info.type, info.size = tarfile.GNUTYPE_SPARSE, len(data)
+    header = bytearray(info.tobuf(tarfile.GNU_FORMAT))
+    header[386:410] = tarfile.itn(realsize - len(data), 12, tarfile.GNU_FORMAT) + tarfile.itn(
+        len(data), 12, tarfile.GNU_FORMAT
+    )
+    header[483:495] = tarfile.itn(realsize, 12, tarfile.GNU_FORMAT)
+    header[148:156] = b" " * 8
+    header[148:155] = b"%06o\0" % sum(header)
+    return bytes(header) + data + bytes(-len(data) % tarfile.BLOCKSIZE)
+
+
+def _pax_sparse(name: str, realsize: int, data: bytes, sparse_map: bytes | None = None) -> bytes:
+    """A pax GNU sparse 1.0 member: ``GNU.sparse.*`` keys, then the map and ``data`` as its content."""
+    if sparse_map is None:
+        sparse_map = b"1\n%d\n%d\n" % (realsize - len(data), len(data))
+    sparse_map += bytes(-len(sparse_map) % tarfile.BLOCKSIZE)
+    info = tarfile.TarInfo(f"GNUSparseFile.0/{name}")
+    info.size = len(sparse_map) + len(data)
+    info.pax_headers = {
+        "GNU.sparse.major": "1",
+        "GNU.sparse.minor": "0",
+        "GNU.sparse.name": name,
+        "GNU.sparse.realsize": str(realsize),
+    }
+    return _entry(info, sparse_map + data)
+
+
+@pytest.mark.parametrize("sparse", [_gnu_sparse, _pax_sparse])
+def test_a_signed_pack_with_a_sparse_member_is_refused_before_it_is_expanded(tmp_path, keys, sparse):
+    """A few-KB pack whose correctly signed manifest lists a 64 MiB member stored sparse: the
+    reader must refuse the member type, not write 64 MiB of holes and hash them."""
+    realsize, data = 64 * 2**20, b"x" * 512
+    expanded = hashlib.sha256(bytes(realsize - len(data)) + data).hexdigest()
+    manifest = {"format_version": FORMAT_VERSION, "members": {"config.json": {"bytes": realsize, "sha256": expanded}}}
+    path = _tar(tmp_path / "sparse.devpack", _head(manifest, keys[0]), sparse("config.json", realsize, data))
+    assert path.stat().st_size < 8192
+    with _no_file_larger_than(LIMIT) as stopped, pytest.raises(PackError) as error:
+        read_pack(path, tmp_path / "out", keys[1])
+    assert not stopped
+    assert error.value.reason is Refusal.ARCHIVE and "sparse" in str(error.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sparse.devpack"]
+
+
+def test_a_malformed_sparse_map_is_a_pack_error(tmp_path, keys):
+    """tarfile raises a bare ValueError for a sparse map that is not numbers; it must not escape."""
+    manifest = {"format_version": FORMAT_VERSION, "members": _listing("config.json", 1, b"x")}
+    path = _tar(tmp_path / "bad.devpack", _head(manifest, keys[0]), _pax_sparse("config.json", 1, b"x", b"no\n"))
+    with pytest.raises(PackError) as error:
+        read_pack(path, tmp_path / "out", keys[1])
+    assert error.value.reason is Refusal.ARCHIVE
+
+
+@pytest.mark.parametrize("signature", ["none", "wrong key", "tampered"])
+def test_an_unverified_manifest_stops_the_reader_before_any_member(tmp_path, keys, signature):
+    """Unsigned, signed by another key or with a damaged signature: refused with nothing but the
+    manifest read, so an 8 MiB member is never written."""
+    path = tmp_path / "big.devpack"
+    other = generate_keypair(tmp_path / "other")[0]
+    key = {"none": None, "wrong key": load_private_key(other), "tampered": keys[0]}[signature]
+    write_archive(path, {"format_version": FORMAT_VERSION}, {"config.json": bytes(8 * 2**20)}, key)
+    if signature == "tampered":
+        data = bytearray(path.read_bytes())
+        data[2 * tarfile.BLOCKSIZE + tarfile.BLOCKSIZE] ^= 1  # the first signature byte (manifest < 512 B)
+        path.write_bytes(bytes(data))
+    with _no_file_larger_than(LIMIT) as stopped, pytest.raises(PackError) as error:
+        read_pack(path, tmp_path / "out", keys[1])
+    assert not stopped
+    assert error.value.reason is (Refusal.UNSIGNED if signature == "none" else Refusal.SIGNATURE)
+
+
+@pytest.mark.parametrize("depth", [20, 100_000])
+@pytest.mark.parametrize("signed", [True, False])
+def test_a_deeply_nested_manifest_is_refused(tmp_path, keys, depth, signed):
+    nested = b'{"format_version":1,"members":{},"x":' + b"[" * depth + b"]" * depth + b"}"
+    path = _tar(tmp_path / "deep.devpack", _head(nested, keys[0] if signed else None))
+    with pytest.raises(PackError) as error:
+        read_pack(path, tmp_path / "out", keys[1] if signed else None)
+    assert error.value.reason is Refusal.MANIFEST
+
+
+def test_an_oversized_manifest_is_refused_even_when_signed(tmp_path, keys):
+    """Real manifests are a few KB (the tiny model's 2.2 KB); one over MAX_MANIFEST_BYTES is not read."""
+    manifest = {"format_version": FORMAT_VERSION, "members": {}, "pad": "x" * MAX_MANIFEST_BYTES}
+    path = _tar(tmp_path / "fat.devpack", _head(manifest, keys[0]))
+    with pytest.raises(PackError) as error:
+        read_pack(path, tmp_path / "out", keys[1])
+    assert error.value.reason is Refusal.MANIFEST
+
+
+def test_a_real_manifest_is_far_below_the_bound(signed_pack):
+    path, manifest = signed_pack
+    with tarfile.open(path) as tar:
+        first = tar.next()
+    assert first.name == "manifest.json" and first.size < MAX_MANIFEST_BYTES / 100
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        {"bytes": -1},
+        {"bytes": True},
+        {"bytes": 1.0},
+        {"bytes": MAX_MEMBER_BYTES + 1},
+        {"sha256": hashlib.sha256(b"x").hexdigest().upper()},
+        {"sha256": hashlib.sha256(b"x").hexdigest()[:63]},
+    ],
+)
+def test_a_manifest_member_entry_of_the_wrong_shape_is_refused(tmp_path, keys, entry):
+    members = _listing("config.json", 1, b"x")
+    members["config.json"].update(entry)
+    manifest = {"format_version": FORMAT_VERSION, "members": members}
+    path = _tar(tmp_path / "shape.devpack", _head(manifest, keys[0]), _file("config.json", b"x"))
+    with pytest.raises(PackError) as error:
+        read_pack(path, tmp_path / "out", keys[1])
+    assert error.value.reason is Refusal.MANIFEST
+
+
+def test_a_member_larger_than_the_manifest_says_is_refused_before_it_is_written(tmp_path, keys):
+    manifest = {"format_version": FORMAT_VERSION, "members": _listing("config.json", 10, bytes(10))}
+    path = _tar(tmp_path / "long.devpack", _head(manifest, keys[0]), _file("config.json", bytes(8 * 2**20)))
+    with _no_file_larger_than(LIMIT) as stopped, pytest.raises(PackError) as error:
+        read_pack(path, tmp_path / "out", keys[1])
+    assert not stopped
+    assert error.value.reason is Refusal.HASH
+
+
+@pytest.mark.parametrize("words", NOT_FILES)
+def test_a_member_that_is_not_a_plain_file_is_refused(tmp_path, keys, words):
+    kind = NOT_FILES[words]
+    info = tarfile.TarInfo("config.json")
+    info.type, info.linkname = kind, "/etc/passwd" if kind == tarfile.SYMTYPE else "manifest.json"
+    data = b"{}" if kind == tarfile.CONTTYPE else b""
+    info.size = len(data)
+    manifest = {"format_version": FORMAT_VERSION, "members": _listing("config.json", len(data), data)}
+    path = _tar(tmp_path / "link.devpack", _head(manifest, keys[0]), _entry(info, data))
+    with pytest.raises(PackError) as error:
+        read_pack(path, tmp_path / "out", keys[1])
+    assert error.value.reason is Refusal.ARCHIVE and words in str(error.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_manifest_and_its_signature_must_come_first(tmp_path, keys):
+    """The reader trusts nothing it has not checked against a verified manifest, so the manifest
+    (and the signature right after it) must precede every member."""
+    manifest = {"format_version": FORMAT_VERSION, "members": _listing("config.json", 2, b"{}")}
+    raw = json.dumps(manifest, sort_keys=True).encode()
+    config, head, sig = (
+        _file("config.json", b"{}"),
+        _file("manifest.json", raw),
+        _file("manifest.sig", sign(keys[0], raw)),
+    )
+    for name, entries, key, reason in [
+        ("config-first", (config, head, sig), keys[1], Refusal.MISSING),
+        ("config-first-unsigned", (config, head), None, Refusal.MISSING),
+        ("late-signature", (head, config, sig), keys[1], Refusal.UNSIGNED),
+        ("empty", (), None, Refusal.ARCHIVE),
+    ]:
+        with pytest.raises(PackError) as error:
+            read_pack(_tar(tmp_path / f"{name}.devpack", *entries), tmp_path / name, key)
+        assert error.value.reason is reason, name
+    assert read_pack(_tar(tmp_path / "ok.devpack", head, sig, config), tmp_path / "ok", keys[1]).signed
