@@ -7,25 +7,58 @@ any chunk on request; the receiver writes each chunk at its offset in a partial 
 the missing ones, and when it has them all verifies the sha256 and moves the file into its cache.
 An interrupted transfer resumes from the sidecar, even across restarts; a blob already in the
 cache is never transferred again.
+
+Everything a peer's description can make a receiver spend is bounded (issue 14: an offer of tiny
+chunks, 2.8 million for a 270 MB blob, cost 3.5 s and ~1 GB of memory per 200-byte request):
+chunk sizes lie in [:data:`MIN_CHUNK_BYTES`, :data:`MAX_CHUNK_BYTES`], a receiver takes at most
+:data:`MAX_CHUNKS` chunks and remembers them in one byte each, and a :class:`Download` finds the
+next missing chunks from a cursor instead of listing them all. Disk is bounded by the store's
+owner: :meth:`BlobStore.admit` before a transfer starts, :meth:`BlobStore.reap_partials` for
+abandoned ones, :meth:`BlobStore.evict_lru` for the cache; a full disk is :class:`StorageFull`.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
 import os
 import re
 import shutil
-from collections.abc import Iterator
+import stat
+import time
+from collections.abc import Collection, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from devft_edge.errors import DevFTError, raise_if
 from devft_edge.protocol import ProtocolError, Reason
 
 DEFAULT_CHUNK_BYTES = 96 * 1024
 """Default chunk size: with the envelope header it stays under a 128 KB broker message limit."""
+MIN_CHUNK_BYTES = 1000
+"""Smallest chunk a description may name, unless the whole blob fits in one chunk: a chunk
+message carries a ~280-byte header, so below 1 kB a transfer is mostly headers and messages (the
+aggregator's config allows chunks from 1 KiB)."""
+MAX_CHUNK_BYTES = 2**20
+"""Largest chunk a description may name: a chunk is one broker message, held whole by the broker
+and both clients, so with :data:`WINDOW` outstanding a transfer holds at most 64 MiB in flight."""
+MAX_CHUNKS = 2**20
+"""Most chunks a receiver takes on: its bitmap costs one byte per chunk (1 MiB at most); at the
+default chunk size that is a 96 GiB blob, far beyond any pack."""
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
+FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+"""Write errors that mean "no space" (the file system, or the user's disk quota), not a bug."""
+
+
+class StorageFull(DevFTError):
+    """No room for a blob: a quota or the disk reserve would be exceeded, or the disk is full.
+
+    The store is left consistent (a chunk that could not be written is not recorded, so it is asked
+    for again); the caller refuses or postpones the transfer and may reap or evict to make room.
+    """
 
 
 def sha256_file(path: str | Path) -> str:
@@ -42,6 +75,17 @@ def check_sha(blob: str) -> str:
     if not isinstance(blob, str) or not SHA256.fullmatch(blob):
         raise ProtocolError(Reason.MALFORMED, f"blob id {blob!r} is not a sha256 hex digest")
     return blob
+
+
+@contextmanager
+def _full_disk_is_storage_full(what: str) -> Iterator[None]:
+    """Turn a "no space" ``OSError`` during ``what`` into :class:`StorageFull`; others pass through."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno in FULL_ERRNOS:
+            raise StorageFull(f"{what}: {error.strerror}") from error
+        raise
 
 
 @dataclass(frozen=True)
@@ -62,19 +106,52 @@ class BlobInfo:
 
     @classmethod
     def from_json(cls, data: dict[str, object]) -> BlobInfo:
-        """Parse and check a message's blob fields."""
+        """Parse and check a message's blob fields.
+
+        Raises:
+            ProtocolError: ``malformed`` for a missing or mistyped field, a negative size, or a
+                chunk size outside [:data:`MIN_CHUNK_BYTES`, :data:`MAX_CHUNK_BYTES`] (smaller is
+                allowed only for a blob that is one chunk). The chunk count is the receiver's
+                check, so that a holder can still tell an oversize offer by its size.
+        """
         try:
             size, chunk = int(data["size"]), int(data["chunk_bytes"])  # type: ignore[call-overload]
             sha = check_sha(data["blob"])  # type: ignore[arg-type]
         except (KeyError, TypeError, ValueError):
             raise ProtocolError(Reason.MALFORMED, f"bad blob description {data!r}") from None
-        if size < 0 or not 1 <= chunk <= 64 * 2**20:
-            raise ProtocolError(Reason.MALFORMED, f"blob size {size} / chunk size {chunk} out of range")
+        if size < 0 or not 1 <= chunk <= MAX_CHUNK_BYTES or (chunk < MIN_CHUNK_BYTES and chunk < size):
+            raise ProtocolError(
+                Reason.MALFORMED,
+                f"blob size {size} / chunk size {chunk} out of range (chunks of {MIN_CHUNK_BYTES}.."
+                f"{MAX_CHUNK_BYTES} bytes, or one chunk for the whole blob)",
+            )
         return cls(sha, size, chunk)
 
 
+def _sidecar_header(info: BlobInfo) -> bytes:
+    """First line of a receiver's sidecar: the layout its bitmap is for (``bitmap`` tells it from
+    the index lists earlier versions wrote, which are then ignored and the blob fetched again)."""
+    return json.dumps({"size": info.size, "chunk_bytes": info.chunk_bytes, "bitmap": 1}).encode() + b"\n"
+
+
+@dataclass(frozen=True)
+class _Partial:
+    """The files of one partial blob under ``root/partial``."""
+
+    sha: str
+    paths: tuple[Path, ...]
+    allocated: int
+    """Bytes on disk (``st_blocks * 512``: a part file is sparse until every chunk is in)."""
+    mtime: float
+    """Last write to either file."""
+
+
 class BlobStore:
-    """A directory of complete blobs named by sha256, plus partial ones being received."""
+    """A directory of complete blobs named by sha256, plus partial ones being received.
+
+    A complete blob's mtime is its last use (:meth:`touch`; atime is unreliable under
+    ``noatime``/``relatime``), which :meth:`evict_lru` and :meth:`recent` go by.
+    """
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
@@ -89,7 +166,10 @@ class BlobStore:
         return self.path(sha).is_file()
 
     def add_file(self, source: str | Path, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> BlobInfo:
-        """Copy (or hard-link) a file into the store; returns its description."""
+        """Copy (or hard-link) a file into the store and mark it used now; returns its description.
+
+        A hard link shares the source's inode, so the source's mtime is set to now as well.
+        """
         sha = sha256_file(source)
         target = self.path(sha)
         if not target.exists():
@@ -99,16 +179,18 @@ class BlobStore:
             except OSError:  # another file system: copy instead
                 shutil.copyfile(source, tmp)
             os.replace(tmp, target)
+        self.touch(sha)
         return BlobInfo(sha, target.stat().st_size, chunk_bytes)
 
     def add_bytes(self, data: bytes, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> BlobInfo:
-        """Store ``data`` as a blob; returns its description."""
+        """Store ``data`` as a blob and mark it used now; returns its description."""
         sha = hashlib.sha256(data).hexdigest()
         target = self.path(sha)
         if not target.exists():
             tmp = target.with_suffix(".tmp")
             tmp.write_bytes(data)
             os.replace(tmp, target)
+        self.touch(sha)
         return BlobInfo(sha, len(data), chunk_bytes)
 
     def info(self, sha: str, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> BlobInfo:
@@ -129,31 +211,219 @@ class BlobStore:
             yield index, self.read_chunk(info, index)
 
     def receiver(self, info: BlobInfo) -> BlobReceiver:
-        """The (resumable) receiver of ``info`` in this store."""
+        """The (resumable) receiver of ``info`` in this store (raises like :class:`BlobReceiver`)."""
         return BlobReceiver(self, info)
+
+    # ---- bounded disk: admission, reaping, eviction ------------------------------------------------
+
+    def touch(self, sha: str) -> None:
+        """Mark the complete blob ``sha`` used now (its mtime), so eviction keeps it longest.
+
+        Raises:
+            ProtocolError: ``malformed`` when ``sha`` is not a sha256.
+            FileNotFoundError: the blob is not in the store.
+        """
+        os.utime(self.path(sha))
+
+    def partial_bytes(self) -> int:
+        """Bytes the partial blobs occupy on disk now (allocated blocks, not their final sizes)."""
+        return sum(partial.allocated for partial in self._partials())
+
+    def admit(self, info: BlobInfo, quota_bytes: int, reserve_bytes: int) -> None:
+        """Check that a transfer of ``info`` fits before it starts; a blob already here always fits.
+
+        Partials count at their full size (they fill in as chunks arrive), so admitting several at
+        once cannot overshoot: the partials, this one included, must stay within ``quota_bytes``,
+        and the file system must keep ``reserve_bytes`` free once all of them are complete. A
+        partial of ``info`` already on disk (a resumed transfer) counts once.
+
+        Raises:
+            StorageFull: the quota or the reserve would be exceeded.
+            ConfigError: ``quota_bytes`` or ``reserve_bytes`` is negative.
+        """
+        raise_if(_negative(quota_bytes=quota_bytes, reserve_bytes=reserve_bytes))
+        if self.has(info.sha256):
+            return
+        need = info.size + info.count  # the part file and its bitmap
+        committed = need
+        growth = need
+        for partial in self._partials():
+            if partial.sha == info.sha256:
+                growth = max(0, need - partial.allocated)
+                continue
+            final = max(partial.allocated, self._declared_size(partial.sha))
+            committed += final
+            growth += final - partial.allocated
+        if committed > quota_bytes:
+            raise StorageFull(
+                f"blob {info.sha256[:12]}... ({info.size} bytes) would bring partial blobs to "
+                f"{committed} bytes, over the quota of {quota_bytes}"
+            )
+        free = shutil.disk_usage(self.root).free
+        if free - growth < reserve_bytes:
+            raise StorageFull(
+                f"blob {info.sha256[:12]}... ({info.size} bytes) would leave {free - growth} bytes free "
+                f"on {self.root}, under the reserve of {reserve_bytes}"
+            )
+
+    def reap_partials(self, max_age_s: float, quota_bytes: int, keep: Collection[str] = ()) -> list[str]:
+        """Remove abandoned partial blobs; returns their shas, oldest first.
+
+        Removed are partials last written more than ``max_age_s`` ago, then, oldest first, as many
+        others as it takes to bring the partials within ``quota_bytes`` (allocated bytes). Those in
+        ``keep`` (transfers the caller still wants) are never removed, even if they alone exceed
+        the quota. A receiver whose partial is removed starts its blob afresh.
+
+        Raises:
+            ConfigError: ``max_age_s`` or ``quota_bytes`` is negative.
+        """
+        raise_if(_negative(max_age_s=max_age_s, quota_bytes=quota_bytes))
+        partials = self._partials()
+        total = sum(partial.allocated for partial in partials)
+        cutoff = time.time() - max_age_s
+        removed = []
+        for partial in sorted(partials, key=lambda p: (p.mtime, p.sha)):
+            if partial.mtime >= cutoff and total <= quota_bytes:
+                break
+            if partial.sha in keep:
+                continue
+            for path in partial.paths:
+                path.unlink(missing_ok=True)
+            total -= partial.allocated
+            removed.append(partial.sha)
+        return removed
+
+    def evict_lru(self, quota_bytes: int, keep: Collection[str] = ()) -> list[str]:
+        """Remove complete blobs, least recently used first, until they total at most ``quota_bytes``.
+
+        Blobs in ``keep`` (the open stage's pack and LoRA, say) are never removed, even if they
+        alone exceed the quota. Returns the removed shas, least recently used first.
+
+        Raises:
+            ConfigError: ``quota_bytes`` is negative.
+        """
+        raise_if(_negative(quota_bytes=quota_bytes))
+        blobs = self._complete()
+        total = sum(size for _, _, size in blobs)
+        removed = []
+        for _, sha, size in blobs:
+            if total <= quota_bytes:
+                break
+            if sha in keep:
+                continue
+            self.path(sha).unlink(missing_ok=True)
+            total -= size
+            removed.append(sha)
+        return removed
+
+    def recent(self, limit: int) -> list[str]:
+        """The ``limit`` most recently used complete blobs, most recent first (a bounded hello).
+
+        Raises:
+            ConfigError: ``limit`` is negative.
+        """
+        raise_if(_negative(limit=limit))
+        return [sha for _, sha, _ in reversed(self._complete())][:limit]
+
+    def _complete(self) -> list[tuple[float, str, int]]:
+        """``(mtime, sha, size)`` of every complete blob, least recently used first."""
+        found = []
+        for entry in os.scandir(self.root):
+            if SHA256.fullmatch(entry.name):
+                try:
+                    status = entry.stat()
+                except FileNotFoundError:  # removed meanwhile
+                    continue
+                if stat.S_ISREG(status.st_mode):
+                    found.append((status.st_mtime, entry.name, status.st_size))
+        return sorted(found)
+
+    def _partials(self) -> list[_Partial]:
+        """The partial blobs: each sha's ``.part`` and ``.have`` files (either may be missing)."""
+        files: dict[str, list[tuple[Path, os.stat_result]]] = {}
+        for entry in os.scandir(self.root / "partial"):
+            sha, _, suffix = entry.name.partition(".")
+            if suffix in ("part", "have") and SHA256.fullmatch(sha):
+                try:
+                    files.setdefault(sha, []).append((Path(entry.path), entry.stat()))
+                except FileNotFoundError:  # removed meanwhile
+                    continue
+        return [
+            _Partial(
+                sha,
+                tuple(path for path, _ in found),
+                sum(status.st_blocks * 512 for _, status in found),
+                max(status.st_mtime for _, status in found),
+            )
+            for sha, found in files.items()
+        ]
+
+    def _declared_size(self, sha: str) -> int:
+        """The size a partial will have when complete, from its sidecar's header (0 if unreadable)."""
+        try:
+            with (self.root / "partial" / f"{sha}.have").open("rb") as f:
+                size = json.loads(f.readline(256))["size"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return 0
+        return size if type(size) is int and size >= 0 else 0
+
+
+def _negative(**values: float) -> list[str]:
+    """A problem for each of ``values`` that is negative."""
+    return [f"{name} must be >= 0, got {value}" for name, value in values.items() if value < 0]
 
 
 class BlobReceiver:
-    """Reassembles one blob on disk from chunks in any order, duplicates included."""
+    """Reassembles one blob on disk from chunks in any order, duplicates included.
+
+    Which chunks are in is a bitmap of one byte per chunk, in memory and in the sidecar
+    ``<sha>.have`` (a JSON header line naming the layout, then the same bytes): recording a chunk
+    is a one-byte write at its offset, resuming is one read, and memory is ``count`` bytes (the
+    set of ints it replaces cost ~50 bytes per chunk, 150 MB for 2.8 million). A one-byte write
+    cannot tear, so a crash leaves at worst a written chunk the sidecar does not record (fetched
+    again) or, without fsync, a recorded chunk whose bytes were lost (the sha256 check catches it).
+    """
 
     def __init__(self, store: BlobStore, info: BlobInfo) -> None:
+        """Open (and resume) the partial blob of ``info``.
+
+        Raises:
+            ProtocolError: ``malformed`` when ``info`` has more than :data:`MAX_CHUNKS` chunks.
+        """
+        if info.count > MAX_CHUNKS:
+            raise ProtocolError(
+                Reason.MALFORMED, f"blob {info.sha256[:12]}... has {info.count} chunks, more than {MAX_CHUNKS}"
+            )
         self.store, self.info = store, info
         self.part = store.root / "partial" / f"{info.sha256}.part"
         self.have_file = self.part.with_suffix(".have")
-        self.have: set[int] = set()
-        if self.have_file.exists() and self.part.exists():
-            self.have = self._saved_indices()
+        self._header = _sidecar_header(info)
+        self._have = bytearray(info.count)
+        self._have_count = 0
+        self._resume()
 
     @property
     def complete(self) -> bool:
         """Whether the verified blob is in the store."""
         return self.store.has(self.info.sha256)
 
-    def missing(self) -> list[int]:
-        """Chunk indices still needed (empty once complete)."""
-        if self.complete:
-            return []
-        return [i for i in range(self.info.count) if i not in self.have]
+    def next_missing(self, start: int = 0) -> int | None:
+        """The first chunk index at or after ``start`` that this receiver lacks, None if there is none.
+
+        A byte search in C over the bitmap: skipping a million received chunks takes well under a
+        millisecond. (It does not look whether another receiver completed the blob: see ``complete``.)
+        """
+        index = self._have.find(0, start)
+        return None if index < 0 else index
+
+    def missing(self, limit: int | None = None) -> list[int]:
+        """Chunk indices still needed, the first ``limit`` of them if given (empty once complete)."""
+        found: list[int] = []
+        index = None if self.complete else self.next_missing()
+        while index is not None and (limit is None or len(found) < limit):
+            found.append(index)
+            index = self.next_missing(index + 1)
+        return found
 
     def add(self, index: int, data: bytes) -> bool:
         """Write chunk ``index``; returns True when this completed and verified the blob.
@@ -162,6 +432,8 @@ class BlobReceiver:
             ProtocolError: ``malformed`` for an index or length that does not fit the blob,
                 ``hash`` when the reassembled blob does not match its sha256 (the partial is
                 discarded, so a fresh transfer starts).
+            StorageFull: the disk (or the user's quota) is full; the chunk is not recorded.
+            OSError: any other failure to write the partial files.
         """
         if self.complete:
             return False
@@ -171,42 +443,90 @@ class BlobReceiver:
         expected = min(info.chunk_bytes, info.size - index * info.chunk_bytes) if info.size else 0
         if len(data) != expected:
             raise ProtocolError(Reason.MALFORMED, f"chunk {index} has {len(data)} bytes, expected {expected}")
-        if index not in self.have:
-            mode = "r+b" if self.part.exists() else "wb"
-            with self.part.open(mode) as f:
-                f.seek(index * info.chunk_bytes)
-                f.write(data)
-            self.have.add(index)
-            self._save_index(index)
-        if len(self.have) < info.count:
+        if not self._have[index]:
+            with _full_disk_is_storage_full(f"writing chunk {index} of blob {info.sha256[:12]}..."):
+                self._write(index * info.chunk_bytes, data)
+                self._record(index)
+        if self._have_count < info.count:
             return False
         return self._finish()
 
-    def _save_index(self, index: int) -> None:
-        """Append ``index`` to the sidecar (O(1) per chunk: rewriting the whole list after every
-        chunk cost 15% of a 100 MB transfer). Its first line names the blob's layout."""
-        if not self.have_file.exists() or len(self.have) == 1:
-            header = json.dumps({"size": self.info.size, "chunk_bytes": self.info.chunk_bytes})
-            self.have_file.write_text(f"{header}\n{index}\n")
-            return
-        with self.have_file.open("a") as f:
-            f.write(f"{index}\n")
+    def discard(self) -> None:
+        """Forget the partial blob."""
+        self.part.unlink(missing_ok=True)
+        self.have_file.unlink(missing_ok=True)
+        self._have = bytearray(self.info.count)
+        self._have_count = 0
 
-    def _saved_indices(self) -> set[int]:
-        """The sidecar's chunk indices; empty when it is for another layout or unreadable (a
-        torn last line is skipped: that chunk is fetched again, the hash check guards the result)."""
+    def _write(self, offset: int, data: bytes) -> None:
+        """Write ``data`` at ``offset`` of the part file (created sparse on the first chunk)."""
+        fd = os.open(self.part, os.O_WRONLY | os.O_CREAT, 0o644)
         try:
-            header, *lines = self.have_file.read_text().split("\n")
-            layout = json.loads(header)
-            if layout.get("size") != self.info.size or layout.get("chunk_bytes") != self.info.chunk_bytes:
-                return set()
-        except (OSError, ValueError, AttributeError):
-            return set()
-        return {int(x) for x in lines if x.isdigit() and int(x) < self.info.count}
+            view = memoryview(data)
+            while view:
+                written = os.pwrite(fd, view, offset)
+                view, offset = view[written:], offset + written
+        finally:
+            os.close(fd)
+
+    def _record(self, index: int) -> None:
+        """Mark chunk ``index`` in the sidecar, then in memory (so a failed write records nothing).
+
+        A missing sidecar means the partial was discarded or reaped underneath this receiver:
+        what memory holds is then stale, and a fresh sidecar starts over.
+        """
+        try:
+            fd = os.open(self.have_file, os.O_WRONLY)
+        except FileNotFoundError:
+            fd = self._new_sidecar()
+        try:
+            os.pwrite(fd, b"\x01", len(self._header) + index)
+        finally:
+            os.close(fd)
+        self._have[index] = 1
+        self._have_count += 1
+
+    def _new_sidecar(self) -> int:
+        """Create an empty sidecar (header, then ``count`` zero bytes, sparse); its open descriptor."""
+        self._have = bytearray(self.info.count)
+        self._have_count = 0
+        fd = os.open(self.have_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.write(fd, self._header)
+            os.ftruncate(fd, len(self._header) + self.info.count)
+        except OSError:
+            os.close(fd)
+            self.have_file.unlink(missing_ok=True)
+            raise
+        return fd
+
+    def _resume(self) -> None:
+        """Load the sidecar's bitmap; a sidecar for another layout, of an earlier format, torn, or
+        without its part file is removed (the blob is fetched afresh). One that records every chunk
+        (a crash before the hash check) is finished now, or discarded if the hash fails."""
+        try:
+            with self.have_file.open("rb") as f:
+                header = f.readline(len(self._header))
+                bitmap = f.read(self.info.count + 1)
+        except OSError:
+            return
+        if (
+            header != self._header
+            or len(bitmap) != self.info.count
+            or bitmap.translate(None, b"\x00\x01")
+            or not self.part.exists()
+        ):
+            self.have_file.unlink(missing_ok=True)
+            return
+        self._have[:] = bitmap
+        self._have_count = self.info.count - bitmap.count(0)
+        if self._have_count == self.info.count and not self.complete:
+            try:
+                self._finish()
+            except ProtocolError:  # discarded: a fresh transfer starts
+                pass
 
     def _finish(self) -> bool:
-        if not self.part.exists():  # an empty blob has no bytes to write
-            self.part.write_bytes(b"")
         actual = sha256_file(self.part)
         if actual != self.info.sha256 or self.part.stat().st_size != self.info.size:
             self.discard()
@@ -214,12 +534,6 @@ class BlobReceiver:
         os.replace(self.part, self.store.path(self.info.sha256))
         self.have_file.unlink(missing_ok=True)
         return True
-
-    def discard(self) -> None:
-        """Forget the partial blob."""
-        self.part.unlink(missing_ok=True)
-        self.have_file.unlink(missing_ok=True)
-        self.have = set()
 
 
 WINDOW = 64
@@ -246,7 +560,10 @@ class Download:
 
     The holder of a blob only ever sends the chunks it is asked for; this object decides what to
     ask for next (the missing chunks, a window at a time) and when to ask again because nothing
-    arrived for ``stall_seconds``.
+    arrived for ``stall_seconds``. It walks the blob with a cursor: every chunk below it is in or
+    outstanding, so a request looks only at the chunks after it (listing every missing chunk per
+    request cost 3.5 s and ~1 GB at 2.8 million chunks). After a stall or an error it starts
+    over from chunk 0, which the receiver's bitmap search skips through in C.
     """
 
     def __init__(self, receiver: BlobReceiver, stall_seconds: float = 10.0) -> None:
@@ -254,6 +571,7 @@ class Download:
         self.stall_seconds = stall_seconds
         self.requested: set[int] = set()
         self.last_activity = 0.0
+        self._cursor = 0
 
     @property
     def complete(self) -> bool:
@@ -267,20 +585,29 @@ class Download:
         if self.complete or len(self.requested) > WINDOW // 2:
             return []
         free = WINDOW - len(self.requested)
-        more = [i for i in self.receiver.missing() if i not in self.requested][:free]
+        more = self._scan(free)
+        if not more and not self.requested:  # chunks behind the cursor were lost (a reaped partial)
+            self._cursor = 0
+            more = self._scan(free)
         self.requested.update(more)
         if more:
             self.last_activity = clock
         return more
 
     def add(self, index: int, data: bytes, clock: float) -> bool:
-        """Feed one chunk; True when it completed the blob (raises ``ProtocolError`` like the receiver)."""
+        """Feed one chunk; True when it completed the blob.
+
+        Raises:
+            ProtocolError, StorageFull, OSError: as :meth:`BlobReceiver.add`; the next request
+                then starts over from the first missing chunk.
+        """
         self.last_activity = clock
         self.requested.discard(index)
         try:
             return self.receiver.add(index, data)
-        except ProtocolError:
+        except (ProtocolError, StorageFull, OSError):
             self.requested.clear()
+            self._cursor = 0
             raise
 
     def stalled(self, clock: float) -> bool:
@@ -288,4 +615,18 @@ class Download:
         if self.complete or not self.requested or clock - self.last_activity < self.stall_seconds:
             return False
         self.requested.clear()
+        self._cursor = 0
         return True
+
+    def _scan(self, limit: int) -> list[int]:
+        """Up to ``limit`` missing, unrequested chunks from the cursor on; moves the cursor past them."""
+        more: list[int] = []
+        while len(more) < limit:
+            index = self.receiver.next_missing(self._cursor)
+            if index is None:
+                self._cursor = self.receiver.info.count
+                break
+            self._cursor = index + 1
+            if index not in self.requested:
+                more.append(index)
+        return more
