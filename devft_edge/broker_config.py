@@ -32,9 +32,10 @@ from typing import Literal
 
 import yaml
 
+from devft_edge.blobs import DEFAULT_CHUNK_BYTES, WINDOW
 from devft_edge.certificates import issue_client, issue_server, new_ca
 from devft_edge.errors import ConfigError, raise_if
-from devft_edge.protocol import DEVICE_ID
+from devft_edge.protocol import DEVICE_ID, MAX_HEADER_BYTES
 
 PBKDF2_ITERATIONS = 101
 """What ``mosquitto_passwd`` 2.0 writes. Low, but the passwords made here are 256 random bits, so
@@ -49,8 +50,37 @@ CERT_DAYS = 825
 """Validity of server and client certificates; renewing them means new files (broker-config
 never overwrites), so they outlive a typical deployment without being open-ended."""
 MAX_QUEUED_MESSAGES = 10000
-"""As the test broker (``tests/system_harness.py``): mosquitto silently drops QoS 1 messages queued
-for a client beyond this (its default is 1000), and messages pile up for an offline device."""
+"""Default ``max_queued_messages``, as the test broker (``tests/system_harness.py``): mosquitto
+silently drops QoS 1 messages queued for a client beyond this (its default is 1000), and messages
+pile up for an offline device."""
+MIB = 1 << 20
+DEFAULT_MAX_PACKET_BYTES = MIB
+"""Default ``max_packet_size``: the largest packet of the protocol with default chunks is about
+160 KiB (:func:`largest_packet_bytes`), so 1 MiB leaves room and still stops a flood of 256 MiB
+packets (the MQTT maximum, mosquitto's default) at the first byte of its length."""
+DEFAULT_MAX_QUEUED_BYTES = 256 * MIB
+"""Default ``max_queued_bytes`` per client (mosquitto's default: no limit). A device's queue holds
+about one download window (:data:`devft_edge.blobs.WINDOW` chunks, ~10 MiB at the default chunk
+size: the receiver pulls, so nothing sends more); the aggregator's holds every uploading device's
+window while it is slow or reconnecting: 256 MiB is some 25 windows. A flood beyond it is dropped
+by the broker instead of growing its memory; a dropped chunk is asked for again after the
+receiver's stall timeout."""
+MQTT_MAX_PACKET_BYTES = 268_435_455
+"""The largest value ``max_packet_size`` takes (MQTT's largest remaining length)."""
+PACKET_FRAMING_BYTES = 5 + 2 + 2 + 64
+"""Bytes of an MQTT publish besides topic and payload: the fixed header (type, up to 4 length
+bytes), the topic's length, the packet id, and room for MQTT 5 properties."""
+SEAL_BYTES = 64
+"""The ed25519 seal after every payload (:func:`devft_edge.protocol.seal`)."""
+
+
+def largest_packet_bytes(fleet: str, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
+    """The largest MQTT packet a fleet's protocol sends legitimately: a publish on the longest topic
+    (a device's presence topic, with a 64-character device id) whose payload is the 4-byte header
+    length, a header of ``protocol.MAX_HEADER_BYTES``, a body of one chunk and the seal. About
+    160 KiB with the default 96 KiB chunks."""
+    topic = len(f"devft/{fleet}/dev/{'x' * 64}/presence".encode())
+    return PACKET_FRAMING_BYTES + topic + 4 + MAX_HEADER_BYTES + chunk_bytes + SEAL_BYTES
 
 
 def aggregator_username(fleet: str) -> str:
@@ -86,6 +116,29 @@ class BrokerSpec:
     run_as: str | None = None
     """mosquitto's ``user``: the account a broker started as root switches to (it must be able to
     read the password, ACL and key files); None: mosquitto's default (``mosquitto``)."""
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    """The aggregator's ``chunk_bytes``: the limits below must let a chunk of this size through
+    (checked here), and ``max_packet_bytes`` grows with it by default."""
+    max_packet_bytes: int | None = None
+    """mosquitto's ``max_packet_size``: a client that sends a bigger packet is disconnected, for
+    MQTT 3.1.1 clients as well (they are not told the limit beforehand). None: 1 MiB, or the
+    largest packet of ``chunk_bytes`` rounded up to whole MiB if that is more. (Preferred over
+    ``message_size_limit``, which drops the message but acknowledges it: the sender would never
+    learn.)"""
+    max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES
+    """mosquitto's ``max_queued_bytes``: QoS 1 bytes queued per client beyond those in flight; more
+    are dropped. At least one download window of the largest packets."""
+    max_queued_messages: int = MAX_QUEUED_MESSAGES
+    """mosquitto's ``max_queued_messages``: the same as a count (whichever limit comes first)."""
+    max_inflight_messages: int = WINDOW
+    """mosquitto's ``max_inflight_messages``: unacknowledged QoS 1 messages per client in flight
+    at once; the download window, so the broker never holds back part of a window a receiver asked
+    for (mosquitto's default is 20; ``benchmarks/transport.py`` measures with the window)."""
+    max_connections: int | None = None
+    """mosquitto's ``max_connections`` on every listener; None: no limit (the system's file
+    limits apply). A limit near the fleet's size lets anyone who can open TCP connections, even
+    without a password, lock the devices out, so it is off unless asked for; if given, it must
+    leave room for every device, the aggregator and the monitor."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -117,7 +170,41 @@ class BrokerSpec:
             problems.append(f"bind address {self.bind!r} is neither an IP address nor a DNS name")
         if self.run_as is not None and not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", self.run_as):
             problems.append(f"run-as user {self.run_as!r} is not a user name")
+        problems += self._limit_problems()
         raise_if(problems)
+
+    def _limit_problems(self) -> list[str]:
+        if self.chunk_bytes < 1:
+            return [f"chunk bytes {self.chunk_bytes} must be >= 1"]
+        problems = []
+        largest = largest_packet_bytes(self.fleet, self.chunk_bytes)
+        if not largest <= self.packet_limit <= MQTT_MAX_PACKET_BYTES:
+            problems.append(
+                f"max packet bytes {self.packet_limit} outside {largest}..{MQTT_MAX_PACKET_BYTES} (the lower bound "
+                f"is the largest legitimate packet: a {self.chunk_bytes}-byte chunk with a full header)"
+            )
+        if self.max_queued_bytes < WINDOW * largest:
+            problems.append(
+                f"max queued bytes {self.max_queued_bytes} below one download window ({WINDOW} packets of "
+                f"{largest} bytes = {WINDOW * largest}): every transfer would stall"
+            )
+        if self.max_queued_messages < WINDOW:
+            problems.append(f"max queued messages {self.max_queued_messages} below one download window ({WINDOW})")
+        if self.max_inflight_messages < 1:
+            problems.append(f"max inflight messages {self.max_inflight_messages} must be >= 1 (0: no limit)")
+        users = len(self.devices) + 2
+        if self.max_connections is not None and self.max_connections < users:
+            problems.append(
+                f"max connections {self.max_connections} below the {users} users (devices, aggregator, monitor)"
+            )
+        return problems
+
+    @property
+    def packet_limit(self) -> int:
+        """``max_packet_size``: ``max_packet_bytes``, or its default for ``chunk_bytes``."""
+        if self.max_packet_bytes is not None:
+            return self.max_packet_bytes
+        return max(DEFAULT_MAX_PACKET_BYTES, -(-largest_packet_bytes(self.fleet, self.chunk_bytes) // MIB) * MIB)
 
     @property
     def listen_port(self) -> int:
@@ -203,7 +290,12 @@ def mosquitto_conf(spec: BrokerSpec, out: Path) -> str:
         "allow_anonymous false",
         f"password_file {out / 'passwd'}",
         f"acl_file {out / 'acl'}",
-        f"max_queued_messages {MAX_QUEUED_MESSAGES}",
+        "# flood limits: a client that sends a bigger packet is disconnected; QoS 1 messages beyond",
+        "# a client's queue limits (besides those in flight) are dropped",
+        f"max_packet_size {spec.packet_limit}",
+        f"max_queued_messages {spec.max_queued_messages}",
+        f"max_queued_bytes {spec.max_queued_bytes}",
+        f"max_inflight_messages {spec.max_inflight_messages}",
         "# chunk requests and chunks are small back-and-forth messages: no Nagle delay",
         "set_tcp_nodelay true",
     ]
@@ -213,13 +305,16 @@ def mosquitto_conf(spec: BrokerSpec, out: Path) -> str:
         lines += ["persistence true", f"persistence_location {spec.persistence_dir.resolve()}/"]
     if spec.run_as is not None:
         lines.append(f"user {spec.run_as}")
-    lines += ["", f"listener {spec.listen_port}{f' {spec.bind}' if spec.bind else ''}", "use_username_as_clientid true"]
+    per_listener = ["use_username_as_clientid true"]
+    if spec.max_connections is not None:
+        per_listener.append(f"max_connections {spec.max_connections}")
+    lines += ["", f"listener {spec.listen_port}{f' {spec.bind}' if spec.bind else ''}", *per_listener]
     if spec.tls:
         lines += [f"cafile {out / 'ca.pem'}", f"certfile {out / 'server.pem'}", f"keyfile {out / 'server.key'}"]
         lines.append(f"require_certificate {'true' if spec.client_certs else 'false'}")
     if spec.plain_port is not None:
         lines += ["", "# plain MQTT for tools on this machine only", f"listener {spec.plain_port} 127.0.0.1"]
-        lines.append("use_username_as_clientid true")
+        lines += per_listener
     return "\n".join(lines) + "\n"
 
 

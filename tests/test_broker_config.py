@@ -4,20 +4,28 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import os
+import pwd
+import queue
 import shutil
 import stat
 import subprocess
 from pathlib import Path
 
+import paho.mqtt.client as paho
 import pytest
 import yaml
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from system_harness import free_port, mosquitto, needs_mosquitto
 
+from devft_edge.blobs import DEFAULT_CHUNK_BYTES, WINDOW
 from devft_edge.broker_config import (
+    BrokerFiles,
     BrokerSpec,
     acl_text,
     hash_password,
+    largest_packet_bytes,
     mosquitto_conf,
     read_device_ids,
     write_broker_config,
@@ -150,7 +158,8 @@ def test_hash_format_is_what_mosquitto_passwd_writes(tmp_path):
 def test_login_file_of_a_device_completes_an_agent_config(written, tmp_path):
     login = yaml.safe_load((written.conf.parent / "devices" / "dev-0" / "broker.yaml").read_text())
     assert login["broker"] == "mqtts://127.0.0.1:8883" and login["username"] == "dev-0"
-    cfg = AgentConfig.model_validate({"device_id": "dev-0", "public_key": str(tmp_path / "k.pem"), **login})
+    identity = {"public_key": str(tmp_path / "k.pem"), "identity": str(tmp_path / "id.pem")}
+    cfg = AgentConfig.model_validate({"device_id": "dev-0", **identity, **login})
     from devft_edge.mqtt import BrokerAddress
 
     address = BrokerAddress.parse(cfg.broker).with_login(cfg, cfg.device_id)
@@ -212,3 +221,154 @@ def test_cli_writes_a_plain_config_and_prints_no_secret(tmp_path, capsys):
     }
     assert main(["broker-config", "--devices", "bad id", "--out", str(tmp_path / "other")]) == 2
     assert "device id 'bad id'" in capsys.readouterr().err
+
+
+# ---- flood limits (issue 14, item 4) -----------------------------------------------------------
+
+
+def _limits(conf: str) -> dict[str, list[str]]:
+    keys = ("max_packet_size", "max_queued_messages", "max_queued_bytes", "max_inflight_messages", "max_connections")
+    found: dict[str, list[str]] = {key: [] for key in keys}
+    for line in conf.splitlines():
+        key, _, value = line.partition(" ")
+        if key in found:
+            found[key].append(value)
+    return found
+
+
+def test_the_config_limits_packets_queues_and_inflight_messages(tmp_path):
+    assert _limits(mosquitto_conf(BrokerSpec(fleet="t", devices=("d",)), tmp_path)) == {
+        "max_packet_size": [str(2**20)],  # the largest legitimate packet is ~160 KiB
+        "max_queued_messages": ["10000"],
+        "max_queued_bytes": [str(256 * 2**20)],
+        "max_inflight_messages": [str(WINDOW)],
+        "max_connections": [],  # off by default: a limit near the fleet size is a lock-out
+    }
+    assert 160 * 1024 < largest_packet_bytes("t") < 170 * 1024
+    spec = BrokerSpec(
+        fleet="t",
+        devices=("d",),
+        tls=True,
+        plain_port=1884,
+        max_packet_bytes=300_000,
+        max_queued_bytes=64 * 2**20,
+        max_queued_messages=500,
+        max_inflight_messages=20,
+        max_connections=50,
+    )
+    assert _limits(mosquitto_conf(spec, tmp_path)) == {
+        "max_packet_size": ["300000"],
+        "max_queued_messages": ["500"],
+        "max_queued_bytes": [str(64 * 2**20)],
+        "max_inflight_messages": ["20"],
+        "max_connections": ["50", "50"],  # a listener option: on both listeners
+    }
+    bigger_chunks = BrokerSpec(fleet="t", devices=("d",), chunk_bytes=2**20)  # the packet limit follows the chunks
+    assert _limits(mosquitto_conf(bigger_chunks, tmp_path))["max_packet_size"] == [str(2 * 2**20)]
+
+
+def test_limits_that_would_stop_legitimate_traffic_are_refused_all_at_once():
+    with pytest.raises(ConfigError) as caught:
+        BrokerSpec(
+            fleet="t",
+            devices=("d0", "d1"),
+            max_packet_bytes=100_000,
+            max_queued_bytes=2**20,
+            max_queued_messages=10,
+            max_inflight_messages=0,
+            max_connections=3,
+        )
+    problems = " | ".join(caught.value.problems)
+    for text in (
+        f"max packet bytes 100000 outside {largest_packet_bytes('t')}..",
+        "max queued bytes 1048576 below one download window",
+        "max queued messages 10 below one download window (64)",
+        "max inflight messages 0 must be >= 1",
+        "max connections 3 below the 4 users",
+    ):
+        assert text in problems, text
+    with pytest.raises(ConfigError, match="max packet bytes"):
+        BrokerSpec(fleet="t", devices=("d",), chunk_bytes=2**20, max_packet_bytes=2**20)  # a chunk would not fit
+
+
+class _Client:
+    """A paho client logged in as one generated user, recording what it receives and its disconnects."""
+
+    def __init__(self, files: BrokerFiles, user: str, clean: bool = True) -> None:
+        identity = next(i for i in files.identities if i.username == user)
+        self.events: queue.Queue[str] = queue.Queue()
+        self.received: queue.Queue[bytes] = queue.Queue()
+        self.client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=user, clean_session=clean)
+        self.client.username_pw_set(user, identity.password_file.read_text().strip())
+        self.client.on_connect = lambda c, u, f, reason, p: self.events.put(f"connack {reason}")
+        self.client.on_subscribe = lambda c, u, mid, reasons, p: self.events.put("suback")
+        self.client.on_disconnect = lambda c, u, f, reason, p: self.events.put(f"disconnected {reason}")
+        self.client.on_message = lambda c, u, m: self.received.put(bytes(m.payload))
+        self.client.connect("127.0.0.1", files.spec.listen_port)
+        self.client.loop_start()
+        assert self.events.get(timeout=5) == "connack Success"
+
+    def subscribe(self, topic: str) -> None:
+        self.client.subscribe(topic, qos=1)
+        assert self.events.get(timeout=5) == "suback"
+
+    def publish(self, topic: str, payload: bytes) -> bool:
+        """Whether the broker acknowledged the QoS 1 publish within 5 s."""
+        info = self.client.publish(topic, payload, qos=1)
+        try:
+            info.wait_for_publish(5)
+        except RuntimeError:  # the connection went away before the PUBACK
+            return False
+        return info.is_published()
+
+    def drain(self, quiet: float = 1.0) -> list[bytes]:
+        """What arrives until nothing has for ``quiet`` seconds."""
+        messages = []
+        try:
+            while True:
+                messages.append(self.received.get(timeout=quiet))
+        except queue.Empty:
+            return messages
+
+    def stop(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+@needs_mosquitto
+def test_a_real_mosquitto_passes_the_largest_message_and_cuts_off_a_bigger_one(tmp_path):
+    spec = BrokerSpec(
+        fleet="t",
+        devices=("dev-0",),
+        port=free_port(),
+        bind="127.0.0.1",
+        run_as=pwd.getpwuid(os.geteuid()).pw_name,  # as root, mosquitto would switch to a user that can't read 0600
+        max_queued_bytes=WINDOW * largest_packet_bytes("t"),  # the least allowed: ~10 MiB
+        max_inflight_messages=1,
+    )
+    files = write_broker_config(spec, tmp_path / "conf")
+    with mosquitto(tmp_path / "broker", spec.listen_port, files.conf.read_text()):
+        aggregator = _Client(files, "aggregator-t", clean=False)
+        aggregator.subscribe("devft/t/dev/+/up")
+        device = _Client(files, "dev-0")
+        # a chunk with a full header and the seal: the largest payload the protocol sends
+        largest = 4 + 64 * 1024 + DEFAULT_CHUNK_BYTES + 64
+        assert device.publish("devft/t/dev/dev-0/up", b"c" * largest)
+        assert [len(m) for m in aggregator.drain(quiet=0.5)] == [largest]
+
+        # a flood while the aggregator is away: the broker queues what fits and drops the rest
+        aggregator.stop()
+        messages = 150
+        assert all(device.publish("devft/t/dev/dev-0/up", b"q" * largest) for _ in range(messages))
+        aggregator = _Client(files, "aggregator-t", clean=False)
+        queued = aggregator.drain()
+        assert 0 < len(queued) < messages
+        assert sum(map(len, queued)) <= spec.max_queued_bytes + largest
+
+        # one packet over the limit: the sender is disconnected and nothing is forwarded
+        oversize = device.client.publish("devft/t/dev/dev-0/up", b"x" * spec.packet_limit, qos=1)
+        assert device.events.get(timeout=5).startswith("disconnected")
+        assert not oversize.is_published()
+        assert aggregator.drain(quiet=0.5) == []
+        aggregator.stop()
+        device.stop()
