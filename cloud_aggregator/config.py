@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from devft_edge.blobs import DEFAULT_CHUNK_BYTES
+from devft_edge.blobs import DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES, MIN_CHUNK_BYTES
 from devft_edge.configfile import load_yaml_model
 from devft_edge.mqtt import BrokerLogin
 from devft_edge.robust import DEFAULT_NORM_RATIO, DEFAULT_WEIGHT_RATIO
@@ -61,7 +61,13 @@ class AggregatorConfig(_Strict, BrokerLogin):
     rank: int = Field(8, ge=1)
     alpha: float = Field(16.0, gt=0)
     quant: Literal["none", "fp16", "bf16", "int8", "int4", "nf4"] = "int4"
-    chunk_bytes: int = Field(DEFAULT_CHUNK_BYTES, ge=1024, le=64 * 2**20)
+    chunk_bytes: int = Field(DEFAULT_CHUNK_BYTES, ge=MIN_CHUNK_BYTES, le=MAX_CHUNK_BYTES)
+    upload_quota_bytes: int = Field(2 * 2**30, ge=2**20, description="partial update uploads held at once, in all")
+    disk_reserve_bytes: int = Field(512 * 2**20, ge=0, description="free disk an upload must leave")
+    partial_max_age_s: float = Field(3600.0, gt=0, description="a partial upload untouched this long is removed")
+    serve_rate_bytes_per_s: float = Field(
+        64 * 2**20, gt=0, description="chunk bytes served to one device per second (bursts of two windows)"
+    )
     max_update_norm: float | None = Field(DEFAULT_MAX_UPDATE_NORM, gt=0)
     max_weight_ratio: float = Field(
         DEFAULT_WEIGHT_RATIO, ge=1, description="a device weighs at most this x the others' median sample count"
@@ -84,6 +90,10 @@ class AggregatorConfig(_Strict, BrokerLogin):
     )
     seed: int = 0
     sign_key: Path
+    device_keys: Path = Field(
+        description="directory of enrolled device public keys, <device-id>.pem (written by `flash` and `enroll`); "
+        "messages from any other device id, or not sealed by its key, are refused before they are parsed"
+    )
     state_dir: Path = Path("runs/aggregator/state")
     out_dir: Path = Path("runs/aggregator/out")
     profiles_dir: list[Path] = []

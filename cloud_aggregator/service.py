@@ -25,15 +25,30 @@ from safetensors.torch import save as safetensors_save
 
 from cloud_aggregator.config import AggregatorConfig
 from cloud_aggregator.report import METRICS_FILE, write_metrics, write_summary
-from cloud_aggregator.state import Accepted, Device, OpenRound, RunState, load_state, lock_state_dir, now, save_state
-from devft_edge.blobs import BlobInfo, BlobStore, Download, chunk_index, chunk_indices
+from cloud_aggregator.state import (
+    Accepted,
+    Device,
+    OpenRound,
+    RunState,
+    lock_state_dir,
+    now,
+    open_state,
+    save_device,
+    save_state,
+)
+from devft_edge.blobs import WINDOW, BlobInfo, BlobStore, Download, StorageFull, chunk_index, chunk_indices
 from devft_edge.errors import ConfigError, DataError
+from devft_edge.identity import Enrolment
 from devft_edge.memory import StepConfig, estimate_memory
 from devft_edge.mqtt import BrokerAddress, Connection, Incoming
-from devft_edge.protocol import AGGREGATOR, Envelope, Kind, ProtocolError, Reason, Topics, decode
+from devft_edge.protocol import AGGREGATOR, Envelope, Kind, ProtocolError, Reason, Topics, decode, seal, unseal
+from devft_edge.ratelimit import RateLimiter
 from devft_edge.update_check import check_update
 
 logger = logging.getLogger(__name__)
+
+STATUS_DEVICES = 64
+"""Device ids the status lists by name (the rest are counted)."""
 
 
 class Aggregator:
@@ -58,12 +73,10 @@ class Aggregator:
         self.cfg = cfg
         self.topics = Topics(cfg.prefix)
         self.key = load_private_key(cfg.sign_key)
+        self.enrolment = Enrolment(cfg.device_keys)
         self.lock = lock_state_dir(cfg.state_dir)
         self.store = BlobStore(cfg.state_dir / "blobs")
-        state = load_state(cfg.state_dir)
-        if state is not None and state.run_id != cfg.run_id:
-            raise ConfigError(f"{cfg.state_dir} holds run {state.run_id!r}, not {cfg.run_id!r}")
-        self.state = state or RunState(run_id=cfg.run_id)
+        self.state = open_state(cfg.state_dir, cfg.run_id)
         torch.manual_seed(cfg.seed)
         self.base = load_model(cfg.model, seed=cfg.seed)
         self.tokenizer = load_tokenizer(cfg.model)
@@ -96,6 +109,9 @@ class Aggregator:
         )
         self.rule = RULES.get("fedit")
         self.held_out = train_eval_split(0, cfg.eval_examples, seed=cfg.seed)[1] if cfg.eval_examples else []
+        self.serving = RateLimiter(cfg.serve_rate_bytes_per_s, burst=2 * WINDOW * cfg.chunk_bytes)
+        """Chunk bytes each device may draw: one request is a small message, its answer up to a window."""
+        self._next_reap = 0.0
         self.uploads: dict[str, Download] = {}
         """device -> the pull of its update blob."""
         self.update_meta: dict[str, dict[str, Any]] = {}
@@ -149,7 +165,10 @@ class Aggregator:
             device = self.topics.device_of(item.topic)
             if item.retained and item.topic != self.topics.presence(device):  # replayed at every (re)start
                 raise ProtocolError(Reason.RETAINED, f"retained message on {item.topic} ignored")
-            message = decode(item.payload)
+            key = self.enrolment.key(device)
+            if key is None:
+                raise ProtocolError(Reason.UNKNOWN_DEVICE, f"{device} is not enrolled in {self.cfg.device_keys}")
+            message = decode(unseal(item.payload, item.topic, key))  # the seal is checked before any parsing
             if message.sender != device:
                 raise ProtocolError(Reason.WRONG_SENDER, f"header says {message.sender!r} on {device!r}'s topic")
             if not self.state.remember(message.id):
@@ -191,7 +210,7 @@ class Aggregator:
             backends=backends,
             cached=cached,
         )
-        save_state(self.cfg.state_dir, self.state)
+        save_device(self.cfg.state_dir, device, self.state.devices[device])
         logger.info("device %s joined (%s, budget %.2f GiB)", device, profile.description, profile.budget_bytes / 2**30)
         round_ = self.state.open_round
         if round_ is not None and device in round_.selected and device not in round_.accepted:
@@ -203,6 +222,7 @@ class Aggregator:
         if known is not None:
             known.online = bool(message.data.get("online"))
             known.last_seen = now()
+            save_device(self.cfg.state_dir, device, known)
             self._publish_status()
 
     def _on_chunk_request(self, device: str, message: Envelope) -> None:
@@ -216,16 +236,14 @@ class Aggregator:
         if info != served:  # another chunking could mean one oversize message, over the broker's limit
             raise ProtocolError(Reason.MALFORMED, f"{device} asked for {info}, the blob is {served}")
         missing = chunk_indices(message.data.get("missing", []))
+        if not self.serving.allow(device, len(missing) * info.chunk_bytes):
+            raise ProtocolError(
+                Reason.RATE, f"{device} asks for chunks faster than {self.cfg.serve_rate_bytes_per_s} B/s"
+            )
         for index, chunk in self.store.chunks(info, missing):
             data = {**info.to_json(), "index": index}
-            self._send(
-                device,
-                self._message(
-                    Kind.CHUNK,
-                    data=data,
-                    body=chunk,
-                ),
-            )
+            if not self._send(device, self._message(Kind.CHUNK, data=data, body=chunk)):
+                raise ProtocolError(Reason.RATE, f"send queue full; chunks for {device} dropped (it asks again)")
             self.state.bytes_down += len(chunk)
             if info.sha256 in (self.state.pack, self.state.plan):
                 self.state.bytes_down_pack += len(chunk)
@@ -240,6 +258,10 @@ class Aggregator:
         if info.size > 2 * expected + 65536:
             raise ProtocolError(Reason.SHAPE, f"update of {info.size} bytes for a LoRA of {expected}")
         _check_update_numbers(message.data)
+        try:
+            self.store.admit(info, self.cfg.upload_quota_bytes, self.cfg.disk_reserve_bytes)
+        except StorageFull as error:  # not the device's fault: it offers again when it re-announces
+            raise ProtocolError(Reason.STORAGE, str(error)) from None
         self.update_meta[device] = dict(message.data, re=message.id, round=round_.index)
         download = Download(self.store.receiver(info))
         self.uploads[device] = download
@@ -254,7 +276,10 @@ class Aggregator:
         if download is None or download.receiver.info.sha256 != info.sha256:
             raise ProtocolError(Reason.STALE, f"chunk of blob {info.sha256[:12]}... from {device} is not awaited")
         try:
-            complete = download.add(chunk_index(message.data.get("index")), message.body, time.monotonic())
+            try:
+                complete = download.add(chunk_index(message.data.get("index")), message.body, time.monotonic())
+            except StorageFull as error:  # the partial stays: the update can resume once there is room
+                raise ProtocolError(Reason.STORAGE, str(error)) from None
         except ProtocolError as error:
             self.state.count_rejection(error.reason.value)
             logger.warning("update from %s rejected: %s", device, error)
@@ -389,11 +414,24 @@ class Aggregator:
             self._start_run()
         round_ = self.state.open_round
         if round_ is None:
+            if self.state.stage_rounds_done >= self.schedule.rounds_per_stage[self.state.stage - 1]:
+                # the stage was closed (its hand-over checkpointed) and a crash came before the next
+                # one was opened: open it now, never another round of the closed stage
+                logger.info(
+                    "stage %d was closed before a restart; opening stage %d", self.state.stage, self.state.stage + 1
+                )
+                self._open_stage(self.state.stage + 1)
+                return
             self._open_round()
             return
         for device, download in list(self.uploads.items()):
             if download.stalled(time.monotonic()):
                 self._request_chunks(device, download)
+        if time.monotonic() >= self._next_reap:  # partial uploads abandoned by their devices
+            self._next_reap = time.monotonic() + 60.0
+            keep = {d.receiver.info.sha256 for d in self.uploads.values()}
+            for sha in self.store.reap_partials(self.cfg.partial_max_age_s, self.cfg.upload_quota_bytes, keep):
+                logger.info("removed the abandoned partial upload %s...", sha[:12])
         if len(round_.accepted) >= self.cfg.quorum and len(round_.accepted) == len(round_.selected):
             self._close_round()
         elif now() >= round_.deadline:
@@ -761,12 +799,16 @@ class Aggregator:
         fields.setdefault("round", self.state.rounds_done)
         return Envelope(kind=kind, sender=AGGREGATOR, run=self.state.run_id, stage=self.state.stage, **fields)
 
-    def _send(self, device: str, message: Envelope) -> None:
-        self.connection.publish(self.topics.down(device), message.encode())
+    def _send(self, device: str, message: Envelope) -> bool:
+        """Seal and publish ``message`` to ``device``; False when the send queue is full (dropped)."""
+        topic = self.topics.down(device)
+        return self.connection.publish(topic, seal(message.encode(), topic, self.key))
 
     def _publish_status(self) -> None:
+        """The retained status; bounded whatever the fleet's size (agents refuse messages over 64 KiB)."""
         s = self.state
         last = s.history[-1] if s.history else {}
+        online = sorted(d for d, v in s.devices.items() if v.online)
         data = {
             "run": s.run_id,
             "boot": self.boot,
@@ -775,7 +817,8 @@ class Aggregator:
             "round": s.rounds_done,
             "rounds": self.cfg.rounds,
             "finished": s.finished,
-            "devices_online": sorted(d for d, v in s.devices.items() if v.online),
+            "devices_online": online[:STATUS_DEVICES],
+            "devices_online_count": len(online),
             "devices_known": len(s.devices),
             "round_open": None
             if s.open_round is None
@@ -792,7 +835,7 @@ class Aggregator:
             "rejected": dict(sorted(s.rejected.items())),
         }
         status = self._message(Kind.STATUS, data=data)
-        self.connection.publish(self.topics.status, status.encode(), retain=True)
+        self.connection.publish(self.topics.status, seal(status.encode(), self.topics.status, self.key), retain=True)
 
 
 def _strings(value: object) -> bool:

@@ -5,7 +5,7 @@ platform. It holds the agent's wheel and the wheels of its pinned dependencies f
 platform and Python (``pip download --platform ... --only-binary=:all: --no-deps``: the pins in
 ``device_agent/deploy/requirements.txt`` are the whole closure, so pip never resolves — and never
 evaluates environment markers — against the workstation), the agent config with the device's
-identity, its broker credentials and certificates, the aggregator's pack-signing public key, the
+identity (its enrolled ed25519 key), its broker credentials and certificates, the aggregator's public key, the
 device profile, a systemd unit, the control script and ``install.sh``. ``MANIFEST.sha256`` lists
 the sha256 of every other member in ``sha256sum -c`` format; ``install.sh`` checks it (and that
 nothing was added) before it changes anything. The bundle's version is the package version plus a
@@ -49,8 +49,22 @@ BACKENDS = ("torch", "ort")
 MANIFEST = "MANIFEST.sha256"
 TOP = "devft-edge-agent"
 """The bundle's single top-level directory."""
-SECRETS = ("password", "client.key")
+SECRETS = ("password", "client.key", "identity.pem")
 """Config members readable by the agent's user only (mode 0600 in the bundle and on the device)."""
+MAX_BUNDLE_TEXT_BYTES = 2**20
+"""Largest ``MANIFEST.sha256`` or ``bundle.env`` :func:`verify_bundle` reads into memory (real ones
+are a few KB: one 80-byte line per wheel and file)."""
+_MANIFEST_LINE = re.compile(r"([0-9a-f]{64})  (\./.+)")
+"""A ``sha256sum`` line as :func:`_digest_lines` writes it."""
+_MEMBER_KINDS = {
+    tarfile.SYMTYPE: "symbolic link",
+    tarfile.LNKTYPE: "hard link",
+    tarfile.CHRTYPE: "character device",
+    tarfile.BLKTYPE: "block device",
+    tarfile.FIFOTYPE: "fifo",
+    tarfile.CONTTYPE: "contiguous file",
+}
+"""Names of the member types a bundle refuses, for the error message."""
 
 
 class BundleError(DevFTError):
@@ -76,7 +90,10 @@ class BundleSpec:
     device_id: str
     broker: str
     public_key: Path
-    """The aggregator's pack-signing public key (PEM)."""
+    """The aggregator's public key (PEM): the device checks its packs and messages with it."""
+    device_key: Path
+    """The device's own ed25519 private key (PEM), enrolled with the fleet (:mod:`devft_edge.identity`);
+    needed when the bundle is built (a dry run names a device not enrolled yet)."""
     fleet: str = "default"
     profile: str = "measure"
     """A profile name or YAML path (bundled into the config), or ``measure`` (the agent measures)."""
@@ -145,6 +162,8 @@ def requirements(backend: str) -> list[str]:
 
 def build_bundle(spec: BundleSpec, out: Path, wheel_cache: Path | None = None) -> BundleInfo:
     """Build ``out`` (a ``.tar.gz``) for ``spec``; raises :class:`BundleError` naming what is missing."""
+    if not Path(spec.device_key).is_file():
+        raise BundleError(f"device key {spec.device_key}: no such file (enrol the device: devft-edge enroll)")
     cache = (wheel_cache or default_wheel_cache()) / f"{spec.platform}-cp{spec.python.replace('.', '')}"
     pins = requirements(spec.backend)
     wheels = fetch_wheels(pins, spec.platform, spec.python, cache, spec.wheel_sources)
@@ -234,43 +253,64 @@ def build_agent_wheel(directory: Path) -> Path:
 def verify_bundle(path: Path) -> dict[str, str]:
     """Check every member of a built bundle against its manifest; returns ``bundle.env``'s fields.
 
-    Raises :class:`BundleError` for a missing or unlisted member or a hash mismatch (the same
-    checks ``install.sh`` makes on the device before it changes anything).
+    Raises :class:`BundleError` listing the problems: a member that is not a regular file or a
+    directory (``install.sh`` extracts with tar, so a link or device could place anything anywhere,
+    and a few KB of sparse file expand to gigabytes), a name outside the single directory ``TOP``
+    (absolute, or through ``..``), a ``MANIFEST.sha256`` or ``bundle.env`` larger than
+    :data:`MAX_BUNDLE_TEXT_BYTES` (both are read into memory), a malformed manifest line, a missing
+    or unlisted member or a hash mismatch (the same checks ``install.sh`` makes on the device
+    before it changes anything).
     """
+    digests: dict[str, str] = {}
+    texts: dict[str, bytes] = {}
+    problems: list[str] = []
     try:
         with tarfile.open(path, "r:gz") as tar:
-            digests, env_text, manifest_text = {}, "", None
             for member in tar:
-                if not member.isfile():
-                    continue
-                name = member.name.removeprefix(f"{TOP}/")
-                handle = tar.extractfile(member)
-                assert handle is not None  # regular files always have data
-                sha = hashlib.sha256()
-                data = b""
-                while block := handle.read(1 << 20):
-                    sha.update(block)
+                top, _, name = member.name.partition("/")
+                sparse = member.sparse is not None or any(key.startswith("GNU.sparse") for key in member.pax_headers)
+                if top != TOP or ".." in name.split("/") or not (name or member.isdir()):
+                    problems.append(f"{member.name}: not under {TOP}/")
+                elif sparse or member.type not in (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.DIRTYPE):
+                    kind = "sparse file" if sparse else _MEMBER_KINDS.get(member.type, f"type {member.type!r}")
+                    problems.append(f"{member.name}: a {kind}, not a regular file or directory")
+                elif name in (MANIFEST, "bundle.env") and member.size > MAX_BUNDLE_TEXT_BYTES:
+                    problems.append(f"{member.name}: {member.size} bytes (at most {MAX_BUNDLE_TEXT_BYTES})")
+                elif member.isfile():
+                    handle = tar.extractfile(member)
+                    assert handle is not None  # regular files always have data
+                    sha, data = hashlib.sha256(), bytearray()
+                    while block := handle.read(1 << 20):
+                        sha.update(block)
+                        if name in (MANIFEST, "bundle.env"):
+                            data += block
                     if name in (MANIFEST, "bundle.env"):
-                        data += block
-                if name == MANIFEST:
-                    manifest_text = data.decode()
-                    continue
-                if name == "bundle.env":
-                    env_text = data.decode()
-                digests[f"./{name}"] = sha.hexdigest()
-    except (OSError, tarfile.TarError, EOFError) as error:
-        raise BundleError(f"{path}: not a readable bundle: {error}") from None
-    if manifest_text is None:
-        raise BundleError(f"{path}: no {MANIFEST}")
-    listed = dict(reversed(line.split("  ", 1)) for line in manifest_text.splitlines() if line)
-    problems = [f"{name}: not in the manifest" for name in sorted(set(digests) - set(listed))]
+                        texts[name] = bytes(data)
+                    if name != MANIFEST:
+                        digests[f"./{name}"] = sha.hexdigest()
+    except (OSError, tarfile.TarError, EOFError, ValueError) as error:  # tarfile lets a bad pax header's ValueError out
+        raise BundleError(f"{path}: not a readable bundle: {str(error)[:200]}") from None
+    if problems or MANIFEST not in texts:
+        raise BundleError(f"{path}: bundle verification failed: {'; '.join(problems[:5]) or f'no {MANIFEST}'}")
+    try:
+        lines, env = texts[MANIFEST].decode().splitlines(), texts.get("bundle.env", b"").decode()
+    except UnicodeDecodeError:
+        raise BundleError(f"{path}: {MANIFEST} or bundle.env is not UTF-8") from None
+    listed = {}
+    for number, line in enumerate(lines, 1):
+        entry = _MANIFEST_LINE.fullmatch(line)
+        if entry:
+            listed[entry[2]] = entry[1]
+        elif line:
+            problems.append(f"{MANIFEST} line {number}: not '<sha256>  ./<path>'")
+    problems += [f"{name}: not in the manifest" for name in sorted(set(digests) - set(listed))]
     problems += [f"{name}: missing" for name in sorted(set(listed) - set(digests))]
     problems += [
         f"{name}: sha256 mismatch" for name in sorted(set(listed) & set(digests)) if listed[name] != digests[name]
     ]
     if problems:
         raise BundleError(f"{path}: bundle verification failed: {'; '.join(problems[:5])}")
-    return dict(line.split("=", 1) for line in env_text.splitlines() if "=" in line)
+    return dict(line.split("=", 1) for line in env.splitlines() if "=" in line)
 
 
 # ---- helpers ----------------------------------------------------------------------------------
@@ -319,11 +359,13 @@ def _write_config(spec: BundleSpec, config: Path) -> None:
 
     config.mkdir(parents=True)
     shutil.copyfile(spec.public_key, config / "public.pem")
+    shutil.copyfile(spec.device_key, config / "identity.pem")
     agent: dict[str, object] = {
         "device_id": spec.device_id,
         "fleet": spec.fleet,
         "broker": spec.broker,
         "public_key": "@ETC@/public.pem",
+        "identity": "@ETC@/identity.pem",
         "profile": "measure",
         "data": spec.data,
         "cache_dir": "@PREFIX@/var/cache",

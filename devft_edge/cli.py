@@ -365,6 +365,17 @@ def _run_keygen(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_enroll(args: argparse.Namespace) -> int:
+    from devft_edge.identity import describe, enroll
+
+    for device in args.device_id:
+        private, enrolled = enroll(device, args.device_keys)
+        print(
+            f"{device}: enrolled {describe(enrolled)}; its private key {private} goes to the device (agent `identity`)"
+        )
+    return 0
+
+
 def _run_broker_config(args: argparse.Namespace) -> int:
     from devft_edge.broker_config import BrokerSpec, read_device_ids, write_broker_config
 
@@ -413,19 +424,22 @@ _BUNDLE_KEYS = (
     "fleet",
     "broker",
     "public_key",
+    "device_key",
     "username",
     "password_file",
     "tls_ca",
     "tls_cert",
     "tls_key",
 )
-_PATH_KEYS = ("public_key", "password_file", "tls_ca", "tls_cert", "tls_key", "identity")
+_PATH_KEYS = ("public_key", "device_key", "password_file", "tls_ca", "tls_cert", "tls_key", "identity")
 
 
 def _bundle_spec(values: dict[str, Any], wheel_sources: list[str], profiles_dirs: list[str]) -> Any:
     from devft_edge.bundle import BundleSpec
 
     missing = [f"--{k.replace('_', '-')}" for k in ("device_id", "broker", "public_key") if not values.get(k)]
+    if not values.get("device_key"):
+        missing.append("--device-keys")
     if missing:
         raise DevFTError(f"devft-edge flash needs {', '.join(missing)}")
     fields = {k: values[k] for k in _BUNDLE_KEYS if values.get(k) is not None}
@@ -456,6 +470,19 @@ def _identity(directory: Path, keys: Sequence[str]) -> dict[str, Any]:
     return {k: v for k, v in found.items() if k in keys and v is not None}
 
 
+def _with_device_key(entry: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """``entry`` with the device's enrolled private key (enrolled now if the device is new; a dry
+    run only names where it would be)."""
+    from devft_edge.identity import identity
+    from devft_edge.signing import PRIVATE_FILE
+
+    device, keys = entry.get("device_id"), args.device_keys
+    if not device or keys is None:
+        return entry
+    key = keys / "private" / device / PRIVATE_FILE if args.dry_run else identity(device, keys)
+    return {**entry, "device_key": key}
+
+
 def _run_flash(args: argparse.Namespace) -> int:
     from devft_edge.bundle import build_bundle
     from devft_edge.flash import (
@@ -469,10 +496,10 @@ def _run_flash(args: argparse.Namespace) -> int:
         render_results,
     )
 
-    given = {k: getattr(args, k) for k in (*_BUNDLE_KEYS, "device_id", "port", "identity")}
+    given = {k: getattr(args, k) for k in (*_BUNDLE_KEYS, "device_id", "port", "identity") if k != "device_key"}
     login_keys = ("username", "password_file", "tls_ca", "tls_cert", "tls_key")
     if args.bundle_only:
-        spec = _bundle_spec(given, args.wheel_source, args.profiles_dir)
+        spec = _bundle_spec(_with_device_key(given, args), args.wheel_source, args.profiles_dir)
         if args.dry_run:
             print(f"would build {args.bundle_only}: {spec.platform}, CPython {spec.python}, backend {spec.backend}")
             return 0
@@ -489,7 +516,7 @@ def _run_flash(args: argparse.Namespace) -> int:
     options = tuple(args.ssh_option)
     jobs = [
         FlashJob(
-            spec=_bundle_spec(e, args.wheel_source, args.profiles_dir),
+            spec=_bundle_spec(_with_device_key(e, args), args.wheel_source, args.profiles_dir),
             target=SshTarget(
                 host=e["host"],
                 port=int(e.get("port") or 22),
@@ -708,24 +735,30 @@ def _run_status(args: argparse.Namespace) -> int:
     import time
 
     from devft_edge.mqtt import BrokerAddress, Connection
-    from devft_edge.protocol import Kind, Topics, decode
+    from devft_edge.protocol import Kind, ProtocolError, Topics, decode, unseal
+    from devft_edge.signing import load_public_key
 
     topic = Topics(f"devft/{args.fleet}").status
+    key = load_public_key(args.public_key) if args.public_key else None
     login = _status_login(args)
     connection = Connection(
         BrokerAddress.parse(args.broker), f"status-{args.fleet}-{id(args)}", [topic], login=login, persistent=False
     )
     connection.start(timeout=args.timeout)
     deadline = time.monotonic() + args.timeout
-    data = None
+    data, refused = None, ""
     try:
         while data is None:  # only the status topic's STATUS counts (some brokers also replay others)
             item = connection.inbox.get(timeout=max(0.01, deadline - time.monotonic()))
-            message = decode(item.payload)
+            try:
+                message = decode(unseal(item.payload, item.topic, key))
+            except ProtocolError as error:
+                refused = f" (a message was refused: {error})"
+                continue
             if item.topic == topic and message.kind is Kind.STATUS:
                 data = message.data
     except queue.Empty:
-        raise DevFTError(f"no aggregator status on {topic} within {args.timeout:.0f} s") from None
+        raise DevFTError(f"no aggregator status on {topic} within {args.timeout:.0f} s{refused}") from None
     finally:
         connection.stop()
     if args.json:
@@ -736,7 +769,8 @@ def _run_status(args: argparse.Namespace) -> int:
     print(
         f"run {data['run']}: stage {data['stage']}/{data['stages']}, round {data['round']}/{data['rounds']}"
         f"{' (finished)' if data.get('finished') else ''}\n"
-        f"  devices online: {', '.join(data.get('devices_online', [])) or '-'} ({data.get('devices_known', 0)} known)\n"
+        f"  devices online: {', '.join(data.get('devices_online', [])) or '-'}"
+        f" ({data.get('devices_online_count', 0)} online, {data.get('devices_known', 0)} known)\n"
         f"  open round: {round_open.get('index', '-')}, updates {len(round_open.get('accepted', []))}"
         f"/{len(round_open.get('selected', []))}\n"
         f"  bytes up {data['bytes_up'] / 1e6:.1f} MB, down {data['bytes_down'] / 1e6:.1f} MB; "
@@ -795,6 +829,13 @@ def build_parser() -> argparse.ArgumentParser:
     kg.add_argument("--out", type=Path, required=True, help="directory for private.pem and public.pem")
     kg.set_defaults(func=_run_keygen)
 
+    en = sub.add_parser("enroll", help="give devices an ed25519 identity and enrol it with the fleet")
+    en.add_argument("--device-id", action="append", required=True, help="device id (repeat for several)")
+    en.add_argument(
+        "--device-keys", type=Path, required=True, help="the aggregator's device_keys directory (<id>.pem per device)"
+    )
+    en.set_defaults(func=_run_enroll)
+
     bc = sub.add_parser("broker-config", help="write a mosquitto config with TLS, per-device passwords and an ACL")
     bc.add_argument("--fleet", default="default", help="fleet name (topic prefix devft/<fleet>)")
     devices = bc.add_mutually_exclusive_group(required=True)
@@ -823,7 +864,13 @@ def build_parser() -> argparse.ArgumentParser:
     fl.add_argument("--profiles-dir", action="append", default=[], help="extra directory of profile YAML files")
     fl.add_argument("--broker", help="mqtt[s]://host:port the agent connects to")
     fl.add_argument("--fleet", default="default", help="fleet name (topic prefix devft/<fleet>)")
-    fl.add_argument("--public-key", help="the aggregator's pack-signing public key (PEM)")
+    fl.add_argument("--public-key", help="the aggregator's public key (PEM)")
+    fl.add_argument(
+        "--device-keys",
+        type=Path,
+        default=None,
+        help="the aggregator's device_keys directory: each device is enrolled there (a new one gets a key pair)",
+    )
     fl.add_argument("--platform", choices=["linux_aarch64", "linux_x86_64"], default="linux_aarch64")
     fl.add_argument("--python", default="3.11", help="the device's Python version")
     fl.add_argument("--backend", choices=["torch", "ort"], default="torch", help="trainer backend")
@@ -902,6 +949,12 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--key", type=Path, default=None, help="private key (PEM) of --cert")
     st.add_argument("--fleet", default="default", help="fleet name (topic prefix devft/<fleet>)")
     st.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the status")
+    st.add_argument(
+        "--public-key",
+        type=Path,
+        default=None,
+        help="the aggregator's public key: show the status only if it signed it",
+    )
     st.add_argument("--json", action="store_true", help="print the status document")
     st.set_defaults(func=_run_status)
 

@@ -128,7 +128,7 @@ def run_demo(cfg: DemoConfig, out: Path, progress: bool | None = None) -> dict[s
         for path in agent_yamls:
             agent = _spawn(["agent", "--config", str(path), "--broker", broker], logs / f"{path.stem}.log", threads)
             stack.callback(_stop, agent)
-        _follow(cfg, broker, server, progress)
+        _follow(cfg, out, broker, server, progress)
         code = server.wait()
     if code != 0 or not (out / "summary.json").exists():
         raise DevFTError(f"the aggregator stopped (exit {code}) before the run finished; see {logs / 'aggregator.log'}")
@@ -145,10 +145,11 @@ def run_demo(cfg: DemoConfig, out: Path, progress: bool | None = None) -> dict[s
 
 
 def write_fleet(cfg: DemoConfig, out: Path) -> tuple[Path, list[Path]]:
-    """Key pair, every device's private data and config, the aggregator's config; their paths."""
+    """Key pair, every device's identity (enrolled), private data and config, the aggregator's config; their paths."""
     import yaml
 
     from devft_edge.data import partition, train_eval_split
+    from devft_edge.identity import enroll
     from devft_edge.signing import generate_keypair
 
     private, public = generate_keypair(out / "keys")
@@ -160,10 +161,12 @@ def write_fleet(cfg: DemoConfig, out: Path) -> tuple[Path, list[Path]]:
         data = home / "data" / "train.jsonl"
         data.parent.mkdir(parents=True, exist_ok=True)
         data.write_text("".join(json.dumps(asdict(example)) + "\n" for example in share))
+        identity, _ = enroll(device, out / "keys" / "devices", home / "identity")
         agent = {
             "device_id": device,
             "fleet": FLEET,
             "public_key": str(public),
+            "identity": str(identity),
             "profile": profile,
             "data": str(data),
             "cache_dir": str(home / "cache"),
@@ -196,6 +199,7 @@ def write_fleet(cfg: DemoConfig, out: Path) -> tuple[Path, list[Path]]:
         "quant": cfg.quant,
         "seed": cfg.seed,
         "sign_key": str(private),
+        "device_keys": str(out / "keys" / "devices"),
         "state_dir": str(out / "aggregator-state"),
         "out_dir": str(out),
         "eval_examples": cfg.eval_examples,
@@ -237,13 +241,15 @@ def render_summary(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _follow(cfg: DemoConfig, broker: str, server: subprocess.Popen[bytes], progress: bool | None) -> None:
+def _follow(cfg: DemoConfig, out: Path, broker: str, server: subprocess.Popen[bytes], progress: bool | None) -> None:
     """Show the run's progress from the aggregator's retained status until the aggregator exits."""
     from tqdm import tqdm
 
     from devft_edge.mqtt import BrokerAddress, Connection
-    from devft_edge.protocol import Kind, ProtocolError, Topics, decode
+    from devft_edge.protocol import Kind, ProtocolError, Topics, decode, unseal
+    from devft_edge.signing import load_public_key
 
+    key = load_public_key(out / "keys" / "public.pem")
     topic = Topics(f"devft/{FLEET}").status
     connection = Connection(BrokerAddress.parse(broker), f"demo-monitor-{os.getpid()}", [topic], persistent=False)
     connection.start()
@@ -252,7 +258,7 @@ def _follow(cfg: DemoConfig, broker: str, server: subprocess.Popen[bytes], progr
         while server.poll() is None:
             try:
                 item = connection.inbox.get(timeout=0.5)
-                status = decode(item.payload)
+                status = decode(unseal(item.payload, item.topic, key))
             except (queue.Empty, ProtocolError):
                 continue
             if status.kind is not Kind.STATUS:
@@ -263,7 +269,7 @@ def _follow(cfg: DemoConfig, broker: str, server: subprocess.Popen[bytes], progr
             open_round = data.get("round_open") or {}
             bar.set_postfix(
                 stage=f"{data.get('stage')}/{data.get('stages')}",
-                online=len(data.get("devices_online", [])),
+                online=data.get("devices_online_count", 0),
                 updates=f"{len(open_round.get('accepted', []))}/{len(open_round.get('selected', []))}",
                 eval_loss="-" if loss is None else f"{loss:.3f}",
             )

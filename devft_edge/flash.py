@@ -130,9 +130,13 @@ class HelloWatch:
     it). Presence is retained, so only a live delivery counts: the retained copy is the old agent.
     """
 
-    def __init__(self, health: HealthCheck, device_id: str) -> None:
+    def __init__(self, health: HealthCheck, device_id: str, device_key: Path) -> None:
         from devft_edge.mqtt import BrokerAddress, BrokerLogin, Connection
         from devft_edge.protocol import Topics
+        from devft_edge.signing import load_private_key
+
+        self.device_public = load_private_key(device_key).public_key()
+        """Only a hello sealed by the identity just installed counts as the new agent's."""
 
         login = BrokerLogin(
             username=health.username,
@@ -164,13 +168,13 @@ class HelloWatch:
 
     def wait(self, timeout: float) -> bool:
         """True once the device's agent announces itself within ``timeout`` seconds."""
-        from devft_edge.protocol import Kind, ProtocolError, decode
+        from devft_edge.protocol import Kind, ProtocolError, decode, unseal
 
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
                 item = self.connection.inbox.get(timeout=min(1.0, max(0.01, deadline - time.monotonic())))
-                message = decode(item.payload)
+                message = decode(unseal(item.payload, item.topic, self.device_public))
             except (queue.Empty, ProtocolError):
                 continue
             if message.sender != self.device_id or item.retained:
@@ -214,7 +218,7 @@ def flash_device(job: FlashJob, settings: FlashSettings, progress: Progress) -> 
 def _install(job: FlashJob, settings: FlashSettings, bundle: Path, result: FlashResult, progress: Progress) -> None:
     device, target = job.spec.device_id, job.target
     health = replace(settings.health, fleet=job.spec.fleet)
-    with HelloWatch(health, device) as watch:
+    with HelloWatch(health, device, job.spec.device_key) as watch:
         remote = _run(target.ssh("mktemp -d /tmp/devft-flash.XXXXXX"), "create a directory on the device").strip()
         progress(device, f"copying the bundle ({bundle.stat().st_size / 1e6:.0f} MB)")
         _run(target.scp(bundle, f"{remote}/bundle.tar.gz"), "copy the bundle")

@@ -166,6 +166,15 @@ class Incoming:
     """Delivered from the broker's retained store (an old state), not published just now."""
 
 
+MAX_INBOX = 10_000
+"""Received messages waiting for the worker; beyond it new ones are dropped (counted in
+``Connection.dropped``): a flood costs at most this many payloads of memory, and what an honest
+peer loses this way it sends again (chunk requests and offers repeat after a stall)."""
+MAX_OUTGOING = 4_096
+"""Messages paho may hold unsent; beyond it :meth:`Connection.publish` refuses (returns False)
+rather than let a slow or absent broker grow the send queue without bound."""
+
+
 class Connection:
     """A connected, self-reconnecting MQTT client with a message queue.
 
@@ -188,7 +197,9 @@ class Connection:
         False so they leave nothing behind on the broker."""
         self.address = address.with_login(login, client_id)
         self.subscriptions = subscriptions
-        self.inbox: queue.Queue[Incoming] = queue.Queue()
+        self.inbox: queue.Queue[Incoming] = queue.Queue(maxsize=MAX_INBOX)
+        self.dropped = 0
+        """Messages dropped because the inbox was full."""
         self.connected = threading.Event()
         self.connects = 0
         """Connections made so far, subscriptions included: more than one means the broker was lost
@@ -203,7 +214,7 @@ class Connection:
         if will:
             self.client.will_set(will[0], will[1], qos=1, retain=True)
         self.client.reconnect_delay_set(min_delay=1, max_delay=30)
-        self.client.max_queued_messages_set(0)
+        self.client.max_queued_messages_set(MAX_OUTGOING)
         self.client.on_connect = self._connected
         self.client.on_disconnect = self._disconnected
         self.client.on_message = self._message
@@ -233,9 +244,14 @@ class Connection:
         self.client.disconnect()
         self.client.loop_stop()
 
-    def publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
-        """QoS 1 publish; queued by paho while disconnected and sent on reconnect."""
-        self.client.publish(topic, payload, qos=1, retain=retain)
+    def publish(self, topic: str, payload: bytes, retain: bool = False) -> bool:
+        """QoS 1 publish, queued by paho while disconnected and sent on reconnect; False when the
+        send queue is full (:data:`MAX_OUTGOING`) and the message was dropped."""
+        info = self.client.publish(topic, payload, qos=1, retain=retain)
+        if info.rc == paho.MQTT_ERR_QUEUE_SIZE:
+            logger.warning("send queue full (%d messages): a message to %s dropped", MAX_OUTGOING, topic)
+            return False
+        return True
 
     def _connected(self, client: paho.Client, userdata: object, flags: object, reason: object, props: object) -> None:
         if getattr(reason, "is_failure", False):
@@ -260,4 +276,9 @@ class Connection:
             logger.warning("disconnected from %s (%s); reconnecting", self.address, reason)
 
     def _message(self, client: paho.Client, userdata: object, message: paho.MQTTMessage) -> None:
-        self.inbox.put(Incoming(message.topic, bytes(message.payload), bool(message.retain)))
+        try:
+            self.inbox.put_nowait(Incoming(message.topic, bytes(message.payload), bool(message.retain)))
+        except queue.Full:
+            self.dropped += 1
+            if self.dropped in (1, 10, 100) or self.dropped % 1000 == 0:
+                logger.warning("inbox full (%d messages): %d received messages dropped so far", MAX_INBOX, self.dropped)

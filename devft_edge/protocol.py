@@ -7,6 +7,12 @@ names the protocol version, the message kind, the run/stage/round it belongs to,
 message id (handlers are idempotent: a repeated id is a duplicate) and the sender; kind-specific
 fields go in ``data``. A message carries content or an error (``reason``), never both.
 
+Every payload on the wire is *sealed*: the encoded envelope followed by the sender's 64-byte
+ed25519 signature over the topic and the envelope (:func:`seal`). A receiver checks the seal with
+the key it trusts for that topic (:func:`unseal`: the aggregator's key on a device's downlink and
+the status topic, the device's enrolled key on its uplink and presence) before it parses anything;
+binding the topic means a message cannot be replayed onto another device's topics.
+
 Pure functions and frozen dataclasses only: no MQTT client, no I/O.
 """
 
@@ -23,6 +29,7 @@ from enum import Enum
 from typing import Any
 
 from devft_edge.errors import DevFTError
+from devft_edge.signing import Ed25519PrivateKey, Ed25519PublicKey, verifies
 
 PROTOCOL_VERSION = 1
 AGGREGATOR = "aggregator"
@@ -35,6 +42,13 @@ MAX_INT_DIGITS = 19
 and a several-thousand-digit integer would cost quadratic time to parse."""
 DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 """Device ids: safe as MQTT topic levels, client ids and file names."""
+MESSAGE_ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+"""Message ids (uuid4 hex in practice): bounded, because receivers remember recent ones."""
+MAX_RUN_CHARS = 128
+"""Longest run id a header may name."""
+SIGNATURE_BYTES = 64
+"""Length of the ed25519 seal at the end of every payload."""
+_SEAL_DOMAIN = b"devft-edge/message/v1\0"
 
 
 class Kind(str, Enum):
@@ -69,6 +83,10 @@ class Reason(str, Enum):
     PACK = "pack"  # the pack failed verification (detail: the pack's Refusal)
     MEMORY = "memory"  # the task does not fit the device's memory budget
     RETAINED = "retained"  # a retained message on an uplink: an old message replayed by the broker
+    UNSIGNED = "unsigned"  # no seal, or a payload too short to carry one
+    SIGNATURE = "signature"  # the seal does not verify with the key trusted for the topic
+    STORAGE = "storage"  # the receiver has no room for it now (quota or disk full); retry later
+    RATE = "rate"  # the sender asks faster than the receiver serves one peer
     INTERNAL = "internal"  # the receiver failed; see its log
 
 
@@ -159,11 +177,42 @@ def decode(payload: bytes) -> Envelope:
         )
     except (KeyError, ValueError, TypeError) as error:
         raise ProtocolError(Reason.MALFORMED, f"bad header field: {error}") from None
-    if not isinstance(envelope.data, dict) or not envelope.id:
-        raise ProtocolError(Reason.MALFORMED, "header needs an id and an object 'data'")
+    if not isinstance(envelope.data, dict) or not MESSAGE_ID.fullmatch(envelope.id):
+        raise ProtocolError(Reason.MALFORMED, f"header needs an id matching {MESSAGE_ID.pattern} and an object 'data'")
+    if len(envelope.run) > MAX_RUN_CHARS or (
+        envelope.sender != AGGREGATOR and not DEVICE_ID.fullmatch(envelope.sender)
+    ):
+        raise ProtocolError(Reason.MALFORMED, "header's run or sender is not a valid id")
     if not math.isfinite(envelope.sent):  # NaN or an integer past float range
         raise ProtocolError(Reason.MALFORMED, "sent must be a finite number")
     return envelope
+
+
+def _sealed_bytes(topic: str, payload: bytes) -> bytes:
+    return _SEAL_DOMAIN + topic.encode() + b"\0" + payload
+
+
+def seal(payload: bytes, topic: str, key: Ed25519PrivateKey) -> bytes:
+    """``payload`` (an encoded envelope) followed by ``key``'s signature over it and ``topic``."""
+    return payload + key.sign(_sealed_bytes(topic, payload))
+
+
+def unseal(payload: bytes, topic: str, key: Ed25519PublicKey | None) -> bytes:
+    """The envelope bytes of a sealed ``payload`` received on ``topic``, its seal checked with ``key``.
+
+    ``key=None`` strips the seal without checking it: for read-only monitors that only display
+    what they see, never for anything that acts on a message.
+
+    Raises:
+        ProtocolError: ``unsigned`` when the payload cannot hold a seal, ``signature`` when the
+            seal does not verify.
+    """
+    if len(payload) < SIGNATURE_BYTES + 4:
+        raise ProtocolError(Reason.UNSIGNED, f"payload of {len(payload)} bytes carries no seal")
+    message, signature = payload[:-SIGNATURE_BYTES], payload[-SIGNATURE_BYTES:]
+    if key is not None and not verifies(key, _sealed_bytes(topic, message), signature):
+        raise ProtocolError(Reason.SIGNATURE, f"the seal on {topic} does not verify with the trusted key")
+    return message
 
 
 def _bounded_int(text: str) -> int:

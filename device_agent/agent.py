@@ -15,15 +15,16 @@ from __future__ import annotations
 import json
 import logging
 import queue
+import shutil
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from devft_edge.blobs import BlobInfo, BlobStore, Download, chunk_index, chunk_indices
+from devft_edge.blobs import BlobInfo, BlobStore, Download, StorageFull, chunk_index, chunk_indices
 from devft_edge.errors import ConfigError, DevFTError
 from devft_edge.mqtt import BrokerAddress, Connection, Incoming
 from devft_edge.peak_memory import peak_bytes, reset_peak
-from devft_edge.protocol import AGGREGATOR, Envelope, Kind, ProtocolError, Reason, Topics, decode
+from devft_edge.protocol import AGGREGATOR, Envelope, Kind, ProtocolError, Reason, Topics, decode, seal, unseal
 from device_agent.config import AgentConfig
 
 if TYPE_CHECKING:
@@ -33,6 +34,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 TASKS_FILE = "tasks.json"
+MAX_TASKS_REMEMBERED = 256
+"""Finished tasks kept for re-offering their updates (oldest forgotten first): enough for any run's
+redeliveries, bounded across many runs."""
 
 
 class Agent:
@@ -41,7 +45,7 @@ class Agent:
     def __init__(self, cfg: AgentConfig) -> None:
         from devft_edge.allocator import bound_heap
         from devft_edge.backends import get_trainer
-        from devft_edge.signing import load_public_key
+        from devft_edge.signing import load_private_key, load_public_key
 
         bound_heap()  # before any model is loaded: the memory plan assumes it
         self.cfg = cfg
@@ -49,6 +53,7 @@ class Agent:
         self.store = BlobStore(self.cache / "blobs")
         self.packs = self.cache / "packs"
         self.public_key = load_public_key(cfg.public_key)
+        self.identity = load_private_key(cfg.identity)
         self.profile = _load_profile(cfg)
         self.examples = _load_data(cfg.data)
         self.trainer = get_trainer(cfg.backend)
@@ -57,12 +62,13 @@ class Agent:
         self.task: Envelope | None = None
         self.downloads: dict[str, Download] = {}
         self.aggregator_boot = ""
+        presence = self.topics.presence(cfg.device_id)
         offline = Envelope(kind=Kind.PRESENCE, sender=cfg.device_id, data={"online": False}).encode()
         self.connection = Connection(
             BrokerAddress.parse(cfg.broker),
             cfg.device_id,
             [self.topics.down(cfg.device_id), self.topics.status],
-            will=(self.topics.presence(cfg.device_id), offline),
+            will=(presence, seal(offline, presence, self.identity)),
             on_connect=self._announce,
             login=cfg,
         )
@@ -96,24 +102,24 @@ class Agent:
         """On every (re)connect: presence and hello (the aggregator may have restarted)."""
         me = self.cfg.device_id
         online = Envelope(kind=Kind.PRESENCE, sender=me, data={"online": True})
-        self.connection.publish(self.topics.presence(me), online.encode(), retain=True)
+        self._send(online, self.topics.presence(me), retain=True)
         hello = Envelope(
             kind=Kind.HELLO,
             sender=me,
             data={
                 "profile": self.profile.model_dump(mode="json", exclude={"name"}),
                 "backends": [self.cfg.backend],
-                "cached": sorted(p.name for p in self.store.root.iterdir() if p.is_file() and len(p.name) == 64),
+                "cached": self.store.recent(self.cfg.hello_cached_max),
                 "agent_version": 1,
             },
         )
-        self.connection.publish(self.topics.up(me), hello.encode())
+        self._send(hello)
 
     def _dispatch(self, item: Incoming) -> None:
         try:
             if item.retained and item.topic != self.topics.status:  # an old task replayed by the broker
                 raise ProtocolError(Reason.RETAINED, f"retained message on {item.topic} ignored")
-            message = decode(item.payload)
+            message = decode(unseal(item.payload, item.topic, self.public_key))  # the seal before any parsing
             if message.sender != AGGREGATOR:
                 raise ProtocolError(Reason.WRONG_SENDER, f"message from {message.sender!r} on my downlink")
             handler = {
@@ -145,12 +151,19 @@ class Agent:
             self._send(task.reply(Kind.REFUSAL, self.cfg.device_id, reason=error.reason, data={"detail": str(error)}))
             return
         self.task, self.downloads = task, {}
-        for key in ("pack", "lora", "plan"):
-            if key == "plan" and key not in task.data:
-                continue  # stage packs: the pack is the stage's own
-            info = BlobInfo.from_json(task.data[key])
-            if not self.store.has(info.sha256):
-                self.downloads[info.sha256] = Download(self.store.receiver(info))
+        needed = [BlobInfo.from_json(task.data[key]) for key in ("pack", "lora", "plan") if key in task.data]
+        keep = {info.sha256 for info in needed}
+        self._make_room(keep)
+        for info in needed:
+            if self.store.has(info.sha256):
+                self.store.touch(info.sha256)
+                continue
+            try:
+                self.store.admit(info, self.cfg.cache_quota_bytes, self.cfg.disk_reserve_bytes)
+            except StorageFull as error:
+                self._refuse(Reason.STORAGE, str(error))
+                return
+            self.downloads[info.sha256] = Download(self.store.receiver(info))
         if not self.downloads:
             self._run_task()
         for download in self.downloads.values():
@@ -166,6 +179,9 @@ class Agent:
         except ProtocolError:
             self._request(download)  # ask again: the missing chunks, or all of them after a hash failure
             raise
+        except StorageFull as error:  # asking again would fail again: give the task back
+            self._refuse(Reason.STORAGE, str(error))
+            return
         if complete:
             del self.downloads[info.sha256]
             if not self.downloads:
@@ -174,6 +190,8 @@ class Agent:
             self._request(download)
 
     def _on_chunk_request(self, message: Envelope) -> None:
+        """Serve chunks of an update we offered. Only the aggregator can ask (its seal is checked),
+        and it asks a window at a time, so no rate limit is needed here."""
         info = BlobInfo.from_json(message.data)
         offered = [BlobInfo.from_json(e) for e in self.done.values() if e.get("blob") == info.sha256]
         if not offered:
@@ -199,6 +217,24 @@ class Agent:
             logger.warning(
                 "update for round %d rejected: %s %s", message.round, message.reason, message.data.get("note")
             )
+
+    def _make_room(self, keep: set[str]) -> None:
+        """Bound the cache before a task's downloads: partial blobs of earlier tasks are dropped, and
+        complete blobs (with their unpacked copies) are evicted least recently used first until
+        they fit ``cache_quota_bytes``; the task's own blobs (``keep``) are never touched."""
+        self.store.reap_partials(0.0, self.cfg.cache_quota_bytes, keep=keep)
+        for sha in self.store.evict_lru(self.cfg.cache_quota_bytes, keep=keep):
+            for directory in (self.packs / sha, self.packs / f"{sha}-stage"):
+                shutil.rmtree(directory, ignore_errors=True)
+            logger.info("evicted blob %s... from the cache", sha[:12])
+
+    def _refuse(self, reason: Reason, detail: str) -> None:
+        """Give the current task back to the aggregator (it selects another device) and drop it."""
+        task = self.task
+        assert task is not None  # only called while a task is held
+        logger.error("task %s refused: %s", task.id, detail)
+        self._send(task.reply(Kind.REFUSAL, self.cfg.device_id, reason=reason, data={"detail": detail}))
+        self.task, self.downloads = None, {}
 
     def _request(self, download: Download) -> None:
         missing = download.request(time.monotonic())
@@ -250,6 +286,8 @@ class Agent:
             "peak_rss_bytes": peak_bytes(),
         }
         self.done[task.id] = data
+        for forgotten in list(self.done)[:-MAX_TASKS_REMEMBERED]:
+            del self.done[forgotten]
         _write_json(self.cache / TASKS_FILE, self.done)
         logger.info(
             "task %s trained: loss %.4f in %.1f s, peak %.0f MiB%s",
@@ -299,8 +337,10 @@ class Agent:
         logger.info("stage %s fused from the full pack in %.1f s", plan.manifest.get("stage"), time.monotonic() - began)
         return derived
 
-    def _send(self, message: Envelope) -> None:
-        self.connection.publish(self.topics.up(self.cfg.device_id), message.encode())
+    def _send(self, message: Envelope, topic: str | None = None, retain: bool = False) -> None:
+        """Seal ``message`` with this device's key and publish it (on the uplink by default)."""
+        topic = topic or self.topics.up(self.cfg.device_id)
+        self.connection.publish(topic, seal(message.encode(), topic, self.identity), retain=retain)
 
 
 def task_settings(task: Envelope) -> TrainSettings:

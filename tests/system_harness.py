@@ -23,7 +23,8 @@ from typing import Any
 import pytest
 import yaml
 
-from devft_edge.signing import generate_keypair
+from devft_edge.identity import enroll
+from devft_edge.signing import Ed25519PrivateKey, generate_keypair, load_private_key
 
 MOSQUITTO = shutil.which("mosquitto") or next((p for p in ("/usr/sbin/mosquitto",) if Path(p).exists()), None)
 needs_mosquitto = pytest.mark.skipif(MOSQUITTO is None, reason="mosquitto not installed (make test installs it)")
@@ -74,10 +75,18 @@ def mosquitto(directory: Path, port: int | None = None, conf: str | None = None)
         process.wait(timeout=10)
 
 
+def enrolled(tmp_path: Path, device: str) -> Ed25519PrivateKey:
+    """A device identity enrolled with the fleet of :func:`write_configs` (a registered insider)."""
+    private, _ = enroll(device, tmp_path / "keys" / "devices", tmp_path / f"identity-{device}")
+    return load_private_key(private)
+
+
 def write_configs(
     tmp_path: Path, broker: str, devices: int = 2, rounds: int = 4, **aggregator_overrides: Any
 ) -> tuple[Path, list[Path]]:
-    """Aggregator and agent YAML configs of a tiny 2-stage run; returns their paths."""
+    """Aggregator and agent YAML configs of a tiny 2-stage run; returns their paths.
+
+    Every device is enrolled (``keys/devices/<id>.pem``, its private key in ``identity-<id>/``)."""
     private, public = generate_keypair(tmp_path / "keys")
     aggregator = {
         "run_id": "test-run",
@@ -93,6 +102,7 @@ def write_configs(
         "quant": "int8",
         "train": {"steps": 2, "batch": 2, "seq": 48, "lr": 1e-3},
         "sign_key": str(private),
+        "device_keys": str(tmp_path / "keys" / "devices"),
         "state_dir": str(tmp_path / "agg" / "state"),
         "out_dir": str(tmp_path / "agg" / "out"),
         "eval_examples": 4,
@@ -103,11 +113,13 @@ def write_configs(
     agg_path.write_text(yaml.safe_dump(aggregator))
     agents = []
     for i in range(devices):
+        identity, _ = enroll(f"dev-{i}", tmp_path / "keys" / "devices", tmp_path / f"identity-dev-{i}")
         agent = {
             "device_id": f"dev-{i}",
             "fleet": "t",
             "broker": broker,
             "public_key": str(public),
+            "identity": str(identity),
             "profile": "x86-cpu",
             "data": f"synthetic:12:{i}",
             "cache_dir": str(tmp_path / f"dev-{i}"),
@@ -136,9 +148,13 @@ def stop(*processes: subprocess.Popen) -> None:
 
 
 def read_state(tmp_path: Path) -> dict:
-    """The aggregator's checkpoint of the run under ``tmp_path`` (empty before the first)."""
-    path = tmp_path / "agg" / "state" / "state.json"
-    return json.loads(path.read_text()) if path.exists() else {}
+    """The aggregator's checkpoint of the run under ``tmp_path`` with its device records (empty before the first)."""
+    directory = tmp_path / "agg" / "state"
+    if not (directory / "state.json").exists():
+        return {}
+    state = json.loads((directory / "state.json").read_text())
+    state["devices"] = {p.stem: json.loads(p.read_text()) for p in sorted((directory / "devices").glob("*.json"))}
+    return state
 
 
 SSHD = next((p for p in ("/usr/sbin/sshd",) if Path(p).exists()), shutil.which("sshd"))

@@ -69,3 +69,65 @@ def test_chunks_are_served_as_the_update_was_offered(tmp_path) -> None:
     with pytest.raises(ProtocolError) as error:
         ask(BlobInfo("0" * 64, 10, 4096))
     assert error.value.reason is Reason.STALE
+
+
+def _cache_agent(tmp_path, quota: int, reserve: int = 0):
+    """The agent's task intake with a real blob store beside it and an outbox (no model, no broker)."""
+    from types import SimpleNamespace
+
+    from devft_edge.blobs import BlobStore
+    from device_agent.agent import Agent
+
+    agent = SimpleNamespace(
+        store=BlobStore(tmp_path / "blobs"),
+        packs=tmp_path / "packs",
+        cfg=SimpleNamespace(device_id="pi-1", cache_quota_bytes=quota, disk_reserve_bytes=reserve),
+        done={},
+        task=None,
+        downloads={},
+        sent=[],
+    )
+    agent._send = agent.sent.append
+    agent._run_task = lambda: agent.sent.append("trained")
+    for name in ("_make_room", "_refuse", "_request", "_on_chunk"):
+        setattr(agent, name, getattr(Agent, name).__get__(agent))
+    return agent, Agent._on_task.__get__(agent)
+
+
+def _blob_task(store, fresh: bytes, old: list[str]) -> Envelope:
+    import hashlib
+
+    from devft_edge.blobs import BlobInfo
+
+    lora = store.info(old[-1])  # a blob the device holds: used again, not fetched
+    pack = BlobInfo(hashlib.sha256(fresh).hexdigest(), len(fresh), 2**16)
+    data = {"pack": pack.to_json(), "lora": lora.to_json(), "train": GOOD}
+    return Envelope(kind=Kind.TASK, sender="aggregator", run="r", stage=1, round=3, data=data)
+
+
+def test_a_task_evicts_least_recently_used_blobs_and_their_unpacked_packs(tmp_path) -> None:
+    """The cache was unbounded (issue 14): before a task's downloads, blobs of earlier tasks are
+    evicted oldest use first until the cache fits its quota; the task's own blobs stay."""
+    import os
+
+    agent, on_task = _cache_agent(tmp_path, quota=2 * 2**20 + 10)
+    old = []
+    for age, byte in enumerate(b"abc"):
+        info = agent.store.add_bytes(bytes([byte]) * 2**20)
+        os.utime(agent.store.path(info.sha256), (1000 + age, 1000 + age))
+        (agent.packs / info.sha256).mkdir(parents=True)
+        old.append(info.sha256)
+    on_task(_blob_task(agent.store, b"n" * 2**20, old))
+    assert [agent.store.has(sha) for sha in old] == [False, True, True]  # the oldest went, the task's lora stayed
+    assert not (agent.packs / old[0]).exists() and (agent.packs / old[1]).exists()
+    (request,) = agent.sent
+    assert request.kind is Kind.CHUNK_REQUEST and request.data["missing"][0] == 0
+
+
+def test_a_task_that_cannot_fit_the_disk_is_given_back_with_a_storage_reason(tmp_path) -> None:
+    agent, on_task = _cache_agent(tmp_path, quota=2**30, reserve=2**62)  # no disk keeps 4 EiB free
+    held = agent.store.add_bytes(b"x" * 1000).sha256
+    on_task(_blob_task(agent.store, b"n" * 2**20, [held]))
+    (refusal,) = agent.sent
+    assert refusal.kind is Kind.REFUSAL and refusal.reason is Reason.STORAGE
+    assert agent.task is None and agent.downloads == {}

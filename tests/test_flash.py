@@ -24,6 +24,7 @@ from devft_edge.bundle import PLATFORMS, TOP, BundleError, BundleSpec, build_bun
 from devft_edge.cli import main
 from devft_edge.errors import ConfigError
 from devft_edge.flash import HealthCheck, HelloWatch, load_hosts
+from devft_edge.identity import identity
 from devft_edge.signing import generate_keypair
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -67,7 +68,10 @@ def test_agent_pins_are_the_locks_pins():
     ],
 )
 def test_bundle_spec_errors_are_clear(tmp_path, change, message):
-    fields = dict(device_id="pi-1", broker="mqtt://127.0.0.1:1883", public_key=Path(__file__)) | change
+    fields = dict(
+        device_id="pi-1", broker="mqtt://127.0.0.1:1883", public_key=Path(__file__), device_key=Path(__file__)
+    )
+    fields |= change
     with pytest.raises(ConfigError, match=message):
         BundleSpec(**fields)
 
@@ -99,12 +103,14 @@ def test_dry_run_prints_the_plan_and_never_a_secret(tmp_path, capsys):
     code = main(
         ["flash", "--hosts", str(hosts), "--broker", "mqtts://127.0.0.1:8883", "--fleet", "t"]
         + ["--public-key", str(public), "--profile", "rpi5-8gb", "--credentials", str(tmp_path / "bc"), "--dry-run"]
+        + ["--device-keys", str(tmp_path / "device_keys")]
     )
     out = capsys.readouterr().out
     assert code == 0
     assert "pi-1 at pi@10.0.0.5:22" in out and "pi-2 at pi@10.0.0.6:2222" in out
     assert "login: username, password file, CA, client certificate" in out and "rollback" in out
     assert "PRIVATE KEY" not in out
+    assert not (tmp_path / "device_keys").exists()  # a dry run enrols nobody
     for password in (tmp_path / "bc").rglob("password"):
         assert password.read_text().strip() not in out
 
@@ -117,7 +123,10 @@ def _wheel_platforms(bundle: Path) -> set[str]:
 
 def test_aarch64_bundle_holds_aarch64_wheels_only_and_ort_fails_early_naming_the_package(tmp_path):
     _, public = generate_keypair(tmp_path / "keys")
-    spec = BundleSpec(device_id="pi-1", broker="mqtt://10.0.0.1", public_key=public, platform="linux_aarch64")
+    device_key = identity("pi-1", tmp_path / "device_keys")
+    spec = BundleSpec(
+        device_id="pi-1", broker="mqtt://10.0.0.1", public_key=public, device_key=device_key, platform="linux_aarch64"
+    )
     (tmp_path / "arm.tar.gz").write_bytes(b"an older bundle, world-readable")
     (tmp_path / "arm.tar.gz").chmod(0o644)
     info = build_bundle(spec, tmp_path / "arm.tar.gz")
@@ -143,9 +152,12 @@ def fleet(tmp_path_factory):
     root = tmp_path_factory.mktemp("fleet")
     with mosquitto(root / "broker") as url:
         _, public = generate_keypair(root / "keys")
-        spec = BundleSpec(device_id="pi-1", broker=url, public_key=public, profile="x86-cpu", threads=1)
+        device_key = identity("pi-1", root / "device_keys")
+        spec = BundleSpec(
+            device_id="pi-1", broker=url, public_key=public, device_key=device_key, profile="x86-cpu", threads=1
+        )
         info = build_bundle(spec, root / "pi-1.tar.gz")
-        yield {"url": url, "public": public, "spec": spec, "bundle": info, "root": root}
+        yield {"url": url, "public": public, "spec": spec, "bundle": info, "root": root, "device_key": device_key}
 
 
 def _extract(bundle: Path, where: Path) -> Path:
@@ -178,7 +190,7 @@ def test_x86_bundle_installs_offline_and_its_agent_says_hello(fleet, tmp_path):
 
     prefix = tmp_path / "device" / "opt" / "devft-edge"
     health = HealthCheck(broker=fleet["url"])
-    with HelloWatch(health, "pi-1") as watch:
+    with HelloWatch(health, "pi-1", fleet["device_key"]) as watch:
         done = _install(_extract(info.path, tmp_path / "ok"), prefix)
         try:
             assert done.returncode == 0, done.stderr[-3000:]
@@ -201,6 +213,7 @@ def test_flash_over_ssh_installs_checks_health_and_rolls_back_a_broken_version(f
     spec, first = fleet["spec"], fleet["bundle"]
     prefix = tmp_path / "device-root" / "opt" / "devft-edge"
     common = ["flash", "--device-id", "pi-1", "--public-key", str(fleet["public"]), "--prefix", str(prefix)]
+    common += ["--device-keys", str(fleet["root"] / "device_keys")]
     common += ["--service", "runner", "--platform", "linux_x86_64", "--health-broker", fleet["url"]]
     with sshd(tmp_path / "sshd") as server:
         ssh = server.options()
@@ -220,7 +233,7 @@ def test_flash_over_ssh_installs_checks_health_and_rolls_back_a_broken_version(f
             assert code == 1 and "rolled back" in out and "0 of 1 devices healthy" in out
             assert os.readlink(prefix / "current") == f"versions/{first.version}"
             assert os.readlink(prefix / "failed") == f"versions/{broken.version}"
-            with HelloWatch(HealthCheck(broker=fleet["url"]), "pi-1") as watch:  # the old agent is back
+            with HelloWatch(HealthCheck(broker=fleet["url"]), "pi-1", fleet["device_key"]) as watch:  # old agent back
                 subprocess.run([prefix / "bin" / "devft-edge-ctl", "restart"], capture_output=True)
                 assert watch.wait(90)
 
@@ -253,7 +266,7 @@ def test_flash_hosts_runs_devices_in_parallel_and_reports_each(tmp_path, capsys)
     hosts.write_text("".join(f"- {{host: pi@127.0.0.1, port: {p}, device_id: pi-{i}}}\n" for i, p in enumerate(closed)))
     code = main(
         ["flash", "--hosts", str(hosts), "--broker", "mqtt://127.0.0.1:9", "--public-key", str(public)]
-        + ["--ssh-option", "StrictHostKeyChecking=no", "--health-timeout", "1"]
+        + ["--ssh-option", "StrictHostKeyChecking=no", "--health-timeout", "1", "--device-keys", str(tmp_path / "dk")]
     )
     out = capsys.readouterr().out
     assert code == 1

@@ -58,7 +58,12 @@ def test_tls_files_need_mqtts_and_conflicts_are_listed(secret, tmp_path):
 
 
 def test_config_login_fields_are_validated_with_the_field_named(tmp_path, secret):
-    data = {"device_id": "dev-0", "public_key": "k.pem", "password_file": str(tmp_path / "missing")}
+    data = {
+        "device_id": "dev-0",
+        "public_key": "k.pem",
+        "identity": "id.pem",
+        "password_file": str(tmp_path / "missing"),
+    }
     path = tmp_path / "agent.yaml"
     path.write_text(yaml.safe_dump(data))
     with pytest.raises(ConfigError, match="password_file: Value error, no such file"):

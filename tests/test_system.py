@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from system_harness import free_port, mosquitto, needs_mosquitto, read_state, start, write_configs
+from system_harness import enrolled, free_port, mosquitto, needs_mosquitto, read_state, start, write_configs
 
 pytestmark = needs_mosquitto
 
@@ -178,7 +178,7 @@ def test_a_straggler_never_answering_is_closed_out_at_the_deadline(tmp_path, bro
     import paho.mqtt.client as paho
 
     from devft_edge.profiles import load_profile
-    from devft_edge.protocol import Envelope, Kind
+    from devft_edge.protocol import Envelope, Kind, seal
 
     agg_config, agent_configs = write_configs(tmp_path, broker, devices=1, rounds=2)
     data = yaml.safe_load(agg_config.read_text())
@@ -190,13 +190,15 @@ def test_a_straggler_never_answering_is_closed_out_at_the_deadline(tmp_path, bro
     silent.loop_start()
     profile = load_profile("x86-cpu").model_dump(mode="json", exclude={"name"})
     hello = Envelope(kind=Kind.HELLO, sender="silent", data={"profile": profile, "backends": ["torch"]})
+    key = enrolled(tmp_path, "silent")
     agents = [start("agent", "--config", str(c), log=tmp_path / f"{c.stem}.log") for c in agent_configs]
     server = start("serve", "--config", str(agg_config), log=tmp_path / "serve.log")
     try:
         deadline = time.time() + 120
         while not read_state(tmp_path).get("stage") and time.time() < deadline:  # subscribed and packing
             time.sleep(0.05)
-        silent.publish("devft/t/dev/silent/up", hello.encode(), qos=1).wait_for_publish(5)
+        topic = "devft/t/dev/silent/up"
+        silent.publish(topic, seal(hello.encode(), topic, key), qos=1).wait_for_publish(5)
         assert server.wait(timeout=300) == 0, (tmp_path / "serve.log").read_text()[-3000:]
     finally:
         silent.loop_stop()
@@ -221,22 +223,23 @@ def test_a_nan_update_is_pulled_validated_and_rejected(tmp_path, broker):
 
     from devft_edge.blobs import BlobInfo
     from devft_edge.profiles import load_profile
-    from devft_edge.protocol import Envelope, Kind, decode
+    from devft_edge.protocol import Envelope, Kind, decode, seal, unseal
 
     agg_config, agent_configs = write_configs(tmp_path, broker, devices=1, rounds=1)
+    key = enrolled(tmp_path, "nan")
     data = yaml.safe_load(agg_config.read_text())
     data.update(per_round=2, quorum=1, round_timeout_s=6.0, stages=1, method="fedit")
     agg_config.write_text(yaml.safe_dump(data))
     host, port = broker.removeprefix("mqtt://").split(":")
     inbox: queue.Queue = queue.Queue()
     rogue = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="nan")
-    rogue.on_message = lambda client, userdata, message: inbox.put(decode(message.payload))
+    rogue.on_message = lambda client, userdata, message: inbox.put(decode(unseal(message.payload, message.topic, None)))
     rogue.connect(host, int(port))
     rogue.subscribe("devft/t/dev/nan/down", qos=1)
     rogue.loop_start()
 
     def send(message: Envelope) -> None:
-        rogue.publish("devft/t/dev/nan/up", message.encode(), qos=1)
+        rogue.publish("devft/t/dev/nan/up", seal(message.encode(), "devft/t/dev/nan/up", key), qos=1)
 
     profile = load_profile("x86-cpu").model_dump(mode="json", exclude={"name"})
     agents = [start("agent", "--config", str(c), log=tmp_path / f"{c.stem}.log") for c in agent_configs]

@@ -85,7 +85,7 @@ if [ ! -f "$DEST/.installed" ]; then
         esac
     done
     chmod 700 "$DEST/etc"
-    for secret in password client.key; do
+    for secret in password client.key identity.pem; do
         [ -f "$DEST/etc/$secret" ] && chmod 600 "$DEST/etc/$secret"
     done
     mkdir -p "$DEST/bin"
