@@ -21,8 +21,10 @@ import os
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel
 
@@ -179,9 +181,9 @@ class StageBuilder:
         key = self._heal_key(groups, settings)
         cached = self._cache_path(f"heal-{key}.safetensors")
         blocks = decoder_layers(model)
-        if cached is not None and cached.exists():
+        meta = _cached_meta(cached)
+        if cached is not None and meta is not None:
             tensors = load_file(cached)
-            meta = json.loads(cached.with_suffix(".json").read_text())
             with torch.no_grad():
                 for name, tensor in tensors.items():
                     if name.startswith("block."):
@@ -201,8 +203,7 @@ class StageBuilder:
             cached.parent.mkdir(parents=True, exist_ok=True)
             meta = {k: v for k, v in asdict(result).items() if k != "adapter"}
             tmp = cached.with_name(f"{cached.name}.{os.getpid()}.tmp")  # runs side by side may heal at once
-            save_file(tensors, tmp)
-            cached.with_suffix(".json").write_text(json.dumps(meta))
+            save_file(tensors, tmp, metadata={"heal": json.dumps(meta)})  # one file, renamed whole: never torn
             tmp.replace(cached)
         return result, False
 
@@ -234,3 +235,13 @@ class StageBuilder:
 
     def _cache_path(self, name: str) -> Path | None:
         return None if self.cache_dir is None else self.cache_dir / name
+
+
+def _cached_meta(path: Path | None) -> dict[str, Any] | None:
+    """The heal figures stored in a cached heal's own metadata; None when there is no usable entry
+    (absent, or written by an older version that kept them in a separate file)."""
+    if path is None or not path.exists():
+        return None
+    with safe_open(path, framework="pt") as handle:
+        text = (handle.metadata() or {}).get("heal")
+    return None if text is None else json.loads(text)

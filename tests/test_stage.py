@@ -58,6 +58,7 @@ def test_heal_runs_once_then_comes_from_the_cache(tiny, tokenizer, tmp_path):
     assert first.heal is not None and not first.heal_cached and first.heal.seconds > 0
     again = _builder(tiny, tokenizer, recipe, tmp_path).open(1, 4, _full(tiny))
     assert again.heal_cached and again.heal.seconds == first.heal.seconds
+    assert not list(tmp_path.rglob("heal-*.json"))  # figures live in the tensor file: one atomic rename, never torn
     for a, b in zip(first.model.parameters(), again.model.parameters(), strict=True):
         assert torch.equal(a, b)
     unhealed = _builder(tiny, tokenizer, StageRecipe()).open(1, 4, _full(tiny)).model
