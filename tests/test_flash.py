@@ -286,3 +286,13 @@ def test_the_unit_runs_the_agent_unprivileged_and_never_gives_up():
     assert "StartLimitBurst" not in unit["Unit"]
     ctl = (ROOT / "device_agent" / "deploy" / "devft-edge-ctl").read_text()
     assert "useradd --system" in ctl and "chown -R devft-edge:devft-edge" in ctl
+
+
+def test_parallel_health_checks_have_their_own_client_ids(tmp_path):
+    """Two watches sharing a client id knock each other off the broker, and a good install could
+    then be rolled back (issue 14): each watch connects under its own id, cleanly."""
+    key = identity("pi-1", tmp_path / "device_keys")
+    watches = [HelloWatch(HealthCheck(broker="mqtt://127.0.0.1:9"), "pi-1", key) for _ in range(2)]
+    ids = {w.connection.client._client_id for w in watches}
+    assert len(ids) == 2 and all(i.startswith(b"flash-pi-1-") for i in ids)
+    assert all(w.connection.client._clean_session for w in watches)
