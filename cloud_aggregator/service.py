@@ -163,8 +163,11 @@ class Aggregator:
     def _dispatch(self, item: Incoming) -> None:
         try:
             device = self.topics.device_of(item.topic)
+            if not item.payload:  # a retained message being cleared (by us, below): nothing was sent
+                return
             if item.retained and item.topic != self.topics.presence(device):  # replayed at every (re)start
-                raise ProtocolError(Reason.RETAINED, f"retained message on {item.topic} ignored")
+                self.connection.publish(item.topic, b"", retain=True)  # cleared where the broker lets us
+                raise ProtocolError(Reason.RETAINED, f"retained message on {item.topic} ignored and cleared")
             key = self.enrolment.key(device)
             if key is None:
                 raise ProtocolError(Reason.UNKNOWN_DEVICE, f"{device} is not enrolled in {self.cfg.device_keys}")

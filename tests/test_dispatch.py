@@ -31,8 +31,13 @@ def aggregator(tmp_path):
     private, _ = enroll("pi-1", tmp_path / "keys")
     handlers = {name: _failing(AssertionError("a bug")) for name in ("_on_hello", "_on_presence", "_on_chunk_request")}
     handlers |= {name: _failing(AssertionError("a bug")) for name in ("_on_update", "_on_chunk", "_on_refusal")}
+    published: list[tuple[str, bytes, bool]] = []
     fake = SimpleNamespace(
         topics=TOPICS,
+        published=published,
+        connection=SimpleNamespace(
+            publish=lambda topic, payload, retain=False: published.append((topic, payload, retain))
+        ),
         enrolment=Enrolment(tmp_path / "keys"),
         state=RunState(run_id="r"),
         cfg=SimpleNamespace(device_keys=tmp_path / "keys"),
@@ -51,12 +56,15 @@ def test_a_handler_that_raises_anything_is_counted_as_internal_and_the_next_mess
     assert fake.state.rejected == {"internal": 2, "unsigned": 1}
 
 
-def test_a_retained_uplink_message_is_skipped_before_its_seal_or_parse(aggregator) -> None:
+def test_a_retained_uplink_message_is_skipped_before_its_seal_or_parse_and_cleared(aggregator) -> None:
     fake, key = aggregator
     topic = TOPICS.up("pi-1")
     hello = seal(Envelope(kind=Kind.HELLO, sender="pi-1").encode(), topic, key)
     Aggregator._dispatch(fake, Incoming(topic, hello, retained=True))  # type: ignore[arg-type]
     Aggregator._dispatch(fake, Incoming(TOPICS.up("ghost"), b"x", retained=True))  # type: ignore[arg-type]
+    assert fake.state.rejected == {"retained": 2}
+    assert fake.published == [(topic, b"", True), (TOPICS.up("ghost"), b"", True)]  # cleared on the broker
+    Aggregator._dispatch(fake, Incoming(topic, b""))  # type: ignore[arg-type]  # the broker's echo of the clear
     assert fake.state.rejected == {"retained": 2}
 
 
