@@ -24,16 +24,13 @@ import torch
 
 from devft_edge.backends import get_trainer
 from devft_edge.calibration import calibration_ids
-from devft_edge.fusion import FUSIONS
-from devft_edge.grouping import GROUPINGS
 from devft_edge.lora import LoraSettings, attach_lora, init_lora_state, lora_shapes, set_lora_state
 from devft_edge.models import load_model, load_tokenizer, model_dir
 from devft_edge.pack import load_pack, read_pack, write_pack
 from devft_edge.quantization import QuantSpec
 from devft_edge.schedule import StageSchedule
 from devft_edge.signing import generate_keypair, load_private_key, load_public_key
-from devft_edge.similarity import SIMILARITIES
-from devft_edge.submodel import build_submodel, stage_groups, stage_lora
+from devft_edge.stage import StageBuilder, StageRecipe
 from devft_edge.tasks import train_eval_split
 from devft_edge.training import TrainSettings, evaluate
 
@@ -51,28 +48,25 @@ def main(argv: list[str] | None = None) -> int:
     base = load_model("smollm2")
     tokenizer = load_tokenizer("smollm2")
     lora = LoraSettings()
-    fusion = FUSIONS.get("dblf")
     full_lora = init_lora_state(lora_shapes(base, lora), lora.rank, 0)
     schedule = StageSchedule(num_layers=30, num_stages=4, total_rounds=4)
     train_examples, held_out = train_eval_split(112, 48, seed=11)
     settings = TrainSettings(steps=args.steps, batch_size=4, seq_len=64)
-    ids = calibration_ids(tokenizer)
+    builder = StageBuilder(base, tokenizer, lora, StageRecipe(), calibration_ids(tokenizer), "smollm2", seed=0)
     size_rows, train_rows = [], []
     with tempfile.TemporaryDirectory(prefix="devft-packs-") as tmp:
         private, public = generate_keypair(Path(tmp) / "keys")
         key, public_key = load_private_key(private), load_public_key(public)
         for stage, capacity in enumerate(schedule.capacities, start=1):
-            groups = stage_groups(
-                base, capacity, SIMILARITIES.get("cka"), GROUPINGS.get("contiguous"), lora, full_lora, ids, stage
-            )
-            start_lora = stage_lora(full_lora, groups, fusion)
+            groups = builder.groups(stage, capacity, full_lora)  # the aggregator's stage pipeline
+            start_lora = builder.contract(full_lora, groups)
             for quant in QUANTS:
-                sub = build_submodel(base, groups, fusion)
+                sub, _, _ = builder.submodel(groups)  # fresh per quantization: packing quantizes in place
                 path = Path(tmp) / f"s{stage}-{quant}.devpack"
                 t0 = time.perf_counter()
                 manifest = write_pack(
                     path,
-                    sub.model,
+                    sub,
                     start_lora,
                     model_name="smollm2",
                     stage=stage,

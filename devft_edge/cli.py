@@ -558,8 +558,6 @@ def _run_pack(args: argparse.Namespace) -> int:
     if missing:
         raise DevFTError(f"devft-edge pack needs {' and '.join(missing)} (or: pack inspect FILE, pack verify FILE)")
     from devft_edge.calibration import calibration_ids
-    from devft_edge.fusion import FUSIONS
-    from devft_edge.grouping import GROUPINGS
     from devft_edge.layers import num_layers
     from devft_edge.lora import LoraSettings, init_lora_state, lora_shapes
     from devft_edge.models import load_model, load_tokenizer, model_dir
@@ -567,36 +565,34 @@ def _run_pack(args: argparse.Namespace) -> int:
     from devft_edge.quantization import QuantSpec
     from devft_edge.schedule import StageSchedule
     from devft_edge.signing import load_private_key
-    from devft_edge.similarity import SIMILARITIES
-    from devft_edge.submodel import build_submodel, stage_groups, stage_lora
+    from devft_edge.stage import StageBuilder, StageRecipe
     from devft_edge.training import TrainSettings
 
     quant = QuantSpec(args.quant, group_size=args.group_size, embeddings=not args.fp32_embeddings)
     lora = LoraSettings(rank=args.rank, alpha=args.alpha)
     training = TrainSettings(steps=args.local_steps, batch_size=args.batch, seq_len=args.seq, lr=args.lr)
     key = load_private_key(args.sign_key) if args.sign_key else None
+    recipe = StageRecipe(
+        similarity=args.similarity,
+        grouping=args.grouping,
+        fusion=args.fusion,
+        beta=args.beta,
+        transfer=args.transfer,
+        keep_ends=args.keep_ends,
+    )
     base = load_model(args.model, seed=args.seed)
     schedule = StageSchedule(num_layers=num_layers(base.config), num_stages=args.stages, total_rounds=args.stages)
     if not 1 <= args.stage <= args.stages:
         raise DevFTError(f"--stage {args.stage} outside 1..{args.stages}")
-    capacity = schedule.capacities[args.stage - 1]
-    fusion = FUSIONS.get(args.fusion, **({"beta": args.beta} if args.fusion == "dblf" else {}))
+    tokenizer = load_tokenizer(args.model)
+    builder = StageBuilder(base, tokenizer, lora, recipe, calibration_ids(tokenizer), args.model, args.seed)
     full_lora = init_lora_state(lora_shapes(base, lora), lora.rank, args.seed)
-    groups = stage_groups(
-        base,
-        capacity,
-        SIMILARITIES.get(args.similarity),
-        GROUPINGS.get(args.grouping),
-        lora,
-        full_lora,
-        calibration_ids(load_tokenizer(args.model)),
-        args.seed + args.stage,
-    )
-    sub = build_submodel(base, groups, fusion)
+    stage = builder.open(args.stage, schedule.capacities[args.stage - 1], full_lora)  # the aggregator's own pipeline
+    groups = stage.groups
     manifest = write_pack(
         args.out,
-        sub.model,
-        stage_lora(full_lora, groups, fusion),
+        stage.model,
+        stage.start,
         model_name=args.model,
         stage=args.stage,
         stages=args.stages,
@@ -917,6 +913,8 @@ def build_parser() -> argparse.ArgumentParser:
     pk.add_argument("--grouping", default="contiguous", help="grouping variant")
     pk.add_argument("--fusion", default="dblf", help="fusion variant")
     pk.add_argument("--beta", type=_beta, default=0.1, help="DBLF beta")
+    pk.add_argument("--transfer", choices=["copy", "inv_n"], default="copy", help="knowledge-transfer rule")
+    pk.add_argument("--keep-ends", type=int, default=0, help="keep the first and last k layers unfused")
     pk.add_argument("--local-steps", type=int, default=8, help="training default: steps per round")
     pk.add_argument("--batch", type=int, default=4, help="training default: batch")
     pk.add_argument("--seq", type=int, default=64, help="training default: tokens per example")

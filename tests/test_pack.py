@@ -30,6 +30,7 @@ from devft_edge.pack import (
     Refusal,
     VerifiedPack,
     load_pack,
+    read_manifest,
     read_pack,
     write_archive,
     write_pack,
@@ -244,6 +245,10 @@ def test_cli_keygen_pack_inspect_verify(tmp_path, capsys):
     assert main(["pack", "verify", str(out), "--public-key", str(other / "public.pem")]) == 1
     assert "REFUSED (signature)" in capsys.readouterr().err
     assert main(["pack", "--model", "tiny", "--out", str(out)]) == 2  # no --stage
+    ends = tmp_path / "ends.devpack"  # the aggregator's stage pipeline (StageBuilder), so its options too
+    assert main(["pack", "--model", "tiny", "--stage", "1", "--stages", "2", "--keep-ends", "1", "--out", str(ends)]) == 0
+    groups = read_manifest(ends)[0]["groups"]
+    assert groups[0] == [0] and groups[-1] == [7] and len(groups) == 4
 
 
 @pytest.mark.parametrize("scheme", ["none", "int8", "int4"])
