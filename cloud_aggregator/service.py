@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import queue
-import random
 import tempfile
 import time
 import uuid
@@ -25,6 +24,7 @@ from safetensors.torch import save as safetensors_save
 
 from cloud_aggregator.config import AggregatorConfig
 from cloud_aggregator.report import METRICS_FILE, write_metrics, write_summary
+from cloud_aggregator.rounds import Outcome, RoundPolicy, RoundRules
 from cloud_aggregator.state import (
     Accepted,
     Device,
@@ -119,7 +119,9 @@ class Aggregator:
         self.submodel: Any = None
         self._start_cache: tuple[str, dict[str, Any]] = ("", {})
         """(blob id, tensors) of the stage LoRA updates are checked against: read once per round."""
-        self._waiting_since: float | None = None
+        self.policy = RoundPolicy(
+            RoundRules(cfg.per_round, cfg.quorum, cfg.round_timeout_s, cfg.selection_wait_s, cfg.seed)
+        )
         self._next_selection = 0.0
         self.boot = uuid.uuid4().hex
         """Changes on every start and reconnect: agents re-announce themselves when they see a new one."""
@@ -435,25 +437,11 @@ class Aggregator:
             keep = {d.receiver.info.sha256 for d in self.uploads.values()}
             for sha in self.store.reap_partials(self.cfg.partial_max_age_s, self.cfg.upload_quota_bytes, keep):
                 logger.info("removed the abandoned partial upload %s...", sha[:12])
-        if len(round_.accepted) >= self.cfg.quorum and len(round_.accepted) == len(round_.selected):
+        outcome = self.policy.outcome(round_)
+        if outcome is Outcome.CLOSE:
             self._close_round()
-        elif now() >= round_.deadline:
-            if len(round_.accepted) >= self.cfg.quorum:
-                logger.warning(
-                    "round %d: deadline with %d of %d updates; closing at quorum",
-                    round_.index,
-                    len(round_.accepted),
-                    len(round_.selected),
-                )
-                self._close_round()
-            else:
-                logger.warning(
-                    "round %d: deadline with %d updates (< quorum %d); selecting again",
-                    round_.index,
-                    len(round_.accepted),
-                    self.cfg.quorum,
-                )
-                self._reselect(round_)
+        elif outcome is Outcome.RESELECT:
+            self._reselect(round_)
 
     def _reconnected(self) -> None:
         """Back on the broker after losing it: what devices sent meanwhile (a hello, an update) may be
@@ -592,39 +580,18 @@ class Aggregator:
         return eligible
 
     def _open_round(self) -> None:
-        """Select devices and send tasks; with fewer eligible devices than ``per_round`` it waits
-        ``selection_wait_s`` and then goes on with those it has, if they reach the quorum."""
+        """Select devices (:meth:`RoundPolicy.select`, at most once a second) and send their tasks."""
         if time.monotonic() < self._next_selection:
             return
         self._next_selection = time.monotonic() + 1.0
-        eligible = self._eligible()
-        if len(eligible) < self.cfg.per_round:
-            if self._waiting_since is None:
-                self._waiting_since = time.monotonic()
-                logger.info(
-                    "round %d: %d eligible devices online, waiting for %d",
-                    self.state.rounds_done,
-                    len(eligible),
-                    self.cfg.per_round,
-                )
-            waited = time.monotonic() - self._waiting_since
-            if len(eligible) < self.cfg.quorum or waited < self.cfg.selection_wait_s:
-                return
-            logger.warning(
-                "round %d: only %d of %d devices after %.0f s; going on with them",
-                self.state.rounds_done,
-                len(eligible),
-                self.cfg.per_round,
-                waited,
-            )
-        self._waiting_since = None
-        rng = random.Random(f"{self.cfg.seed}/{self.state.rounds_done}")
-        selected = sorted(rng.sample(eligible, min(self.cfg.per_round, len(eligible))))
+        selected = self.policy.select(self._eligible(), self.state.rounds_done)
+        if selected is None:
+            return
         self.state.open_round = OpenRound(
             index=self.state.rounds_done,
             selected=selected,
             tasks={d: _task_id(self.state, d) for d in selected},
-            deadline=now() + self.cfg.round_timeout_s,
+            deadline=self.policy.deadline(),
         )
         save_state(self.cfg.state_dir, self.state)
         logger.info("round %d (stage %d): tasks to %s", self.state.rounds_done, self.state.stage, ", ".join(selected))
@@ -633,17 +600,10 @@ class Aggregator:
         self._publish_status()
 
     def _reselect(self, round_: OpenRound) -> None:
-        failed = frozenset(d for d in round_.selected if d not in round_.accepted)
-        eligible = [d for d in self._eligible() if d not in failed and d not in round_.accepted]
-        needed = self.cfg.per_round - len(round_.accepted)
-        extra = sorted(
-            random.Random(f"{self.cfg.seed}/{round_.index}/retry/{len(failed)}").sample(
-                eligible, min(needed, len(eligible))
-            )
-        )
+        extra = self.policy.replacements(round_, self._eligible())
         round_.selected = sorted(round_.accepted) + extra
         round_.tasks = {d: round_.tasks.get(d) or _task_id(self.state, d) for d in round_.selected}
-        round_.deadline = now() + self.cfg.round_timeout_s
+        round_.deadline = self.policy.deadline()
         save_state(self.cfg.state_dir, self.state)
         for device in extra:
             self._send_task(device)
