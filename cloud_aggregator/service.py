@@ -36,6 +36,7 @@ from cloud_aggregator.state import (
     save_device,
     save_state,
 )
+from cloud_aggregator.status import status_document
 from devft_edge.blobs import WINDOW, BlobInfo, BlobStore, Download, StorageFull, chunk_index, chunk_indices
 from devft_edge.errors import ConfigError, DataError
 from devft_edge.identity import Enrolment
@@ -46,9 +47,6 @@ from devft_edge.ratelimit import RateLimiter
 from devft_edge.update_check import check_update
 
 logger = logging.getLogger(__name__)
-
-STATUS_DEVICES = 64
-"""Device ids the status lists by name (the rest are counted)."""
 
 
 class Aggregator:
@@ -768,35 +766,7 @@ class Aggregator:
         return self.connection.publish(topic, seal(message.encode(), topic, self.key))
 
     def _publish_status(self) -> None:
-        """The retained status; bounded whatever the fleet's size (agents refuse messages over 64 KiB)."""
-        s = self.state
-        last = s.history[-1] if s.history else {}
-        online = sorted(d for d, v in s.devices.items() if v.online)
-        data = {
-            "run": s.run_id,
-            "boot": self.boot,
-            "stage": s.stage,
-            "stages": len(self.schedule.capacities),
-            "round": s.rounds_done,
-            "rounds": self.cfg.rounds,
-            "finished": s.finished,
-            "devices_online": online[:STATUS_DEVICES],
-            "devices_online_count": len(online),
-            "devices_known": len(s.devices),
-            "round_open": None
-            if s.open_round is None
-            else {
-                "index": s.open_round.index,
-                "selected": s.open_round.selected,
-                "accepted": sorted(s.open_round.accepted),
-                "deadline": s.open_round.deadline,
-            },
-            "bytes_up": s.bytes_up,
-            "bytes_down": s.bytes_down,
-            "eval_loss": last.get("eval_loss"),
-            "eval_accuracy": last.get("eval_accuracy"),
-            "rejected": dict(sorted(s.rejected.items())),
-        }
+        data = status_document(self.state, self.boot, len(self.schedule.capacities), self.cfg.rounds)
         status = self._message(Kind.STATUS, data=data)
         self.connection.publish(self.topics.status, seal(status.encode(), self.topics.status, self.key), retain=True)
 
