@@ -37,7 +37,7 @@ from cloud_aggregator.state import (
     save_state,
 )
 from cloud_aggregator.status import status_document
-from devft_edge.blobs import WINDOW, BlobInfo, BlobStore, Download, StorageFull, chunk_index, chunk_indices
+from devft_edge.blobs import WINDOW, BlobInfo, BlobStore, Download, StorageFull, chunk_index, chunk_request
 from devft_edge.errors import ConfigError, DataError
 from devft_edge.identity import Enrolment
 from devft_edge.memory import StepConfig, estimate_memory
@@ -230,15 +230,7 @@ class Aggregator:
 
     def _on_chunk_request(self, device: str, message: Envelope) -> None:
         self._require_known(device)
-        info = BlobInfo.from_json(message.data)
-        if info.sha256 not in (self.state.pack, self.state.plan, self.state.stage_lora) or not self.store.has(
-            info.sha256
-        ):
-            raise ProtocolError(Reason.STALE, f"{device} asked for blob {info.sha256[:12]}..., not in the open stage")
-        served = self.store.info(info.sha256, self.cfg.chunk_bytes)
-        if info != served:  # another chunking could mean one oversize message, over the broker's limit
-            raise ProtocolError(Reason.MALFORMED, f"{device} asked for {info}, the blob is {served}")
-        missing = chunk_indices(message.data.get("missing", []))
+        info, missing = chunk_request(message.data, self._served)
         if not self.serving.allow(device, len(missing) * info.chunk_bytes):
             raise ProtocolError(
                 Reason.RATE, f"{device} asks for chunks faster than {self.cfg.serve_rate_bytes_per_s} B/s"
@@ -250,6 +242,12 @@ class Aggregator:
             self.state.bytes_down += len(chunk)
             if info.sha256 in (self.state.pack, self.state.plan):
                 self.state.bytes_down_pack += len(chunk)
+
+    def _served(self, sha: str) -> BlobInfo | None:
+        """How a blob of the open stage is served (None for any other blob)."""
+        if sha not in (self.state.pack, self.state.plan, self.state.stage_lora) or not self.store.has(sha):
+            return None
+        return self.store.info(sha, self.cfg.chunk_bytes)
 
     def _on_update(self, device: str, message: Envelope) -> None:
         round_ = self._check_current(device, message)

@@ -28,10 +28,11 @@ import re
 import shutil
 import stat
 import time
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from devft_edge.errors import DevFTError, raise_if
 from devft_edge.protocol import ProtocolError, Reason
@@ -553,6 +554,26 @@ def chunk_indices(value: object, limit: int = WINDOW) -> list[int]:
     if not isinstance(value, list) or any(type(i) is not int for i in value):
         raise ProtocolError(Reason.MALFORMED, f"missing chunks {str(value)[:80]} is not a list of integers")
     return value[:limit]
+
+
+def chunk_request(data: dict[str, Any], served: Callable[[str], BlobInfo | None]) -> tuple[BlobInfo, list[int]]:
+    """Check a chunk request's fields against what the holder serves; returns the blob's
+    description and the chunk indices to send (at most a window).
+
+    ``served(sha)`` is the holder's own description of a blob it serves, or None. The request
+    must describe the blob exactly so: a requester that picked its own chunk size could ask for one
+    chunk larger than the broker's message limit.
+
+    Raises:
+        ProtocolError: ``stale`` for a blob not served, ``malformed`` for another description.
+    """
+    info = BlobInfo.from_json(data)
+    offered = served(info.sha256)
+    if offered is None:
+        raise ProtocolError(Reason.STALE, f"blob {info.sha256[:12]}... is not served here")
+    if info != offered:
+        raise ProtocolError(Reason.MALFORMED, f"asked for {info}, the blob is served as {offered}")
+    return offered, chunk_indices(data.get("missing", []))
 
 
 class Download:

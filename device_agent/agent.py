@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from devft_edge.blobs import BlobInfo, BlobStore, Download, StorageFull, chunk_index, chunk_indices
+from devft_edge.blobs import BlobInfo, BlobStore, Download, StorageFull, chunk_index, chunk_request
 from devft_edge.errors import ConfigError, DevFTError
 from devft_edge.mqtt import BrokerAddress, Connection, Incoming
 from devft_edge.peak_memory import peak_bytes, reset_peak
@@ -192,13 +192,11 @@ class Agent:
     def _on_chunk_request(self, message: Envelope) -> None:
         """Serve chunks of an update we offered. Only the aggregator can ask (its seal is checked),
         and it asks a window at a time, so no rate limit is needed here."""
-        info = BlobInfo.from_json(message.data)
-        offered = [BlobInfo.from_json(e) for e in self.done.values() if e.get("blob") == info.sha256]
-        if not offered:
-            raise ProtocolError(Reason.STALE, f"asked for blob {info.sha256[:12]}..., which is not one of my updates")
-        if info != offered[0]:  # served as offered: a requester's chunk size could exceed the broker's limit
-            raise ProtocolError(Reason.MALFORMED, f"asked for {info}, my update is {offered[0]}")
-        for index, chunk in self.store.chunks(info, chunk_indices(message.data.get("missing", []))):
+        offers = {e.get("blob"): e for e in self.done.values()}  # the updates we offered, as offered
+        info, missing = chunk_request(
+            message.data, lambda sha: BlobInfo.from_json(offers[sha]) if sha in offers else None
+        )
+        for index, chunk in self.store.chunks(info, missing):
             self._send(
                 message.reply(Kind.CHUNK, self.cfg.device_id, data={**info.to_json(), "index": index}, body=chunk)
             )
@@ -341,6 +339,11 @@ class Agent:
         """Seal ``message`` with this device's key and publish it (on the uplink by default)."""
         topic = topic or self.topics.up(self.cfg.device_id)
         self.connection.publish(topic, seal(message.encode(), topic, self.identity), retain=retain)
+
+
+def _offered(offers: dict[Any, dict[str, Any]], sha: str) -> BlobInfo | None:
+    """How the update blob ``sha`` was offered (None if it was not one of ours)."""
+    return BlobInfo.from_json(offers[sha]) if sha in offers else None
 
 
 def task_settings(task: Envelope) -> TrainSettings:
