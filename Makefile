@@ -12,7 +12,7 @@ VENV_ORT := .venv-ort
 ORT_STAMP := $(VENV_ORT)/.installed-$(shell cat requirements-ort.lock pyproject.toml | sha256sum | cut -c1-12)
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
-.PHONY: demo test venv venv-ort system-deps lint clean
+.PHONY: demo test test-long venv venv-ort system-deps lint clean
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -54,7 +54,11 @@ demo: $(STAMP)
 	$(BIN)/devft-edge demo --out runs/demo
 
 test: $(STAMP) $(ORT_STAMP) system-deps
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not long"
+
+# The benchmarks' quick runs (minutes each): kept out of `make test` to hold it under 20 minutes.
+test-long: $(STAMP) $(ORT_STAMP) system-deps
+	$(BIN)/python -m pytest -q -m long
 
 lint: $(STAMP)
 	$(BIN)/ruff check devft_edge cloud_aggregator device_agent tests benchmarks

@@ -91,6 +91,7 @@ def _table_row(markdown: str, first_cell: str) -> list[str]:
     return [cell.strip() for cell in line.strip("|").split("|")]
 
 
+@pytest.mark.long  # a benchmark's quick run: `make test-long`
 def test_quick_run_then_report(tmp_path):
     results = tmp_path / "results"
     run = [sys.executable, str(SCRIPT), "run", "--quick", "--suite", "main", "--seeds", "0", "--threads", "1"]

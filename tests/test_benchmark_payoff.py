@@ -54,6 +54,7 @@ def test_every_run_is_a_simulate_command_with_the_federation():
     assert command[command.index("--rounds") + 1] == "12" and command[command.index("--quant") + 1] == "int4"
 
 
+@pytest.mark.long  # a benchmark's quick run: `make test-long`
 def test_quick_pipeline_runs_and_reports(tmp_path):
     code = payoff.main(
         [

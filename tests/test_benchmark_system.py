@@ -58,6 +58,7 @@ def test_transport_quick(tmp_path):
             assert profile[thread]["top"] and profile[thread]["total_seconds"] >= 0
 
 
+@pytest.mark.long  # a benchmark's quick run: `make test-long`
 def test_aggregation_quick(tmp_path):
     report = _run("aggregation", tmp_path, *"--model tiny --clients 5 --repeats 1 --scaling 2 6 --variants".split())
     # tiny Llama, rank 8: 8 blocks x 7 projections x (A, B); r * (in + out) per projection with hidden 64,
@@ -78,6 +79,7 @@ def test_aggregation_quick(tmp_path):
         assert row["peak_growth_bytes"] >= 0
 
 
+@pytest.mark.long  # a benchmark's quick run: `make test-long`
 @pytest.mark.slow
 def test_agent_quick(tmp_path):
     report = _run("agent", tmp_path, "--model", "tiny", "--steps", "2", "--repeats", "1", timeout=400)
@@ -94,6 +96,7 @@ def test_agent_quick(tmp_path):
     assert isinstance(report["meets_goal"], bool)
 
 
+@pytest.mark.long  # a benchmark's quick run: `make test-long`
 @pytest.mark.slow
 def test_agent_memory_quick(tmp_path):
     report = _run("agent_memory", tmp_path, "--model", "tiny", "--layers", "2", "--quant", "int4", "--steps", "2")

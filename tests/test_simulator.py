@@ -181,15 +181,15 @@ def test_quantized_packs_stage_steps_and_capacities(tmp_path):
         capacities=(2, 4, 8),
         stage_steps="compute",
         full_eval="round",
-        train=replace(BASE.train, steps=20),
+        train=replace(BASE.train, steps=6),
     )
     fp32 = simulate(cfg, tmp_path / "n", progress=False)
     int4 = simulate(replace(cfg, quant="int4", stage_steps="fixed"), tmp_path / "i", progress=False)
     assert [s["layers"] for s in fp32["stages"]] == [2, 4, 8]
     # the tiny model's 3M-parameter embedding dominates its steps: costs 0.90, 0.93, 1
     steps = [s["local_steps"] for s in fp32["stages"]]
-    assert steps == [round(20 / s["step_cost"]) for s in fp32["stages"]] and steps[0] > steps[2] == 20
-    assert [s["local_steps"] for s in int4["stages"]] == [20, 20, 20]
+    assert steps == [round(6 / s["step_cost"]) for s in fp32["stages"]] and steps[0] > steps[2] == 6
+    assert [s["local_steps"] for s in int4["stages"]] == [6, 6, 6]
     assert int4["bytes_down_pack"] < 0.5 * fp32["bytes_down_pack"]
     # full_pack delivery: the full pack once per client, then only the small stage plans
     once_cfg = replace(cfg, quant="int4", stage_steps="fixed", delivery="full_pack")
