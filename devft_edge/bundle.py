@@ -33,6 +33,7 @@ from pathlib import Path
 
 import yaml
 
+from devft_edge.archive import PLAIN_FILE, member_kind
 from devft_edge.errors import ConfigError, DevFTError, raise_if
 from devft_edge.mqtt import BrokerAddress
 from devft_edge.protocol import DEVICE_ID
@@ -56,15 +57,6 @@ MAX_BUNDLE_TEXT_BYTES = 2**20
 are a few KB: one 80-byte line per wheel and file)."""
 _MANIFEST_LINE = re.compile(r"([0-9a-f]{64})  (\./.+)")
 """A ``sha256sum`` line as :func:`_digest_lines` writes it."""
-_MEMBER_KINDS = {
-    tarfile.SYMTYPE: "symbolic link",
-    tarfile.LNKTYPE: "hard link",
-    tarfile.CHRTYPE: "character device",
-    tarfile.BLKTYPE: "block device",
-    tarfile.FIFOTYPE: "fifo",
-    tarfile.CONTTYPE: "contiguous file",
-}
-"""Names of the member types a bundle refuses, for the error message."""
 
 
 class BundleError(DevFTError):
@@ -268,11 +260,10 @@ def verify_bundle(path: Path) -> dict[str, str]:
         with tarfile.open(path, "r:gz") as tar:
             for member in tar:
                 top, _, name = member.name.partition("/")
-                sparse = member.sparse is not None or any(key.startswith("GNU.sparse") for key in member.pax_headers)
+                kind = member_kind(member)
                 if top != TOP or ".." in name.split("/") or not (name or member.isdir()):
                     problems.append(f"{member.name}: not under {TOP}/")
-                elif sparse or member.type not in (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.DIRTYPE):
-                    kind = "sparse file" if sparse else _MEMBER_KINDS.get(member.type, f"type {member.type!r}")
+                elif kind not in (PLAIN_FILE, "directory"):
                     problems.append(f"{member.name}: a {kind}, not a regular file or directory")
                 elif name in (MANIFEST, "bundle.env") and member.size > MAX_BUNDLE_TEXT_BYTES:
                     problems.append(f"{member.name}: {member.size} bytes (at most {MAX_BUNDLE_TEXT_BYTES})")

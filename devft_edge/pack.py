@@ -54,6 +54,7 @@ from safetensors.torch import save
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
+from devft_edge.archive import PLAIN_FILE, member_kind
 from devft_edge.errors import DevFTError
 from devft_edge.lora import LoraSettings, LoraState
 from devft_edge.models import TOKENIZER_FILES
@@ -86,17 +87,6 @@ MAX_MANIFEST_DEPTH = 8
 SIGNATURE_BYTES = 64
 """An ed25519 signature."""
 _SHA256 = re.compile(r"[0-9a-f]{64}")
-_PLAIN_FILE = (tarfile.REGTYPE, tarfile.AREGTYPE)
-_KINDS = {
-    tarfile.SYMTYPE: "symbolic link",
-    tarfile.LNKTYPE: "hard link",
-    tarfile.CHRTYPE: "character device",
-    tarfile.BLKTYPE: "block device",
-    tarfile.FIFOTYPE: "fifo",
-    tarfile.DIRTYPE: "directory",
-    tarfile.CONTTYPE: "contiguous file",
-}
-"""Names of the member types a pack refuses, for the refusal message."""
 
 
 class Refusal(str, Enum):
@@ -270,11 +260,9 @@ def _write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
 
 
 def _require_plain_file(info: tarfile.TarInfo) -> None:
-    """Refuse anything but a plain file: tarfile counts GNU sparse members (type ``S``, or pax
-    ``GNU.sparse.*`` keys) as regular files, yet a few KB of them expand to gigabytes of holes."""
-    sparse = info.sparse is not None or any(key.startswith("GNU.sparse") for key in info.pax_headers)
-    if sparse or info.type not in _PLAIN_FILE:
-        kind = "sparse file" if sparse else _KINDS.get(info.type, f"member of type {info.type!r}")
+    """Refuse anything but a plain file (:func:`devft_edge.archive.member_kind`)."""
+    kind = member_kind(info)
+    if kind != PLAIN_FILE:
         raise PackError(Refusal.ARCHIVE, f"member {info.name!r} is a {kind}, not a plain file")
 
 
