@@ -246,7 +246,9 @@ def test_cli_keygen_pack_inspect_verify(tmp_path, capsys):
     assert "REFUSED (signature)" in capsys.readouterr().err
     assert main(["pack", "--model", "tiny", "--out", str(out)]) == 2  # no --stage
     ends = tmp_path / "ends.devpack"  # the aggregator's stage pipeline (StageBuilder), so its options too
-    assert main(["pack", "--model", "tiny", "--stage", "1", "--stages", "2", "--keep-ends", "1", "--out", str(ends)]) == 0
+    assert (
+        main(["pack", "--model", "tiny", "--stage", "1", "--stages", "2", "--keep-ends", "1", "--out", str(ends)]) == 0
+    )
     groups = read_manifest(ends)[0]["groups"]
     assert groups[0] == [0] and groups[-1] == [7] and len(groups) == 4
 
