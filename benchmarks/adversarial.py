@@ -13,17 +13,17 @@ never enrolled. Brokers:
   message reaches the aggregator;
 - ``mosquitto``: plain and anonymous, as the tests run it (the subset in ``make test``).
 
-The kinds are run one after another, a few per round while the honest devices train (``--rounds``),
-each followed by a barrier (:mod:`watch`) that reads the aggregator's rejection counters once it
-has handled every message of the kind: the difference is what the kind was rejected with, set
-beside what it must be rejected with. The retained poison is left on the broker before the
-aggregator starts; the upload-quota flood runs last, once the honest updates of the last round
-are in (it holds the quota until the partial uploads age out). Before the first kind and after
-the last, with the honest devices idle: the aggregator's memory, its state directory and 20 probe
-latencies; during the kinds, its RSS every 0.1 s and a probe every 0.5 s. At the end the run must
-have finished with only the honest devices in each round, each at its declared sample count, and
-the merged LoRA must equal the robust weighted mean (``devft_edge/robust.py``) of the honest
-updates, recomputed here from the blobs.
+The kinds are run one after another, a few per round while the honest devices train
+(``--rounds``), each followed by a barrier (:mod:`watch`) that reads the aggregator's rejection
+counters once it has handled every message of the kind: the difference is what the kind was
+rejected with, set beside what it must be rejected with. The retained poison is left on the broker
+before the aggregator starts; the upload-quota flood runs last, once the honest updates of the
+last round are in (each offer replaces mallory's previous partial upload, so it never fills the
+quota). Before the first kind and after the last, with the honest devices idle: the aggregator's
+memory, its state directory and 20 probe latencies; during the kinds, its RSS every 0.1 s and a
+probe every 0.5 s. At the end the run must have finished with only the honest devices in each
+round, each at its declared sample count, and the merged LoRA must equal the robust weighted mean
+(``devft_edge/robust.py``) of the honest updates, recomputed here from the blobs.
 
 The parts: ``hostile.py`` (the message kinds and the reason each must get), ``attacker.py`` (the
 attacker's clients and the transfer attacks), ``flood.py`` (the kinds as phases, counted),

@@ -259,10 +259,14 @@ class Aggregator:
         if info.size > 2 * expected + 65536:
             raise ProtocolError(Reason.SHAPE, f"update of {info.size} bytes for a LoRA of {expected}")
         _check_update_numbers(message.data)
+        previous = self.uploads.pop(device, None)
+        if previous is not None and previous.receiver.info.sha256 != info.sha256:
+            self._discard(previous.receiver.info.sha256, previous.receiver)  # one partial upload per device
         try:
             self.store.admit(info, self.cfg.upload_quota_bytes, self.cfg.disk_reserve_bytes)
-        except StorageFull as error:  # not the device's fault: it offers again when it re-announces
-            raise ProtocolError(Reason.STORAGE, str(error)) from None
+        except StorageFull as error:  # not the device's fault: told so, the round can reselect
+            self._reject_update(device, ProtocolError(Reason.STORAGE, str(error)), message.id)
+            return
         self.update_meta[device] = dict(message.data, re=message.id, round=round_.index)
         download = Download(self.store.receiver(info))
         self.uploads[device] = download
@@ -284,7 +288,7 @@ class Aggregator:
         except ProtocolError as error:
             self.state.count_rejection(error.reason.value)
             logger.warning("update from %s rejected: %s", device, error)
-            self.uploads.pop(device)
+            self._discard(info.sha256, self.uploads.pop(device).receiver)
             meta = self.update_meta.pop(device, {})
             self._verdict(device, None, error.reason, note=str(error), re=str(meta.get("re", "")))
             return
@@ -313,7 +317,7 @@ class Aggregator:
         round_ = self.state.open_round
         if round_ is None or device not in round_.selected or meta.get("round") != round_.index:
             stale = ProtocolError(Reason.STALE, f"update from {device} completed after its round {meta.get('round')}")
-            self._reject_update(device, stale, message_id)
+            self._reject_update(device, stale, message_id, receiver.info.sha256)
             return
         try:
             try:
@@ -333,10 +337,11 @@ class Aggregator:
             if accepted.num_samples < 1:
                 raise ProtocolError(Reason.MALFORMED, f"num_samples {meta.get('num_samples')!r} must be >= 1")
         except (TypeError, ValueError) as error:
-            self._reject_update(device, ProtocolError(Reason.MALFORMED, f"update metadata: {error}"), message_id)
+            refused = ProtocolError(Reason.MALFORMED, f"update metadata: {error}")
+            self._reject_update(device, refused, message_id, receiver.info.sha256)
             return
         except ProtocolError as error:
-            self._reject_update(device, error, message_id)
+            self._reject_update(device, error, message_id, receiver.info.sha256)
             return
         round_.accepted[device] = accepted
         save_state(self.cfg.state_dir, self.state)  # accepted only once it is durable
@@ -350,7 +355,23 @@ class Aggregator:
         self._verdict(device, None, None, re=message_id)
         self._publish_status()
 
-    def _reject_update(self, device: str, error: ProtocolError, message_id: str) -> None:
+    def _discard(self, sha: str, receiver: Any = None) -> None:
+        """Remove a rejected or abandoned upload (partial or complete) from the store, unless the
+        run references the same blob (an unchanged LoRA equals the stage's own, an update equal to
+        an accepted one): a device must not grow the state directory by retrying bad uploads."""
+        s, round_ = self.state, self.state.open_round
+        referenced = {s.pack, s.plan, s.full_pack, s.stage_lora, s.full_lora}
+        if round_ is not None:
+            referenced |= {a.blob for a in round_.accepted.values()}
+        if sha in referenced:
+            return
+        if receiver is not None:
+            receiver.discard()
+        self.store.path(sha).unlink(missing_ok=True)
+
+    def _reject_update(self, device: str, error: ProtocolError, message_id: str, blob: str = "") -> None:
+        if blob:
+            self._discard(blob)
         self.state.count_rejection(error.reason.value)
         logger.warning("update from %s rejected: %s", device, error)
         self._verdict(device, None, error.reason, note=str(error), re=message_id)

@@ -140,10 +140,11 @@ def test_a_thousand_hostile_messages_are_rejected_with_their_reasons(tmp_path):
     assert result.after.rss_bytes - result.before.rss_bytes < 64 * 2**20
     for index in range(4):  # within a round (between rounds the run's own work comes and goes)
         rss = [p.rss_max_bytes for p in result.phases if p.round == index and p.rss_max_bytes]
-        assert max(rss) - min(rss) < 32 * 2**20, (index, rss)
+        # no growth under the flood; a fall is the stage build's memory being given back (seen: 643 -> 568 MB)
+        assert max(rss) - rss[0] < 32 * 2**20, (index, rss)
     small = {k: v for k, v in result.after.state_dir.items() if k not in ("blobs", "total")}
     assert sum(small.values()) < 2**20, small  # state.json, seen.log, device records, partial uploads
-    assert result.kept_uploads["bytes"] < 4 * 2**20  # the rejected updates mallory completed: one per transfer
+    assert result.kept_uploads["blobs"] == 0  # mallory's rejected uploads are deleted (issue 14)
     assert result.after.latency["median_s"] < 10 * result.before.latency["median_s"] + 0.05
 
 
