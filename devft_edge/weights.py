@@ -63,6 +63,26 @@ def save_base(model: PreTrainedModel, spec: QuantSpec, directory: str | Path) ->
     return directory
 
 
+MAX_HEADER_BYTES = 16 * 2**20
+"""Largest safetensors header read (a LoRA's or a pack's is a few KB to a few hundred KB)."""
+
+
+def _span(info: object) -> tuple[int, int]:
+    """A tensor entry's ``(start, end)`` byte offsets, checked: plain ints, ``0 <= start <= end``, and a
+    shape of non-negative ints (JSON's own parser bounds integer length: 4,300 digits)."""
+    if not isinstance(info, dict):
+        raise TypeError("a tensor entry is not an object")
+    offsets, shape = info["data_offsets"], info["shape"]
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(x) is int for x in offsets)):
+        raise ValueError(f"data_offsets {str(offsets)[:40]} are not two integers")
+    if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+        raise ValueError(f"shape {str(shape)[:40]} is not a list of non-negative integers")
+    start, end = offsets
+    if not 0 <= start <= end:
+        raise ValueError(f"data_offsets {offsets} out of order")
+    return start, end
+
+
 def read_safetensors(path: str | Path) -> dict[str, Tensor]:
     """All tensors of a safetensors file as views into one buffer (one copy of the data in memory).
 
@@ -79,16 +99,17 @@ def read_safetensors(path: str | Path) -> dict[str, Tensor]:
         if len(head) != 8:
             raise DataError(f"{path}: truncated safetensors file (no header length)")
         (header_len,) = struct.unpack("<Q", head)
-        if header_len > file_size - 8:
-            raise DataError(f"{path}: header length {header_len} exceeds the file")
+        if header_len > min(file_size - 8, MAX_HEADER_BYTES):
+            raise DataError(f"{path}: header length {header_len} exceeds the file or {MAX_HEADER_BYTES} bytes")
         try:
             header = json.loads(f.read(header_len))
             if not isinstance(header, dict):
                 raise TypeError("header is not an object")
             header.pop("__metadata__", None)
-            size = max((int(info["data_offsets"][1]) for info in header.values()), default=0)
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError, IndexError) as error:
-            raise DataError(f"{path}: bad safetensors header: {error}") from None
+            spans = {name: _span(info) for name, info in header.items()}
+            size = max((end for _, end in spans.values()), default=0)
+        except (UnicodeDecodeError, KeyError, TypeError, ValueError, IndexError, RecursionError) as error:
+            raise DataError(f"{path}: bad safetensors header: {str(error)[:200]}") from None
         if size > file_size - 8 - header_len:
             raise DataError(f"{path}: truncated safetensors file (expected {size} data bytes)")
         buffer = bytearray(size)
@@ -99,7 +120,7 @@ def read_safetensors(path: str | Path) -> dict[str, Tensor]:
         if dtype is None:
             raise DataError(f"{path}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}")
         try:
-            start, end = (int(x) for x in info["data_offsets"])
+            start, end = spans[name]
             count = (end - start) // torch.empty((), dtype=dtype).element_size()
             flat = (
                 torch.frombuffer(buffer, dtype=dtype, count=count, offset=start)

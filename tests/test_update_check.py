@@ -20,6 +20,10 @@ def _header(header: object) -> bytes:
     return struct.pack("<Q", len(raw)) + raw
 
 
+def _raw_header(raw: bytes) -> bytes:
+    return struct.pack("<Q", len(raw)) + raw
+
+
 START = {"layers.0.q_proj.lora_A": torch.zeros(2, 3), "layers.0.q_proj.lora_B": torch.zeros(3, 2)}
 
 
@@ -62,6 +66,13 @@ def test_norm_bound_can_be_disabled():
         _header({"a": {"dtype": "Q9", "shape": [1], "data_offsets": [0, 4]}}) + b"\0" * 4,  # unknown dtype
         _header({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 4]}}) + b"\0" * 4,  # shape vs bytes
         _header({"a": "not a dict"}),
+        # issue 14: past the checks once
+        struct.pack("<Q", 40_004) + b"[" * 20_000 + b"]" * 20_000 + b"\0" * 4,  # nesting: a RecursionError
+        _header({"a": {"dtype": "F32", "shape": [1], "data_offsets": [-8, -4]}}) + b"\0" * 8,  # negative offsets
+        _header({"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 0]}}) + b"\0" * 4,  # start after end
+        _header({"a": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}) + b"\0" * 4,  # negative dimension
+        _raw_header(b'{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, ' + b"9" * 5000 + b"]}}"),  # long int
+        _header({"a": {"dtype": "F32", "shape": [[[[[1]]]]], "data_offsets": [0, 4]}}) + b"\0" * 4,  # deep shape
     ],
 )
 def test_read_safetensors_refuses_hostile_files_with_a_data_error(tmp_path, payload):
