@@ -7,6 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from cloud_aggregator.state import DEFAULT_SEEN_KEEP
 from devft_edge.blobs import DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES, MIN_CHUNK_BYTES
 from devft_edge.configfile import load_yaml_model
 from devft_edge.mqtt import BrokerLogin
@@ -65,6 +66,9 @@ class AggregatorConfig(_Strict, BrokerLogin):
     upload_quota_bytes: int = Field(2 * 2**30, ge=2**20, description="partial update uploads held at once, in all")
     disk_reserve_bytes: int = Field(512 * 2**20, ge=0, description="free disk an upload must leave")
     partial_max_age_s: float = Field(3600.0, gt=0, description="a partial upload untouched this long is removed")
+    seen_ids: int = Field(
+        DEFAULT_SEEN_KEEP, ge=64, description="recent message ids remembered (a redelivery within them is a duplicate)"
+    )
     serve_rate_bytes_per_s: float = Field(
         64 * 2**20, gt=0, description="chunk bytes served to one device per second (bursts of two windows)"
     )

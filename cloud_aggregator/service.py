@@ -74,7 +74,7 @@ class Aggregator:
         self.enrolment = Enrolment(cfg.device_keys)
         self.lock = lock_state_dir(cfg.state_dir)
         self.store = BlobStore(cfg.state_dir / "blobs")
-        self.state = open_state(cfg.state_dir, cfg.run_id)
+        self.state = open_state(cfg.state_dir, cfg.run_id, cfg.seen_ids)
         torch.manual_seed(cfg.seed)
         self.base = load_model(cfg.model, seed=cfg.seed)
         self.tokenizer = load_tokenizer(cfg.model)
