@@ -111,3 +111,20 @@ def test_short_lived_clients_leave_no_session_on_the_broker(broker, persistent):
         again.disconnect()
         again.loop_stop()
     assert present == [persistent]
+
+
+def test_the_inbox_and_the_send_queue_are_bounded(monkeypatch):
+    """A flood costs at most the inbox's bound in memory (the rest is dropped and counted), and a
+    broker that is gone cannot grow the send queue without bound (publish says it dropped)."""
+    import types
+
+    from devft_edge import mqtt
+
+    monkeypatch.setattr(mqtt, "MAX_INBOX", 3)
+    monkeypatch.setattr(mqtt, "MAX_OUTGOING", 2)
+    connection = mqtt.Connection(mqtt.BrokerAddress.parse("mqtt://127.0.0.1:9"), "bounded", ["t"])
+    for i in range(5):
+        message = types.SimpleNamespace(topic="t", payload=bytes([i]), retain=False)
+        connection._message(connection.client, None, message)  # type: ignore[arg-type]
+    assert connection.inbox.qsize() == 3 and connection.dropped == 2
+    assert [connection.publish("t", b"x") for _ in range(4)] == [True, True, False, False]  # never connected
