@@ -88,3 +88,8 @@ def test_the_agent_skips_retained_downlink_messages_and_survives_a_failing_handl
     for _ in range(2):
         Agent._dispatch(fake, Incoming(down, seal(fresh.encode(), down, key)))  # type: ignore[arg-type]
     assert calls == [fresh.id, fresh.id] and "failed; ignored" in caplog.text
+    forger = load_private_key(generate_keypair(tmp_path / "forger")[0])
+    forged = Envelope(kind=Kind.TASK, sender=AGGREGATOR)
+    for payload in (seal(forged.encode(), down, forger), forged.encode(), b"\x00" * 10):  # wrong key, none, junk
+        Agent._dispatch(fake, Incoming(down, payload))  # type: ignore[arg-type]
+    assert calls == [fresh.id, fresh.id]  # nothing but the aggregator's sealed messages reaches a handler
