@@ -121,6 +121,14 @@ def _add_simulation_options(p: argparse.ArgumentParser, defaults: dict[str, obje
     p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
 
 
+_RECIPE_OPTIONS = ("similarity", "grouping", "fusion", "beta", "transfer", "keep_ends")
+"""The stage-recipe options (``StageRecipe`` fields) that ``simulate`` and ``pack`` both take."""
+
+
+def _recipe_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {name: getattr(args, name) for name in _RECIPE_OPTIONS}
+
+
 def _run_simulation(args: argparse.Namespace) -> int:
     from devft_edge.lora import LoraSettings
     from devft_edge.presets import method_settings
@@ -129,12 +137,7 @@ def _run_simulation(args: argparse.Namespace) -> int:
 
     method = method_settings(
         args.preset,
-        similarity=args.similarity,
-        grouping=args.grouping,
-        fusion=args.fusion,
-        beta=args.beta,
-        transfer=args.transfer,
-        keep_ends=args.keep_ends,
+        **_recipe_options(args),
         heal=args.heal,
         heal_steps=args.heal_steps,
         heal_rank=args.heal_rank,
@@ -572,14 +575,7 @@ def _run_pack(args: argparse.Namespace) -> int:
     lora = LoraSettings(rank=args.rank, alpha=args.alpha)
     training = TrainSettings(steps=args.local_steps, batch_size=args.batch, seq_len=args.seq, lr=args.lr)
     key = load_private_key(args.sign_key) if args.sign_key else None
-    recipe = StageRecipe(
-        similarity=args.similarity,
-        grouping=args.grouping,
-        fusion=args.fusion,
-        beta=args.beta,
-        transfer=args.transfer,
-        keep_ends=args.keep_ends,
-    )
+    recipe = StageRecipe(**_recipe_options(args))
     base = load_model(args.model, seed=args.seed)
     schedule = StageSchedule(num_layers=num_layers(base.config), num_stages=args.stages, total_rounds=args.stages)
     if not 1 <= args.stage <= args.stages:
