@@ -37,7 +37,16 @@ from cloud_aggregator.state import (
     save_state,
 )
 from cloud_aggregator.status import status_document
-from devft_edge.blobs import WINDOW, BlobInfo, BlobStore, Download, StorageFull, chunk_index, chunk_request
+from devft_edge.blobs import (
+    WINDOW,
+    BlobInfo,
+    BlobReceiver,
+    BlobStore,
+    Download,
+    StorageFull,
+    chunk_index,
+    chunk_request,
+)
 from devft_edge.errors import ConfigError, DataError
 from devft_edge.identity import Enrolment
 from devft_edge.memory import StepConfig, estimate_memory
@@ -355,7 +364,7 @@ class Aggregator:
         self._verdict(device, None, None, re=message_id)
         self._publish_status()
 
-    def _discard(self, sha: str, receiver: Any = None) -> None:
+    def _discard(self, sha: str, receiver: BlobReceiver | None = None) -> None:
         """Remove a rejected or abandoned upload (partial or complete) from the store, unless the
         run references the same blob (an unchanged LoRA equals the stage's own, an update equal to
         an accepted one): a device must not grow the state directory by retrying bad uploads."""

@@ -34,7 +34,6 @@ import fcntl
 import json
 import logging
 import os
-import re
 import time
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -43,7 +42,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from devft_edge.errors import ConfigError, DataError
-from devft_edge.protocol import DEVICE_ID, ProtocolError, Reason
+from devft_edge.protocol import DEVICE_ID, MAX_MESSAGE_ID_CHARS, MESSAGE_ID, ProtocolError, Reason
 
 logger = logging.getLogger(__name__)
 
@@ -57,10 +56,6 @@ DEFAULT_SEEN_KEEP = 4096
 """Message ids remembered. Every chunk of an upload carries an id, so on a busy fleet this may be
 well under a minute of traffic; it is meant for QoS 1 redeliveries, which the broker makes on
 reconnect, seconds later (replays of older messages meet the round checks, see :class:`SeenIds`)."""
-MAX_MESSAGE_ID_CHARS = 64
-"""Longest message id accepted; the protocol's ids are uuid4 hex, 32 characters."""
-MESSAGE_ID = re.compile(rf"[A-Za-z0-9_.:-]{{1,{MAX_MESSAGE_ID_CHARS}}}")
-"""Message ids the seen store accepts: no separator of its log, nothing a terminal interprets."""
 MAX_CACHED = 256
 """Entries of :attr:`Device.cached` kept: a hostile hello may list many (each a blob id)."""
 

@@ -42,8 +42,11 @@ MAX_INT_DIGITS = 19
 and a several-thousand-digit integer would cost quadratic time to parse."""
 DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 """Device ids: safe as MQTT topic levels, client ids and file names."""
-MESSAGE_ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
-"""Message ids (uuid4 hex in practice): bounded, because receivers remember recent ones."""
+MAX_MESSAGE_ID_CHARS = 64
+"""Longest message id accepted; the protocol's own ids are uuid4 hex, 32 characters."""
+MESSAGE_ID = re.compile(rf"[A-Za-z0-9_.:-]{{1,{MAX_MESSAGE_ID_CHARS}}}")
+"""Message ids: bounded, because receivers remember recent ones, and free of line breaks and
+anything a terminal interprets (the aggregator's seen-id log is one id per line)."""
 MAX_RUN_CHARS = 128
 """Longest run id a header may name."""
 SIGNATURE_BYTES = 64
