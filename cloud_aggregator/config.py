@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cloud_aggregator.state import DEFAULT_SEEN_KEEP
 from devft_edge.blobs import DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES, MIN_CHUNK_BYTES
 from devft_edge.configfile import load_yaml_model
+from devft_edge.methods import check_method, uses_devft
 from devft_edge.mqtt import BrokerLogin
 from devft_edge.robust import DEFAULT_NORM_RATIO, DEFAULT_WEIGHT_RATIO
+from devft_edge.schedule import DEFAULT_MIN_DELTA
 from devft_edge.update_check import DEFAULT_MAX_UPDATE_NORM
 
 
@@ -50,10 +52,18 @@ class AggregatorConfig(_Strict, BrokerLogin):
     fleet: str = Field("default", pattern=r"^[A-Za-z0-9_.-]+$")
     broker: str | None = Field(None, description="mqtt[s]://host:port; none: start the embedded broker")
     model: str = "smollm2"
-    method: Literal["devft", "fedit"] = "devft"
+    method: str = Field("devft", description="fedit, fedsa, flora, devft (= devft+fedit), devft+fedsa or devft+flora")
     stages: int = Field(4, ge=1)
     rounds: int = Field(12, ge=1)
     round_split: Literal["depth", "equal"] = "depth"
+    capacities: list[int] | None = Field(None, description="stage depths instead of the doubling rule (sets stages)")
+    stage_steps: Literal["fixed", "compute"] = Field(
+        "fixed", description="local steps in every stage, or steps / step cost: a round of each stage costs the same"
+    )
+    adaptive_patience: int = Field(
+        0, ge=0, description="end a stage after this many evaluations without progress (0: off); rounds carry over"
+    )
+    adaptive_min_delta: float = Field(DEFAULT_MIN_DELTA, ge=0, description="eval-loss decrease that counts as progress")
     per_round: int = Field(2, ge=1, description="devices selected per round (K)")
     quorum: int = Field(1, ge=1, description="updates needed to close a round at its deadline")
     round_timeout_s: float = Field(600.0, gt=0)
@@ -82,7 +92,7 @@ class AggregatorConfig(_Strict, BrokerLogin):
     similarity: str = "cka"
     grouping: str = "contiguous"
     fusion: str = "dblf"
-    beta: float = Field(0.1, gt=0, le=1)
+    beta: Annotated[float, Field(gt=0, le=1)] | Literal["auto"] = Field(0.1, description="DBLF beta, or auto")
     transfer: Literal["copy", "inv_n"] = Field("copy", description="knowledge transfer rule between stages")
     keep_ends: int = Field(0, ge=0, description="keep the first and last k layers unfused")
     heal: Heal | None = Field(None, description="distil each fused submodel toward the full model (server)")
@@ -108,9 +118,17 @@ class AggregatorConfig(_Strict, BrokerLogin):
     def _consistent(self) -> AggregatorConfig:
         if self.quorum > self.per_round:
             raise ValueError(f"quorum {self.quorum} exceeds per_round {self.per_round}")
-        if self.method == "devft" and self.rounds < self.stages:
-            raise ValueError(f"rounds {self.rounds} < stages {self.stages}: every stage needs a round")
+        check_method(self.method)
+        if uses_devft(self.method) and self.rounds < self.stage_count:
+            raise ValueError(f"rounds {self.rounds} < stages {self.stage_count}: every stage needs a round")
         return self
+
+    @property
+    def stage_count(self) -> int:
+        """Stages of the run: one without DevFT, else one per capacity (or ``stages``)."""
+        if not uses_devft(self.method):
+            return 1
+        return len(self.capacities) if self.capacities else self.stages
 
     @property
     def prefix(self) -> str:

@@ -2,8 +2,9 @@
 
 Pure decisions over device ids, the open round and two injected clocks, so they are unit-tested
 in process (``tests/test_rounds.py``) and the service only acts on them: it checkpoints, sends
-tasks and closes rounds. Selection is seeded by the run's seed and the round index, and takes the
-eligible ids sorted, so it does not depend on the order in which devices said hello.
+tasks and closes rounds. Selection is the simulator's rule (:mod:`devft_edge.selection`): seeded by
+the run's seed and the round index over the eligible ids in natural order, so it does not depend on
+the order in which devices said hello.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from cloud_aggregator.state import OpenRound, now
+from devft_edge.selection import select_clients
 
 logger = logging.getLogger(__name__)
 
@@ -73,8 +75,7 @@ class RoundPolicy:
                 waited,
             )
         self._waiting_since = None
-        rng = random.Random(f"{rules.seed}/{round_index}")
-        return sorted(rng.sample(sorted(eligible), min(rules.per_round, len(eligible))))
+        return select_clients(eligible, rules.per_round, rules.seed, round_index)
 
     def deadline(self) -> float:
         """Wall-clock deadline of a round (or a reselection) starting now."""

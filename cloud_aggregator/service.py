@@ -17,6 +17,7 @@ import queue
 import tempfile
 import time
 import uuid
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -50,9 +51,12 @@ from devft_edge.blobs import (
 from devft_edge.errors import ConfigError, DataError
 from devft_edge.identity import Enrolment
 from devft_edge.memory import StepConfig, estimate_memory
+from devft_edge.methods import ClientMethod
 from devft_edge.mqtt import BrokerAddress, Connection, Incoming
 from devft_edge.protocol import AGGREGATOR, Envelope, Kind, ProtocolError, Reason, Topics, decode, seal, unseal
 from devft_edge.ratelimit import RateLimiter
+from devft_edge.schedule import Plateau
+from devft_edge.selection import data_seed, training_seed
 from devft_edge.update_check import check_update
 
 logger = logging.getLogger(__name__)
@@ -70,6 +74,7 @@ class Aggregator:
         from devft_edge.layers import num_layers
         from devft_edge.lora import LoraSettings
         from devft_edge.memory import model_shape
+        from devft_edge.methods import rule_of, uses_devft
         from devft_edge.models import load_model, load_tokenizer
         from devft_edge.schedule import StageSchedule
         from devft_edge.signing import load_private_key
@@ -90,9 +95,10 @@ class Aggregator:
         self.shape = model_shape(self.base.config)
         self.lora = LoraSettings(rank=cfg.rank, alpha=cfg.alpha)
         total = num_layers(self.base.config)
-        self.schedule = StageSchedule(
-            total, cfg.stages if cfg.method == "devft" else 1, cfg.rounds, round_split=cfg.round_split
-        )
+        capacities = tuple(cfg.capacities) if cfg.capacities and uses_devft(cfg.method) else None
+        self.schedule = StageSchedule(total, cfg.stage_count, cfg.rounds, capacities, round_split=cfg.round_split)
+        if self.state.stage and not self.state.stage_budget:  # a state written before budgets were kept
+            self.state.stage_budget = self.schedule.rounds_per_stage[self.state.stage - 1]
         recipe = StageRecipe(
             similarity=cfg.similarity,
             grouping=cfg.grouping,
@@ -114,7 +120,7 @@ class Aggregator:
             cfg.seed,
             cache_dir=cfg.state_dir / "heal",
         )
-        self.rule = RULES.get("fedit")
+        self.rule = RULES.get(rule_of(cfg.method))
         self.held_out = train_eval_split(0, cfg.eval_examples, seed=cfg.seed)[1] if cfg.eval_examples else []
         self.serving = RateLimiter(cfg.serve_rate_bytes_per_s, burst=2 * WINDOW * cfg.chunk_bytes)
         """Chunk bytes each device may draw: one request is a small message, its answer up to a window."""
@@ -254,7 +260,8 @@ class Aggregator:
 
     def _served(self, sha: str) -> BlobInfo | None:
         """How a blob of the open stage is served (None for any other blob)."""
-        if sha not in (self.state.pack, self.state.plan, self.state.stage_lora) or not self.store.has(sha):
+        served = (self.state.pack, self.state.plan, self.state.stage_lora, self.state.stage_delta)
+        if sha not in served or not self.store.has(sha):
             return None
         return self.store.info(sha, self.cfg.chunk_bytes)
 
@@ -333,7 +340,9 @@ class Aggregator:
                 update = read_safetensors(self.store.path(receiver.info.sha256))
             except DataError as error:
                 raise ProtocolError(Reason.SHAPE, f"not a LoRA state: {error}") from None
-            norm = check_update(update, self._round_start(), self.cfg.max_update_norm)
+            start = self._round_start()
+            check_update(update, start, self.cfg.max_update_norm)
+            norm = check_update(self._shared(update), self._shared(start), None)  # what robust clipping scales
             accepted = Accepted(
                 blob=receiver.info.sha256,
                 num_samples=int(meta.get("num_samples", 0)),
@@ -369,7 +378,8 @@ class Aggregator:
         run references the same blob (an unchanged LoRA equals the stage's own, an update equal to
         an accepted one): a device must not grow the state directory by retrying bad uploads."""
         s, round_ = self.state, self.state.open_round
-        referenced = {s.pack, s.plan, s.full_pack, s.stage_lora, s.full_lora}
+        referenced = {s.pack, s.plan, s.full_pack, s.stage_lora, s.full_lora, s.stage_delta, s.full_delta}
+        referenced |= {p["blob"] for p in s.private.values()}
         if round_ is not None:
             referenced |= {a.blob for a in round_.accepted.values()}
         if sha in referenced:
@@ -445,7 +455,7 @@ class Aggregator:
             self._start_run()
         round_ = self.state.open_round
         if round_ is None:
-            if self.state.stage_rounds_done >= self.schedule.rounds_per_stage[self.state.stage - 1]:
+            if self.state.stage_rounds_done >= self.state.stage_budget:
                 # the stage was closed (its hand-over checkpointed) and a crash came before the next
                 # one was opened: open it now, never another round of the closed stage
                 logger.info(
@@ -495,12 +505,17 @@ class Aggregator:
             full = read_safetensors(self.store.path(self.state.full_lora))
         else:
             full = init_lora_state(lora_shapes(self.base, self.lora), self.lora.rank, self.cfg.seed)
-            self.state.full_lora = self.store.add_bytes(safetensors_save(full), self.cfg.chunk_bytes).sha256
+            self.state.full_lora = self._put(full)
         stage = self.builder.open(number, capacity, full)
         groups = stage.groups
         self._ship_weights(stage, full)
-        self.state.stage_lora = self.store.add_bytes(safetensors_save(stage.start), self.cfg.chunk_bytes).sha256
+        self.state.stage_lora = self._put(stage.start)
+        full_delta = self._read(self.state.full_delta)  # FLoRA: the update merged so far, fused like the LoRA
+        self.state.stage_delta = self._put(self.builder.contract(full_delta, groups)) if full_delta else ""
         self.state.groups, self.state.stage, self.state.stage_rounds_done = groups, number, 0
+        self.state.stage_budget = self.schedule.rounds_per_stage[number - 1] + self.state.carry
+        self.state.carry = 0
+        self.state.plateau = asdict(Plateau(self.cfg.adaptive_patience, self.cfg.adaptive_min_delta))
         new_blob = self.state.plan or self.state.pack
         pack_bytes = self.store.path(new_blob).stat().st_size
         self.state.stages.append(
@@ -587,6 +602,7 @@ class Aggregator:
             rank=self.cfg.rank,
             quant=self.cfg.quant,
             checkpointing=t.checkpointing,
+            merged_delta=self.rule.name == "flora",
         )
 
     def _eligible(self) -> list[str]:
@@ -637,13 +653,22 @@ class Aggregator:
     def _send_task(self, device: str) -> None:
         round_ = self.state.open_round
         assert round_ is not None and device in round_.tasks  # callers only send tasks of the open round
+        s, client = self.state, self.enrolment.index(device)
+        blobs = {"pack": s.pack, "plan": s.plan, "lora": s.stage_lora, "delta": s.stage_delta}  # plan, delta: if any
         data = {
-            "pack": self.store.info(self.state.pack, self.cfg.chunk_bytes).to_json(),
-            **({"plan": self.store.info(self.state.plan, self.cfg.chunk_bytes).to_json()} if self.state.plan else {}),
-            "lora": self.store.info(self.state.stage_lora, self.cfg.chunk_bytes).to_json(),
-            "train": self.cfg.train.model_dump(),
+            **{key: self.store.info(sha, self.cfg.chunk_bytes).to_json() for key, sha in blobs.items() if sha},
+            "method": ClientMethod(
+                rule=self.rule.name,
+                groups=tuple(tuple(g) for g in self.state.groups),
+                fusion=self.cfg.fusion,
+                beta=self.cfg.beta,
+                transfer=self.cfg.transfer,
+            ).to_json(),
+            "train": {**self.cfg.train.model_dump(), "steps": self._stage_steps()},
             "deadline": round_.deadline,
-            "seed": self.cfg.seed * 1_000_003 + round_.index,
+            # the simulator's seeds for client c: its training RNG per round, and its data stream
+            "seed": training_seed(self.cfg.seed, round_.index, client),
+            "data_seed": data_seed(self.cfg.seed, client),
         }
         self._send(
             device,
@@ -652,22 +677,32 @@ class Aggregator:
 
     def _close_round(self) -> None:
         from devft_edge.aggregation import GlobalState
-        from devft_edge.lora import set_lora_state
+        from devft_edge.lora import select, set_lora_state
         from devft_edge.robust import clip_scales, clipped, robust_weights
+        from devft_edge.submodel import add_weight_delta
         from devft_edge.weights import read_safetensors
 
         round_ = self.state.open_round
         assert round_ is not None  # only called with a round open
         start = self._round_start()
+        before = GlobalState(lora=dict(start), delta=self._read(self.state.stage_delta))
+        model = self._ensure_submodel() if self.held_out else None  # before the stage delta moves on
         accepted = list(round_.accepted.values())
         weights = robust_weights([a.num_samples for a in accepted], self.cfg.max_weight_ratio)
         scales = clip_scales([a.norm for a in accepted], self.cfg.max_norm_ratio)
         updates = (
-            (clipped(read_safetensors(self.store.path(a.blob)), start, scale), weight)
+            (clipped(self._shared(read_safetensors(self.store.path(a.blob))), start, scale), weight)
             for a, weight, scale in zip(accepted, weights, scales, strict=True)
         )
-        server = self.rule.aggregate(GlobalState(lora=dict(start)), updates, round_.index, self.cfg.seed)
-        self.state.stage_lora = self.store.add_bytes(safetensors_save(server.lora), self.cfg.chunk_bytes).sha256
+        seed = self.cfg.seed * 31 + round_.index  # the simulator's: FLoRA's fresh LoRA is the same both ways
+        server = self.rule.aggregate(before, updates, round_.index, seed)
+        self.state.stage_lora = self._put(server.lora)
+        if server.delta:
+            self.state.stage_delta = self._put(server.delta)
+        if set(self.rule.shared) != {"lora_A", "lora_B"}:  # the factors devices keep (FedSA's B), for eval and export
+            for device, a in round_.accepted.items():
+                private = self.builder.expand(select(self._read(a.blob), "lora_B"), self.state.groups)
+                self.state.private[device] = {"blob": self._put(private), "num_samples": a.num_samples}
         entry: dict[str, Any] = {
             "round": round_.index,
             "stage": self.state.stage,
@@ -688,16 +723,17 @@ class Aggregator:
             # device compute in full-model-step equivalents (devft_edge.step_cost), cumulative
             "compute": round(
                 (self.state.history[-1].get("compute", 0.0) if self.state.history else 0.0)
-                + len(round_.accepted) * self.cfg.train.steps * self.step_cost(len(self.state.groups)),
+                + len(round_.accepted) * self._stage_steps() * self.step_cost(len(self.state.groups)),
                 4,
             ),
             "server_seconds": round(sum((s.get("heal") or {}).get("seconds", 0.0) for s in self.state.stages), 3),
             "time": now(),
             "wall_seconds": round(now() - self.state.started, 3),
         }
-        if self.held_out:
-            model = self._ensure_submodel()
-            set_lora_state(model, server.lora)
+        if model is not None:
+            increment = {k: v - before.delta[k] if k in before.delta else v for k, v in server.delta.items()}
+            add_weight_delta(model, increment, self.lora.scaling)  # FLoRA: what the devices merge next round
+            set_lora_state(model, self._eval_lora(server))
             entry.update(self._evaluate(model))
         self.state.history.append(entry)
         self.state.rounds_done += 1
@@ -712,24 +748,44 @@ class Aggregator:
             _metrics_text(entry),
         )
         write_metrics(self.cfg.out_dir / METRICS_FILE, self.state.history)
-        if self.state.stage_rounds_done >= self.schedule.rounds_per_stage[self.state.stage - 1]:
-            self._close_stage(server.lora)
+        if self._stage_ends(entry.get("eval_loss")):
+            self._close_stage(server)
         save_state(self.cfg.state_dir, self.state)
         self._publish_status()
 
-    def _close_stage(self, lora: dict[str, Any]) -> None:
+    def _stage_ends(self, eval_loss: float | None) -> bool:
+        """Whether the round just closed ends the stage: its budget is spent, or (adaptive advance,
+        below the last stage) its eval loss has plateaued; unused rounds carry over to the next."""
+        plateau = Plateau(**self.state.plateau) if self.state.plateau else Plateau(0)
+        last = self.state.stage == len(self.schedule.capacities)
+        ends = self.state.stage_rounds_done >= self.state.stage_budget or (not last and plateau.reached(eval_loss))
+        self.state.plateau = asdict(plateau)
+        if ends and self.state.stage_rounds_done < self.state.stage_budget:
+            logger.info(
+                "stage %d plateaued after %d of %d rounds",
+                self.state.stage,
+                self.state.stage_rounds_done,
+                self.state.stage_budget,
+            )
+            self.state.carry = self.state.stage_budget - self.state.stage_rounds_done
+            self.state.stage_budget = self.state.stage_rounds_done
+        return ends
+
+    def _close_stage(self, server: Any) -> None:
         from devft_edge.export import export_adapter, export_merged
 
-        full = self.builder.expand(lora, self.state.groups)
-        self.state.full_lora = self.store.add_bytes(safetensors_save(full), self.cfg.chunk_bytes).sha256
-        self._record_handover(full)
+        full = self.builder.expand(self._eval_lora(server), self.state.groups)
+        full_delta = self.builder.expand(server.delta, self.state.groups) if server.delta else {}
+        self.state.full_lora = self._put(full)
+        self.state.full_delta = self._put(full_delta) if full_delta else ""
+        self._record_handover(full, full_delta)
         if self.state.stage < len(self.schedule.capacities):
             save_state(self.cfg.state_dir, self.state)
             self._open_stage(self.state.stage + 1)
             return
-        out = export_adapter(self.base, self.lora, full, self.cfg.out_dir / "adapter")
+        out = export_adapter(self.base, self.lora, full, self.cfg.out_dir / "adapter", full_delta)
         if self.cfg.export_merged:
-            export_merged(self.base, self.lora, full, self.cfg.out_dir / "merged")
+            export_merged(self.base, self.lora, full, self.cfg.out_dir / "merged", full_delta)
             self.tokenizer.save_pretrained(self.cfg.out_dir / "merged")
         (self.cfg.out_dir / "history.json").write_text(json.dumps(self.state.history, indent=1))
         self.state.finished = True
@@ -743,7 +799,7 @@ class Aggregator:
             out,
         )
 
-    def _record_handover(self, full: dict[str, Any]) -> None:
+    def _record_handover(self, full: dict[str, Any], full_delta: dict[str, Any]) -> None:
         """Evaluate the full model with the transferred LoRA (what the stage hands over) into the
         stage's last history entry; at full depth that is the round's own evaluation."""
         entry = self.state.history[-1]
@@ -752,9 +808,9 @@ class Aggregator:
         if entry["layers"] == self.builder.total:
             entry["full_eval_loss"], entry["full_eval_accuracy"] = entry["eval_loss"], entry["eval_accuracy"]
         else:
-            from devft_edge.lora import lora_applied
+            from devft_edge.submodel import state_applied
 
-            with lora_applied(self.base, self.lora, full) as model:
+            with state_applied(self.base, self.lora, full, full_delta) as model:
                 result = self._evaluate(model)
             entry["full_eval_loss"], entry["full_eval_accuracy"] = result["eval_loss"], result["eval_accuracy"]
             entry["full_eval_accuracy_by_task"] = result["eval_accuracy_by_task"]
@@ -762,11 +818,48 @@ class Aggregator:
         write_metrics(self.cfg.out_dir / METRICS_FILE, self.state.history)
 
     def _ensure_submodel(self) -> Any:
+        """The open stage's submodel with LoRA attached (and FLoRA's merged update), for evaluation."""
         from devft_edge.lora import attach_lora
+        from devft_edge.submodel import add_weight_delta
 
         if self.submodel is None:
-            self.submodel = attach_lora(self.builder.submodel(self.state.groups)[0], self.lora)
+            model = self.builder.submodel(self.state.groups)[0]
+            add_weight_delta(model, self._read(self.state.stage_delta), self.lora.scaling)
+            self.submodel = attach_lora(model, self.lora)
         return self.submodel
+
+    def _eval_lora(self, server: Any) -> dict[str, Any]:
+        """The single LoRA that stands for the federation (FedSA: the global A with the devices' mean B)."""
+        from devft_edge.aggregation import ClientMemory
+        from devft_edge.robust import robust_weights
+
+        kept = sorted(self.state.private.items())
+        weights = robust_weights([p["num_samples"] for _, p in kept], self.cfg.max_weight_ratio)
+        memories = (
+            ClientMemory(num_samples=w, private=self._read(p["blob"])) for (_, p), w in zip(kept, weights, strict=True)
+        )
+        return self.rule.eval_lora(server, memories, lambda full: self.builder.contract(full, self.state.groups))
+
+    def _shared(self, state: dict[str, Any]) -> dict[str, Any]:
+        """The factors of ``state`` the rule aggregates (FedSA: A only)."""
+        return {k: v for k, v in state.items() if k.endswith(self.rule.shared)}
+
+    def _stage_steps(self) -> int:
+        """Local steps per round in the open stage (``stage_steps: compute`` scales them by step cost)."""
+        steps = self.cfg.train.steps
+        if self.cfg.stage_steps == "compute":
+            steps = max(1, round(steps / self.step_cost(len(self.state.groups))))
+        return steps
+
+    def _put(self, state: dict[str, Any]) -> str:
+        """Store a tensor state as a blob; its id."""
+        return self.store.add_bytes(safetensors_save(state), self.cfg.chunk_bytes).sha256
+
+    def _read(self, sha: str) -> dict[str, Any]:
+        """The tensor state stored as blob ``sha`` (empty for no blob)."""
+        from devft_edge.weights import read_safetensors
+
+        return read_safetensors(self.store.path(sha)) if sha else {}
 
     def _evaluate(self, model: Any) -> dict[str, float]:
         """``model`` on the held-out set (empty when evaluation is off)."""

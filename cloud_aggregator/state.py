@@ -267,6 +267,20 @@ class RunState:
     """Blob id of the stage's signed plan (``full_pack`` delivery; empty with stage packs)."""
     full_pack: str = ""
     """Blob id of the full model's pack (``full_pack`` delivery: written once per run)."""
+    stage_delta: str = ""
+    """Blob id of FLoRA's merged global update in the stage's space (empty for the other rules)."""
+    full_delta: str = ""
+    """Blob id of FLoRA's merged update in full-model space (after the last closed stage)."""
+    private: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """device -> ``{"blob", "num_samples"}``: its private factors (FedSA-LoRA's B, full-model space)
+    as last uploaded, which the server only evaluates and exports with, never sends."""
+    stage_budget: int = 0
+    """Rounds the current stage runs (its share plus what earlier stages left; cut short when the
+    adaptive advance ends it)."""
+    carry: int = 0
+    """Rounds a stage left unused (adaptive advance), added to the next stage's budget."""
+    plateau: dict[str, Any] = field(default_factory=dict)
+    """The adaptive advance's record of the current stage (:class:`devft_edge.schedule.Plateau`)."""
     devices: dict[str, Device] = field(default_factory=dict, metadata={"state_file": False})
     """Not in ``state.json``: one file per device, written by :func:`save_device`."""
     open_round: OpenRound | None = None

@@ -9,7 +9,7 @@ built from the same pack.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,25 @@ from devft_edge.lora import LoraState
 from devft_edge.pack import VerifiedPack
 from devft_edge.registry import Registry
 from devft_edge.training import TrainSettings
+
+
+@dataclass(frozen=True)
+class Stream:
+    """A position in a device's endless batch stream (:func:`devft_edge.data.batches`): its seed
+    and the batches already taken. Rounds continue the stream, epoch after epoch, as the
+    simulator's clients do, instead of reshuffling from the start every round."""
+
+    seed: int
+    taken: int = 0
+
+    def batches(self, examples: Sequence[Example], settings: TrainSettings, tokenizer: Any) -> Iterator[Any]:
+        """The stream from this position on."""
+        import itertools
+
+        from devft_edge.data import batches
+
+        stream = batches(examples, settings.batch_size, self.seed, tokenizer, settings.seq_len)
+        return itertools.islice(stream, self.taken, None)
 
 
 @dataclass(frozen=True)
@@ -45,8 +64,12 @@ class Trainer:
         settings: TrainSettings,
         seed: int,
         start: LoraState | None = None,
+        delta: LoraState | None = None,
+        stream: Stream | None = None,
     ) -> TrainResult:
-        """Train ``settings.steps`` steps from ``start`` (default: the pack's LoRA) on ``examples``."""
+        """Train ``settings.steps`` steps from ``start`` (default: the pack's LoRA) on ``examples``,
+        on the pack's base plus ``delta`` (FLoRA's merged global update, stage space; None: none),
+        taking the batches at ``stream``'s position (default: a stream seeded by ``seed``)."""
         raise NotImplementedError
 
 
@@ -67,6 +90,8 @@ class TorchTrainer(Trainer):
     def __init__(self) -> None:
         self._loaded: tuple[Path, Any, Any, LoraState] | None = None
         """(pack directory, peft model, tokenizer, the pack's LoRA) of the last pack trained on."""
+        self._merged: LoraState = {}
+        """The delta merged into the loaded pack's base now (FLoRA), to take out before the next."""
 
     def train(
         self,
@@ -75,18 +100,27 @@ class TorchTrainer(Trainer):
         settings: TrainSettings,
         seed: int,
         start: LoraState | None = None,
+        delta: LoraState | None = None,
+        stream: Stream | None = None,
     ) -> TrainResult:
         import torch
 
-        from devft_edge.data import batches
         from devft_edge.lora import get_lora_state, set_lora_state
+        from devft_edge.pack import lora_settings
+        from devft_edge.submodel import add_weight_delta
         from devft_edge.training import train_local
 
         peft_model, tokenizer, pack_lora = self._load(pack)
+        if self._merged or delta:  # FLoRA: the resident base carries this round's global update, not the last
+            scaling = lora_settings(pack.manifest).scaling
+            add_weight_delta(peft_model, self._merged, -scaling)
+            self._merged = {}
+            add_weight_delta(peft_model, delta or {}, scaling)
+            self._merged = dict(delta or {})
         set_lora_state(peft_model, start if start is not None else pack_lora)
         torch.manual_seed(seed)
-        stream = batches(examples, settings.batch_size, seed, tokenizer, settings.seq_len)
-        loss = train_local(peft_model, stream, settings)
+        position = stream or Stream(seed)
+        loss = train_local(peft_model, position.batches(examples, settings, tokenizer), settings)
         return TrainResult(lora=get_lora_state(peft_model), num_samples=len(examples), train_loss=loss)
 
     def _load(self, pack: VerifiedPack) -> tuple[Any, Any, LoraState]:
@@ -100,7 +134,7 @@ class TorchTrainer(Trainer):
 
         if self._loaded is not None and self._loaded[0] == pack.directory:
             return self._loaded[1:]
-        self._loaded = None
+        self._loaded, self._merged = None, {}
         gc.collect()
         model, pack_lora = load_pack(pack)
         tokenizer = AutoTokenizer.from_pretrained(pack.directory)

@@ -35,7 +35,7 @@ def _add_delivery_option(p: argparse.ArgumentParser, default: str) -> None:
 
 
 def _add_simulation_options(p: argparse.ArgumentParser, defaults: dict[str, object]) -> None:
-    from devft_edge.simulator import METHODS
+    from devft_edge.methods import METHODS
 
     d = defaults
     p.add_argument("--model", default=d["model"], help="smollm2 | tiny[-llama|-qwen2|-gpt2|-gpt_neox|-phi3] | PATH")
@@ -209,12 +209,11 @@ SIMULATE_DEFAULTS: dict[str, object] = dict(
 
 def _add_demo_options(p: argparse.ArgumentParser) -> None:
     from devft_edge.demo import DemoConfig
+    from devft_edge.methods import METHODS
 
     d = DemoConfig()
     p.add_argument("--model", default=d.model, help="smollm2 | tiny[-family] | PATH")
-    p.add_argument(
-        "--method", choices=["devft", "fedit"], default=d.method, help="DevFT stages, or FedIT on the full model"
-    )
+    p.add_argument("--method", choices=METHODS, default=d.method, help="federated method the fleet runs")
     p.add_argument("--devices", type=int, default=d.devices, help="device agents to start")
     p.add_argument("--per-round", type=int, default=d.per_round, help="devices selected per round K")
     p.add_argument("--stages", type=int, default=d.stages, help="DevFT stages S")
@@ -241,6 +240,11 @@ def _add_demo_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--transfer", choices=["copy", "inv_n"], default=d.transfer, help="knowledge transfer rule")
     p.add_argument("--keep-ends", type=int, default=d.keep_ends, help="keep the first and last k layers unfused")
+    p.add_argument("--beta", type=_beta, default=d.beta, help="DBLF beta in (0, 1] or 'auto'")
+    p.add_argument("--stage-steps", choices=["fixed", "compute"], default=d.stage_steps, help="local steps per stage")
+    p.add_argument(
+        "--adaptive-patience", type=int, default=d.adaptive_patience, help="leave a stage after this many stale evals"
+    )
     p.add_argument("--heal", choices=["off", "bake", "adapter"], default=d.heal, help="heal fused submodels")
     p.add_argument("--heal-steps", type=int, default=d.heal_steps, help="distillation steps per stage submodel")
     p.add_argument("--heal-prompts", type=int, default=d.heal_prompts, help="server-text sequences to heal on")
@@ -254,13 +258,14 @@ def _add_demo_options(p: argparse.ArgumentParser) -> None:
 
 def _run_demo(args: argparse.Namespace) -> int:
     from devft_edge.demo import DemoConfig, render_summary, run_demo
+    from devft_edge.methods import uses_devft
 
     cfg = DemoConfig(
         model=args.model,
         method=args.method,
         devices=args.devices,
         per_round=args.per_round,
-        stages=args.stages if args.method == "devft" else 1,
+        stages=args.stages if uses_devft(args.method) else 1,
         rounds=args.rounds,
         round_split=args.round_split,
         local_steps=args.local_steps,
@@ -277,6 +282,9 @@ def _run_demo(args: argparse.Namespace) -> int:
         broker=args.broker,
         transfer=args.transfer,
         keep_ends=args.keep_ends,
+        beta=args.beta,
+        stage_steps=args.stage_steps,
+        adaptive_patience=args.adaptive_patience,
         heal=args.heal,
         heal_steps=args.heal_steps,
         heal_prompts=args.heal_prompts,

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from devft_edge.errors import DevFTError, raise_if
+from devft_edge.methods import METHODS
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +69,12 @@ class DemoConfig:
     """Knowledge transfer between stages (``copy`` or ``inv_n``)."""
     keep_ends: int = 0
     """Keep the first and last ``k`` layers unfused."""
+    beta: float | str = 0.1
+    """DBLF beta in (0, 1], or ``auto``."""
+    stage_steps: str = "fixed"
+    """Local steps per stage round: ``fixed``, or ``compute`` (scaled by the stage's step cost)."""
+    adaptive_patience: int = 0
+    """Leave a stage after this many evaluations without progress (0: fixed rounds)."""
     heal: str = "off"
     """Heal fused submodels on the aggregator: ``off``, ``bake`` or ``adapter``."""
     heal_steps: int = 300
@@ -81,11 +88,7 @@ class DemoConfig:
         raise_if(
             [f"{name} must be >= 1, got {value}" for name, value in self._counts() if value < 1]
             + ([f"per_round {self.per_round} exceeds devices {self.devices}"] if self.per_round > self.devices else [])
-            + (
-                [f"method {self.method!r}: the fleet runs devft or fedit"]
-                if self.method not in ("devft", "fedit")
-                else []
-            )
+            + ([f"unknown method {self.method!r}; known: {', '.join(METHODS)}"] if self.method not in METHODS else [])
             + ([] if self.profiles else ["profiles must name at least one profile"])
         )
 
@@ -205,6 +208,9 @@ def write_fleet(cfg: DemoConfig, out: Path) -> tuple[Path, list[Path]]:
         "eval_examples": cfg.eval_examples,
         "transfer": cfg.transfer,
         "keep_ends": cfg.keep_ends,
+        "beta": cfg.beta,
+        "stage_steps": cfg.stage_steps,
+        "adaptive_patience": cfg.adaptive_patience,
         "heal": None if cfg.heal == "off" else {"mode": cfg.heal, "steps": cfg.heal_steps, "prompts": cfg.heal_prompts},
         "delivery": cfg.delivery,
     }

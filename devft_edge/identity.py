@@ -43,6 +43,7 @@ class Enrolment:
         self.recheck_s = recheck_s
         self._keys: dict[str, Ed25519PublicKey] = {}
         self._unknown: OrderedDict[str, float] = OrderedDict()
+        self._order: dict[str, int] = {}
 
     def key(self, device_id: str, clock: float | None = None) -> Ed25519PublicKey | None:
         """The enrolled public key of ``device_id``, or None when it is not enrolled (or its file is unusable)."""
@@ -69,6 +70,17 @@ class Enrolment:
         self._unknown.pop(device_id, None)
         self._keys[device_id] = key
         return key
+
+    def index(self, device_id: str) -> int:
+        """``device_id``'s position among the enrolled ids in natural order: its client index, which
+        seeds its training the way the simulator seeds client ``index``'s (the listing is re-read
+        only for an id it does not hold)."""
+        from devft_edge.selection import natural_key
+
+        if device_id not in self._order:
+            ids = (p.stem for p in self.directory.glob("*.pem"))
+            self._order = {d: i for i, d in enumerate(sorted(ids, key=natural_key))}
+        return self._order.get(device_id, len(self._order))
 
 
 def enroll(device_id: str, device_keys: str | Path, identity_dir: str | Path | None = None) -> tuple[Path, Path]:

@@ -156,14 +156,19 @@ def lora_shapes(model: nn.Module, settings: LoraSettings) -> dict[str, tuple[int
 def init_lora_state(shapes: Mapping[str, tuple[int, int]], rank: int, seed: int) -> LoraState:
     """Fresh LoRA as peft initialises it: A ~ U(+-1/sqrt(in)) (kaiming, a=sqrt(5)), B = 0.
 
-    Drawn from a private generator so the result depends only on ``seed``, not on what else
-    consumed the global RNG.
+    Drawn from a private generator, module by module in sorted name order, so the result depends
+    only on ``seed`` and the shapes: not on what else consumed the global RNG, nor on the order of
+    ``shapes`` (a state read back from safetensors comes sorted; a model lists its modules in
+    layer order). The state is returned in the order of ``shapes``.
     """
     gen = torch.Generator().manual_seed(seed)
+    drawn = {}
+    for key in sorted(shapes):
+        fan_in = shapes[key][0]
+        drawn[key] = (torch.rand(rank, fan_in, generator=gen) * 2 - 1) / math.sqrt(fan_in)
     state: LoraState = {}
-    for key, (fan_in, fan_out) in shapes.items():
-        bound = 1.0 / math.sqrt(fan_in)
-        state[f"{key}.lora_A"] = (torch.rand(rank, fan_in, generator=gen) * 2 - 1) * bound
+    for key, (_, fan_out) in shapes.items():
+        state[f"{key}.lora_A"] = drawn[key]
         state[f"{key}.lora_B"] = torch.zeros(fan_out, rank)
     return state
 

@@ -120,6 +120,12 @@ class ModelShape:
         )
         return layers * per_block
 
+    def delta_params(self, layers: int) -> int:
+        """Entries of a dense update of every LoRA target of ``layers`` blocks (FLoRA's merged update)."""
+        return layers * sum(
+            lin.in_features * lin.out_features for lin in self.block_linears if lin.name in self.lora_targets
+        )
+
 
 def model_shape(config: object) -> ModelShape:
     """Count a HF config's model on a meta-device skeleton (no weights are allocated)."""
@@ -180,6 +186,9 @@ class StepConfig:
     quant_embeddings: bool = True
     checkpointing: bool = False
     backend: str = "cpu"
+    merged_delta: bool = False
+    """FLoRA: the global update rides beside the (quantized) pack as a dense fp32 update of each
+    LoRA target; with an unquantized base it is merged into the weights in place and costs nothing."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -259,6 +268,7 @@ def estimate_memory(shape: ModelShape, step: StepConfig) -> MemoryEstimate:
             "activations": int(FLOAT * activations),
             "logits": int(FLOAT * LOGIT_COEF * tokens * shape.vocab),
             "dequant": dequant,
+            "delta": FLOAT * shape.delta_params(step.layers) if step.merged_delta and step.quant != "none" else 0,
         }
     )
 

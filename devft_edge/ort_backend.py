@@ -24,7 +24,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from devft_edge.backends import TRAINERS, Trainer, TrainResult
+from devft_edge.backends import TRAINERS, Stream, Trainer, TrainResult
 from devft_edge.data import Example
 from devft_edge.errors import ConfigError, DevFTError
 from devft_edge.lora import LoraState
@@ -142,13 +142,18 @@ class OrtTrainer(Trainer):
         settings: TrainSettings,
         seed: int,
         start: LoraState | None = None,
+        delta: LoraState | None = None,
+        stream: Stream | None = None,
     ) -> TrainResult:
         import numpy as np
         import torch
         from transformers import AutoTokenizer
 
-        from devft_edge.data import batches
-
+        if delta:
+            raise ConfigError(
+                "the ort backend trains the pack's base as exported; FLoRA's merged update would need a new "
+                "training graph per round: train this task with --backend torch"
+            )
         if settings.checkpointing:
             raise ConfigError(
                 "the ort backend has no gradient checkpointing: its training graph is exported once per "
@@ -171,11 +176,11 @@ class OrtTrainer(Trainer):
         tokenizer = AutoTokenizer.from_pretrained(pack.directory)
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
-        stream = batches(examples, settings.batch_size, seed, tokenizer, settings.seq_len)
+        batches = (stream or Stream(seed)).batches(examples, settings, tokenizer)
         module.train()
         losses = []
         for _ in range(settings.steps):
-            batch = next(stream)
+            batch = next(batches)
             loss = module(
                 batch["input_ids"].numpy().astype(np.int64),
                 batch["attention_mask"].numpy().astype(np.int64),

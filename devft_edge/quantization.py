@@ -289,6 +289,14 @@ class QuantizedLinear(nn.Linear):
         for name, part in quantizer.empty_parts(out_features, in_features, device).items():
             self.register_buffer(name, part)
         self.bias = nn.Parameter(torch.empty(out_features, device=device), requires_grad=False) if bias else None
+        self.merged: Tensor | None = None
+        """A dense fp32 update added to the dequantized weight (FLoRA's merged global update): the
+        quantized weight itself stays as signed in the pack."""
+
+    def add_delta(self, update: Tensor, alpha: float) -> None:
+        """Add ``alpha * update`` ([out, in]) to the weight this layer computes with."""
+        scaled = update.to(torch.float32) * alpha
+        self.merged = scaled if self.merged is None else self.merged + scaled
 
     def parts(self) -> QuantParts:
         """The quantized weight's parts (buffers named as the quantizer names them)."""
@@ -296,12 +304,14 @@ class QuantizedLinear(nn.Linear):
 
     def dequantized(self) -> Tensor:
         """The fp32 weight, materialised for one matmul."""
-        return self.quantizer.dequantize(self.parts(), self.in_features)
+        weight = self.quantizer.dequantize(self.parts(), self.in_features)
+        return weight if self.merged is None else weight + self.merged
 
     def dequantized_rows(self, start: int, stop: int) -> Tensor:
         """Rows ``start:stop`` of the fp32 weight."""
         rows = torch.arange(start, stop, device=self.qweight.device)
-        return self.quantizer.dequantize_rows(self.parts(), rows, self.in_features)
+        weight = self.quantizer.dequantize_rows(self.parts(), rows, self.in_features)
+        return weight if self.merged is None else weight + self.merged[start:stop]
 
     def forward(self, x: Tensor) -> Tensor:
         return _DequantLinear.apply(x, self)

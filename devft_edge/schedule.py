@@ -141,3 +141,31 @@ class StageSchedule:
             if r < end:
                 return stage
         raise AssertionError("unreachable: rounds_per_stage sums to total_rounds")
+
+
+DEFAULT_MIN_DELTA = 0.01
+"""Smallest eval-loss decrease that counts as progress for the adaptive stage advance."""
+
+
+@dataclass
+class Plateau:
+    """The adaptive stage advance: a stage ends once its eval loss has not improved by ``min_delta``
+    for ``patience`` evaluations (its unused rounds go to the next stage); patience 0 = never.
+
+    Plain data (``dataclasses.asdict``), so the aggregator checkpoints it with the run.
+    """
+
+    patience: int
+    min_delta: float = DEFAULT_MIN_DELTA
+    best: float = float("inf")
+    stale: int = 0
+
+    def reached(self, eval_loss: float | None) -> bool:
+        """Record one round's eval loss (None = not evaluated); True once the stage should end."""
+        if self.patience == 0 or eval_loss is None:
+            return False
+        if eval_loss < self.best - self.min_delta:
+            self.best, self.stale = eval_loss, 0
+        else:
+            self.best, self.stale = min(self.best, eval_loss), self.stale + 1
+        return self.stale >= self.patience

@@ -39,26 +39,26 @@ from devft_edge.lora import (
     attach_lora,
     get_lora_state,
     init_lora_state,
-    lora_applied,
     lora_shapes,
     set_lora_state,
     state_bytes,
 )
 from devft_edge.memory import model_shape
+from devft_edge.methods import METHODS, rule_of, uses_devft
 from devft_edge.models import cache_dir, load_model, load_tokenizer, model_dir
 from devft_edge.pack_size import DELIVERIES, pack_file_bytes, plan_file_bytes
 from devft_edge.peak_memory import peak_bytes
 from devft_edge.plot import plot_curves
 from devft_edge.quantization import QuantSpec, dequantize_model, quantize_model
-from devft_edge.schedule import StageSchedule
+from devft_edge.schedule import DEFAULT_MIN_DELTA, Plateau, StageSchedule
+from devft_edge.selection import data_seed, select_clients, training_seed
 from devft_edge.stage import Stage, StageBuilder, StageRecipe
 from devft_edge.step_cost import StepCostModel, step_cost_model
-from devft_edge.submodel import add_weight_delta
+from devft_edge.submodel import add_weight_delta, state_applied
 from devft_edge.training import EvalResult, TrainSettings, evaluate, train_local
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("devft", "fedit", "fedsa", "flora", "devft+fedit", "devft+fedsa", "devft+flora")
 FULL_EVALS = ("stage", "round", "off")
 """When the full model with the transferred LoRA is evaluated: after each stage's transfer, after
 every round (the running hand-over), or never."""
@@ -112,7 +112,7 @@ class SimulationConfig:
     adaptive_patience: int = 0
     """Adaptive schedule: leave a stage once its eval loss has not improved by ``adaptive_min_delta``
     for this many evaluations; its unused rounds carry over to the next stage. 0 = fixed rounds."""
-    adaptive_min_delta: float = 0.01
+    adaptive_min_delta: float = DEFAULT_MIN_DELTA
     """Smallest eval-loss decrease that counts as progress for the adaptive schedule."""
     round_split: str = "depth"
     """How the round budget is shared out over the stages: ``depth`` (default: in proportion to stage
@@ -177,12 +177,12 @@ class SimulationConfig:
     @property
     def devft(self) -> bool:
         """Whether the DevFT stage schedule is on (else one full-depth stage)."""
-        return self.method.startswith("devft")
+        return uses_devft(self.method)
 
     @property
     def rule(self) -> str:
         """The in-stage aggregation rule's name."""
-        return self.method.partition("+")[2] or "fedit" if self.devft else self.method
+        return rule_of(self.method)
 
     def profile_of(self, client: int) -> str | None:
         """Client ``client``'s device profile (None: no fleet given)."""
@@ -290,26 +290,6 @@ class _Stage:
 
 
 @dataclass
-class _Plateau:
-    """Detects a plateau of the eval loss inside a stage (the adaptive schedule); patience 0 = never."""
-
-    patience: int
-    min_delta: float
-    best: float = float("inf")
-    stale: int = 0
-
-    def reached(self, eval_loss: float | None) -> bool:
-        """Record one round's eval loss (None = not evaluated); True once the stage should end."""
-        if self.patience == 0 or eval_loss is None:
-            return False
-        if eval_loss < self.best - self.min_delta:
-            self.best, self.stale = eval_loss, 0
-        else:
-            self.best, self.stale = min(self.best, eval_loss), self.stale + 1
-        return self.stale >= self.patience
-
-
-@dataclass
 class _RoundTally:
     """What one round's clients did, for the metrics line."""
 
@@ -353,10 +333,9 @@ class Simulation:
         client_data, self.held_out = _load_data(cfg)
         self.memories = [ClientMemory(num_samples=len(d)) for d in client_data]
         self.streams: dict[int, Iterator[dict[str, Tensor]]] = {
-            c: batches(d, cfg.train.batch_size, cfg.seed * 7919 + c, self.tokenizer, cfg.train.seq_len)
+            c: batches(d, cfg.train.batch_size, data_seed(cfg.seed, c), self.tokenizer, cfg.train.seq_len)
             for c, d in enumerate(client_data)
         }
-        self.sampler = random.Random(cfg.seed)
         self.full = GlobalState(lora=init_lora_state(lora_shapes(self.base, cfg.lora), cfg.lora.rank, cfg.seed))
         self.full_pack_bytes = 0
         """``full_pack`` delivery: size of the full model's pack, downloaded once per device."""
@@ -403,7 +382,7 @@ class Simulation:
             ):
                 budget = self.cfg.rounds - round_index if number == last_stage else n_rounds + carry
                 stage = self._open_stage(number, capacity, round_index)
-                plateau = _Plateau(self.cfg.adaptive_patience, self.cfg.adaptive_min_delta)
+                plateau = Plateau(self.cfg.adaptive_patience, self.cfg.adaptive_min_delta)
                 used = 0
                 while used < budget:
                     line = self._run_round(stage, round_index)
@@ -514,7 +493,12 @@ class Simulation:
 
         t = self.cfg.train
         step = StepConfig(
-            layers=layers, batch=t.batch_size, seq=t.seq_len, rank=self.cfg.lora.rank, quant=self.cfg.quant
+            layers=layers,
+            batch=t.batch_size,
+            seq=t.seq_len,
+            rank=self.cfg.lora.rank,
+            quant=self.cfg.quant,
+            merged_delta=self.cfg.rule == "flora",
         )
         fits = {
             name: fit_profile(self.shape, step, load_profile(name), self.cfg.model).fits
@@ -545,7 +529,7 @@ class Simulation:
                 self.has_full_pack.add(c)
                 memory.synced_round = round_index - 1
             set_lora_state(stage.model, self.rule.client_start(received, stage.server, memory, stage.to_stage))
-            torch.manual_seed(self.cfg.seed * 1_000_003 + round_index * 1009 + c)
+            torch.manual_seed(training_seed(self.cfg.seed, round_index, c))
             tally.losses.append(train_local(stage.model, self.streams[c], train))
             self.compute += train.steps * stage.cost
             sent = self.rule.uplink(get_lora_state(stage.model), memory, stage.to_full)
@@ -556,7 +540,7 @@ class Simulation:
     def _run_round(self, stage: _Stage, round_index: int) -> RoundMetrics:
         """Select clients, train them, aggregate, evaluate when due."""
         t0 = time.perf_counter()
-        selected = sorted(self.sampler.sample(stage.eligible, min(self.cfg.per_round, len(stage.eligible))))
+        selected = select_clients(stage.eligible, self.cfg.per_round, self.cfg.seed, round_index)
         tally = _RoundTally()
         before = stage.server.delta
         stage.server = self.rule.aggregate(
@@ -633,12 +617,8 @@ class Simulation:
 
     def _evaluate_full(self, state: GlobalState) -> EvalResult:
         """The full base model with ``state`` applied, on the held-out set (the base is restored)."""
-        add_weight_delta(self.base, state.delta, self.cfg.lora.scaling)
-        try:
-            with lora_applied(self.base, self.cfg.lora, state.lora) as model:
-                return evaluate(model, self.tokenizer, self.held_out, self.cfg.train.seq_len)
-        finally:
-            add_weight_delta(self.base, state.delta, -self.cfg.lora.scaling)
+        with state_applied(self.base, self.cfg.lora, state.lora, state.delta) as model:
+            return evaluate(model, self.tokenizer, self.held_out, self.cfg.train.seq_len)
 
     def _finish(
         self,

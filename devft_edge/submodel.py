@@ -11,7 +11,8 @@ previous stage transferred.
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -177,7 +178,9 @@ def stage_groups(
 def add_weight_delta(model: nn.Module, delta: Mapping[str, Tensor], scaling: float) -> None:
     """Merge dense updates ``scaling * delta`` (keys ``layers.{i}.{module}.delta``) into the weights.
 
-    Works on a plain or peft-wrapped model (peft's LoRA layers keep the original as ``base_layer``).
+    Works on a plain or peft-wrapped model (peft's LoRA layers keep the original as ``base_layer``)
+    and on a quantized pack's layers (:class:`devft_edge.quantization.QuantizedLinear` keeps the
+    update beside its quantized weight).
     """
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     layers = decoder_layers(inner)
@@ -186,8 +189,26 @@ def add_weight_delta(model: nn.Module, delta: Mapping[str, Tensor], scaling: flo
         for key, value in delta.items():
             index, _, rest = key[len("layers.") :].partition(".")
             module = layers[int(index)].get_submodule(rest[: -len(".delta")])
-            weight = getattr(module, "base_layer", module).weight
-            update = (value.T if fan_in_fan_out else value).to(weight.dtype)
-            if update.shape != weight.shape:
-                raise ConfigError(f"{key}: delta shape {tuple(update.shape)} != weight {tuple(weight.shape)}")
-            weight.add_(update, alpha=scaling)
+            module = getattr(module, "base_layer", module)
+            update = value.T if fan_in_fan_out else value
+            shape = (module.out_features, module.in_features) if module.weight is None else module.weight.shape
+            if update.shape != shape:
+                raise ConfigError(f"{key}: delta shape {tuple(update.shape)} != weight {tuple(shape)}")
+            if module.weight is None:  # a quantized pack's layer: the update rides beside its weight
+                module.add_delta(update, scaling)
+            else:
+                module.weight.add_(update.to(module.weight.dtype), alpha=scaling)
+
+
+@contextmanager
+def state_applied(
+    base: nn.Module, settings: LoraSettings, lora: Mapping[str, Tensor], delta: Mapping[str, Tensor]
+) -> Iterator[nn.Module]:
+    """``base`` with FLoRA's merged update ``delta`` and ``lora`` on top, for the block; both are
+    taken out on exit (the base is shared: the server evaluates and exports from it)."""
+    add_weight_delta(base, delta, settings.scaling)
+    try:
+        with lora_applied(base, settings, lora) as model:
+            yield model
+    finally:
+        add_weight_delta(base, delta, -settings.scaling)

@@ -17,23 +17,30 @@ import logging
 import queue
 import shutil
 import time
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from devft_edge.blobs import BlobInfo, BlobStore, Download, StorageFull, chunk_index, chunk_request
-from devft_edge.errors import ConfigError, DevFTError
+from devft_edge.errors import ConfigError
 from devft_edge.mqtt import BrokerAddress, Connection, Incoming
 from devft_edge.peak_memory import peak_bytes, reset_peak
 from devft_edge.protocol import AGGREGATOR, Envelope, Kind, ProtocolError, Reason, Topics, decode, seal, unseal
 from device_agent.config import AgentConfig
 
 if TYPE_CHECKING:
+    from devft_edge.backends import Stream
+    from devft_edge.methods import ClientMethod
     from devft_edge.pack import VerifiedPack
     from devft_edge.training import TrainSettings
 
 logger = logging.getLogger(__name__)
 
 TASKS_FILE = "tasks.json"
+RUNS_DIR = "runs"
+"""Per run (hashed id): ``private.safetensors`` (what the rule keeps on the device) and ``stream.json``."""
+PRIVATE_FILE = "private.safetensors"
+STREAM_FILE = "stream.json"
 MAX_TASKS_REMEMBERED = 256
 """Finished tasks kept for re-offering their updates (oldest forgotten first): enough for any run's
 redeliveries, bounded across many runs."""
@@ -146,12 +153,14 @@ class Agent:
             return
         try:
             task_settings(task)
+            task_method(task)
+            task_seeds(task)
         except ProtocolError as error:  # refuse at once: the round need not wait for its deadline
             logger.error("task %s refused: %s", task.id, error)
             self._send(task.reply(Kind.REFUSAL, self.cfg.device_id, reason=error.reason, data={"detail": str(error)}))
             return
         self.task, self.downloads = task, {}
-        needed = [BlobInfo.from_json(task.data[key]) for key in ("pack", "lora", "plan") if key in task.data]
+        needed = [BlobInfo.from_json(task.data[key]) for key in ("pack", "lora", "plan", "delta") if key in task.data]
         keep = {info.sha256 for info in needed}
         self._make_room(keep)
         for info in needed:
@@ -243,6 +252,7 @@ class Agent:
     def _run_task(self) -> None:
         from safetensors.torch import save as safetensors_save
 
+        from devft_edge.aggregation import RULES, ClientMemory, GlobalState
         from devft_edge.pack import PackError
         from devft_edge.weights import read_safetensors
 
@@ -262,15 +272,23 @@ class Agent:
             )
             self.task = None
             return
-        settings = task_settings(task)
+        settings, method, (seed, data_seed) = task_settings(task), task_method(task), task_seeds(task)
+        rule = RULES.get(method.rule)
+        memory = ClientMemory(num_samples=len(self.examples), private=self._private(task.run, rule))
+        delta = read_safetensors(self.store.path(task.data["delta"]["blob"])) if "delta" in task.data else None
+        stream = self._stream(task.run, data_seed)
         began = time.monotonic()
         try:
-            result = self.trainer.train(pack, self.examples, settings, seed=int(task.data.get("seed", 0)), start=start)
-        except (DevFTError, RuntimeError, ValueError) as error:
-            logger.exception("training failed")
-            self._send(
-                task.reply(Kind.REFUSAL, self.cfg.device_id, reason=Reason.INTERNAL, data={"detail": str(error)})
+            start = rule.client_start(start, GlobalState(lora=start), memory, method.to_stage)
+            result = self.trainer.train(
+                pack, self.examples, settings, seed=seed, start=start, delta=delta, stream=stream
             )
+            rule.uplink(result.lora, memory, method.to_full)  # keeps what the rule keeps private (FedSA's B)
+            self._keep_run_state(task.run, memory.private, replace(stream, taken=stream.taken + settings.steps))
+        except Exception as error:  # the error boundary of training: the aggregator is told, not left waiting
+            logger.exception("training failed")
+            detail = {"detail": str(error)[:500]}
+            self._send(task.reply(Kind.REFUSAL, self.cfg.device_id, reason=Reason.INTERNAL, data=detail))
             self.task = None
             return
         info = self.store.add_bytes(
@@ -297,6 +315,42 @@ class Agent:
         )
         self._send(task.reply(Kind.UPDATE, self.cfg.device_id, data=data))
         self.task = None
+
+    def _run_dir(self, run: str) -> Path:
+        """Where this device keeps what it carries between the rounds of ``run`` (one run at a time)."""
+        import hashlib
+
+        return self.cache / RUNS_DIR / hashlib.sha256(run.encode()).hexdigest()[:16]
+
+    def _private(self, run: str, rule: Any) -> dict[str, Any]:
+        """What this device kept private in ``run`` (FedSA-LoRA's B, full-model space); empty if nothing."""
+        from devft_edge.weights import read_safetensors
+
+        path = self._run_dir(run) / PRIVATE_FILE
+        return read_safetensors(path) if rule.name == "fedsa" and path.exists() else {}
+
+    def _stream(self, run: str, seed: int) -> Stream:
+        """Where this device's batch stream of ``run`` stands (a new seed starts it over)."""
+        from devft_edge.backends import Stream
+
+        kept = _read_json(self._run_dir(run) / STREAM_FILE)
+        return Stream(seed, kept.get("taken", 0) if kept.get("seed") == seed else 0)
+
+    def _keep_run_state(self, run: str, private: dict[str, Any], stream: Stream) -> None:
+        """Write what the device carries to its next round of ``run`` (each file atomically);
+        other runs' state is removed."""
+        from safetensors.torch import save_file
+
+        directory = self._run_dir(run)
+        for other in (self.cache / RUNS_DIR).glob("*"):
+            if other != directory:
+                shutil.rmtree(other, ignore_errors=True)
+        directory.mkdir(parents=True, exist_ok=True)
+        if private:
+            tmp = directory / f"{PRIVATE_FILE}.tmp"
+            save_file({k: v.contiguous() for k, v in private.items()}, str(tmp))
+            tmp.replace(directory / PRIVATE_FILE)
+        _write_json(directory / STREAM_FILE, asdict(stream))
 
     def _verified(self, sha: str) -> VerifiedPack:
         """The signed archive (pack or plan) ``sha``, verified and unpacked once; a refused one is deleted.
@@ -376,6 +430,32 @@ def task_settings(task: Envelope) -> TrainSettings:
         )
     except ConfigError as error:
         raise ProtocolError(Reason.MALFORMED, str(error)) from error
+
+
+def task_seeds(task: Envelope) -> tuple[int, int]:
+    """The task's training seed and data-stream seed.
+
+    Raises:
+        ProtocolError: ``malformed`` unless both are integers.
+    """
+    seeds = task.data.get("seed"), task.data.get("data_seed")
+    if any(type(s) is not int for s in seeds):
+        raise ProtocolError(Reason.MALFORMED, f"seed and data_seed must be integers, got {str(seeds)[:80]}")
+    return seeds[0], seeds[1]
+
+
+def task_method(task: Envelope) -> ClientMethod:
+    """The federated method ``task`` runs: its rule's client half, and the stage's layer map.
+
+    Raises:
+        ProtocolError: ``malformed``, naming what is wrong with (or the lack of) the task's ``method``.
+    """
+    from devft_edge.methods import ClientMethod
+
+    try:
+        return ClientMethod.from_json(task.data.get("method"))
+    except ConfigError as error:
+        raise ProtocolError(Reason.MALFORMED, str(error)) from None
 
 
 def _load_profile(cfg: AgentConfig) -> Any:

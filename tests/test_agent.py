@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 
 from devft_edge.protocol import Envelope, Kind, ProtocolError, Reason
-from device_agent.agent import task_settings
+from device_agent.agent import task_method, task_seeds, task_settings
 
 GOOD = {"steps": 8, "batch": 4, "seq": 64, "lr": 3e-4}
+METHOD = {"rule": "fedit", "groups": [[0, 1], [2]], "fusion": "dblf", "beta": 0.1, "transfer": "copy"}
 
 
 def _task(train: object) -> Envelope:
@@ -101,7 +102,7 @@ def _blob_task(store, fresh: bytes, old: list[str]) -> Envelope:
 
     lora = store.info(old[-1])  # a blob the device holds: used again, not fetched
     pack = BlobInfo(hashlib.sha256(fresh).hexdigest(), len(fresh), 2**16)
-    data = {"pack": pack.to_json(), "lora": lora.to_json(), "train": GOOD}
+    data = {"pack": pack.to_json(), "lora": lora.to_json(), "train": GOOD, "method": METHOD, "seed": 1, "data_seed": 2}
     return Envelope(kind=Kind.TASK, sender="aggregator", run="r", stage=1, round=3, data=data)
 
 
@@ -131,3 +132,21 @@ def test_a_task_that_cannot_fit_the_disk_is_given_back_with_a_storage_reason(tmp
     (refusal,) = agent.sent
     assert refusal.kind is Kind.REFUSAL and refusal.reason is Reason.STORAGE
     assert agent.task is None and agent.downloads == {}
+
+
+@pytest.mark.parametrize(
+    ("data", "named"),
+    [
+        ({"method": {**METHOD, "rule": "fedavg"}, "seed": 1, "data_seed": 2}, "method.rule"),
+        ({"seed": 1, "data_seed": 2}, "object"),
+        ({"method": METHOD, "seed": "1", "data_seed": 2}, "seed and data_seed"),
+        ({"method": METHOD, "seed": 1}, "seed and data_seed"),
+        ({"method": METHOD, "seed": 1, "data_seed": True}, "seed and data_seed"),
+    ],
+)
+def test_a_task_without_a_usable_method_or_seeds_is_refused(data, named) -> None:
+    task = Envelope(kind=Kind.TASK, sender="aggregator", run="r", stage=1, round=0, data={"train": GOOD, **data})
+    with pytest.raises(ProtocolError, match=named) as refused:
+        task_method(task)
+        task_seeds(task)
+    assert refused.value.reason is Reason.MALFORMED

@@ -72,7 +72,7 @@ def test_each_device_gets_a_private_disjoint_share_and_a_valid_config(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "bad", [dict(devices=0), dict(per_round=5, devices=2), dict(method="fedsa"), dict(profiles=())]
+    "bad", [dict(devices=0), dict(per_round=5, devices=2), dict(method="fedavg"), dict(profiles=())]
 )
 def test_demo_config_errors_are_clear(bad):
     with pytest.raises(ConfigError):

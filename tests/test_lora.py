@@ -91,3 +91,17 @@ def test_transfer_copies_representative_into_members():
     assert torch.equal(full["layers.0.q.lora_A"], stage["layers.0.q.lora_A"])
     with pytest.raises(ConfigError, match="groups"):
         transfer_lora(stage, [[0], [1], [2]])
+
+
+def test_fresh_lora_depends_on_the_seed_and_shapes_not_their_order():
+    """A state read back from safetensors lists its modules sorted, a model in layer order: FLoRA's
+    fresh LoRA must be the same either way, or a fleet and a simulation train from different A."""
+    from devft_edge.lora import init_lora_state
+
+    shapes = {f"layers.{i}.self_attn.{m}": (8 + i, 4) for i in (0, 2, 10) for m in ("q_proj", "v_proj")}
+    forward = init_lora_state(shapes, 4, seed=3)
+    backward = init_lora_state(dict(reversed(shapes.items())), 4, seed=3)
+    assert list(forward) != list(backward) and all(torch.equal(forward[k], backward[k]) for k in forward)
+    assert not torch.equal(
+        forward["layers.0.self_attn.q_proj.lora_A"], init_lora_state(shapes, 4, 4)["layers.0.self_attn.q_proj.lora_A"]
+    )

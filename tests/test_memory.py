@@ -116,3 +116,17 @@ def test_heap_width_counts_the_outputs_below_the_mmap_threshold(smollm2_shape) -
     few = estimate_memory(smollm2_shape, StepConfig(layers=30, batch=4, seq=64)).parts["activations"]
     many = estimate_memory(smollm2_shape, StepConfig(layers=30, batch=16, seq=64)).parts["activations"]
     assert many < 4 * few  # 4x the tokens, but none of them on the heap
+
+
+def test_flora_update_beside_a_quantized_pack_is_in_the_peak(smollm2_shape):
+    """The planner counts FLoRA's dense fp32 update of every LoRA target when it cannot be merged
+    into a quantized base; merged into an fp32 base it costs nothing extra."""
+    plain = StepConfig(layers=8, quant="int4")
+    flora = StepConfig(layers=8, quant="int4", merged_delta=True)
+    extra = estimate_memory(smollm2_shape, flora).peak_bytes - estimate_memory(smollm2_shape, plain).peak_bytes
+    assert extra == 4 * smollm2_shape.delta_params(8) > 0
+    fp32 = StepConfig(layers=8, merged_delta=True)
+    assert (
+        estimate_memory(smollm2_shape, fp32).peak_bytes
+        == estimate_memory(smollm2_shape, StepConfig(layers=8)).peak_bytes
+    )

@@ -159,3 +159,26 @@ def test_bound_heap_and_its_opt_out(monkeypatch):
     assert bound_heap() is True  # glibc here
     monkeypatch.setenv(HEAP_ENV, "default")
     assert bound_heap() is False
+
+
+@pytest.mark.parametrize("out_features", [100, 9000])
+def test_a_merged_update_rides_beside_the_quantized_weight(out_features):
+    """FLoRA on a quantized pack: the global update is added to what the layer computes with (every
+    row chunk included), the quantized buffers stay as signed, and taking it out restores the layer."""
+    from devft_edge.submodel import add_weight_delta
+
+    model = load_model("tiny", seed=0)
+    quantize_model(model, QuantSpec("int4"))
+    layer = model.model.layers[1].self_attn.q_proj
+    assert isinstance(layer, QuantizedLinear)
+    before, buffers = layer.dequantized(), {k: v.clone() for k, v in layer.parts().items()}
+    delta = torch.randn(layer.out_features, layer.in_features)
+    add_weight_delta(model, {"layers.1.self_attn.q_proj.delta": delta}, 0.5)
+    assert torch.allclose(layer.dequantized(), before + 0.5 * delta, atol=1e-6)
+    rows = layer.dequantized_rows(2, 7)
+    assert torch.allclose(rows, (before + 0.5 * delta)[2:7], atol=1e-6)
+    assert all(torch.equal(v, buffers[k]) for k, v in layer.parts().items())
+    add_weight_delta(model, {"layers.1.self_attn.q_proj.delta": delta}, -0.5)
+    assert torch.allclose(layer.dequantized(), before, atol=1e-6)
+    with pytest.raises(ConfigError, match="delta shape"):
+        add_weight_delta(model, {"layers.1.self_attn.q_proj.delta": delta[:, :3]}, 1.0)
