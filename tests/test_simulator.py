@@ -12,8 +12,8 @@ from peft import PeftModel
 from devft_edge.cli import main
 from devft_edge.data import train_eval_split
 from devft_edge.errors import ConfigError
-from devft_edge.models import load_model, load_tokenizer
 from devft_edge.methods import METHODS
+from devft_edge.models import load_model, load_tokenizer
 from devft_edge.simulator import SimulationConfig, simulate
 from devft_edge.training import TrainSettings, evaluate
 
