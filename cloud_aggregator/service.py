@@ -17,6 +17,7 @@ import queue
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ from cloud_aggregator.state import (
     save_state,
 )
 from cloud_aggregator.status import status_document
+from devft_edge.aggregation import ClientMemory, GlobalState
 from devft_edge.blobs import (
     WINDOW,
     BlobInfo,
@@ -49,12 +51,14 @@ from devft_edge.blobs import (
     chunk_request,
 )
 from devft_edge.errors import ConfigError, DataError
+from devft_edge.federation import Federation, StageBudget
 from devft_edge.identity import Enrolment
 from devft_edge.memory import StepConfig, estimate_memory
 from devft_edge.methods import ClientMethod
 from devft_edge.mqtt import BrokerAddress, Connection, Incoming
 from devft_edge.protocol import AGGREGATOR, Envelope, Kind, ProtocolError, Reason, Topics, decode, seal, unseal
 from devft_edge.ratelimit import RateLimiter
+from devft_edge.robust import robust_weights
 from devft_edge.schedule import Plateau
 from devft_edge.selection import data_seed, training_seed
 from devft_edge.update_check import check_update
@@ -97,8 +101,6 @@ class Aggregator:
         total = num_layers(self.base.config)
         capacities = tuple(cfg.capacities) if cfg.capacities and uses_devft(cfg.method) else None
         self.schedule = StageSchedule(total, cfg.stage_count, cfg.rounds, capacities, round_split=cfg.round_split)
-        if self.state.stage and not self.state.stage_budget:  # a state written before budgets were kept
-            self.state.stage_budget = self.schedule.rounds_per_stage[self.state.stage - 1]
         recipe = StageRecipe(
             similarity=cfg.similarity,
             grouping=cfg.grouping,
@@ -121,6 +123,13 @@ class Aggregator:
             cache_dir=cfg.state_dir / "heal",
         )
         self.rule = RULES.get(rule_of(cfg.method))
+        adaptive = Plateau(cfg.adaptive_patience, cfg.adaptive_min_delta)
+        self.federation = Federation(
+            self.builder, self.schedule, self.rule, cfg.seed, cfg.train.steps, cfg.stage_steps, self.step_cost, adaptive
+        )
+        if self.state.stage and not self.state.stage_budget:  # a state written before budgets were kept
+            budget = self.federation.budget(self.state.stage, 0)
+            self.state.stage_budget, self.state.plateau = budget.rounds, asdict(budget.plateau)
         self.held_out = train_eval_split(0, cfg.eval_examples, seed=cfg.seed)[1] if cfg.eval_examples else []
         self.serving = RateLimiter(cfg.serve_rate_bytes_per_s, burst=2 * WINDOW * cfg.chunk_bytes)
         """Chunk bytes each device may draw: one request is a small message, its answer up to a window."""
@@ -498,24 +507,21 @@ class Aggregator:
 
     def _open_stage(self, number: int) -> None:
         from devft_edge.lora import init_lora_state, lora_shapes
-        from devft_edge.weights import read_safetensors
 
         capacity = self.schedule.capacities[number - 1]
         if self.state.full_lora:
-            full = read_safetensors(self.store.path(self.state.full_lora))
+            full = GlobalState(lora=self._read(self.state.full_lora), delta=self._read(self.state.full_delta))
         else:
-            full = init_lora_state(lora_shapes(self.base, self.lora), self.lora.rank, self.cfg.seed)
-            self.state.full_lora = self._put(full)
-        stage = self.builder.open(number, capacity, full)
-        groups = stage.groups
-        self._ship_weights(stage, full)
-        self.state.stage_lora = self._put(stage.start)
-        full_delta = self._read(self.state.full_delta)  # FLoRA: the update merged so far, fused like the LoRA
-        self.state.stage_delta = self._put(self.builder.contract(full_delta, groups)) if full_delta else ""
+            full = GlobalState(lora=init_lora_state(lora_shapes(self.base, self.lora), self.lora.rank, self.cfg.seed))
+            self.state.full_lora = self._put(full.lora)
+        opened = self.federation.open_stage(number, full, self.state.carry)
+        stage, groups = opened.built, opened.built.groups
+        self._ship_weights(stage, full.lora)
+        self.state.stage_lora = self._put(opened.server.lora)
+        self.state.stage_delta = self._put(opened.server.delta) if opened.server.delta else ""
         self.state.groups, self.state.stage, self.state.stage_rounds_done = groups, number, 0
-        self.state.stage_budget = self.schedule.rounds_per_stage[number - 1] + self.state.carry
+        self.state.stage_budget, self.state.plateau = opened.budget.rounds, asdict(opened.budget.plateau)
         self.state.carry = 0
-        self.state.plateau = asdict(Plateau(self.cfg.adaptive_patience, self.cfg.adaptive_min_delta))
         new_blob = self.state.plan or self.state.pack
         pack_bytes = self.store.path(new_blob).stat().st_size
         self.state.stages.append(
@@ -664,7 +670,7 @@ class Aggregator:
                 beta=self.cfg.beta,
                 transfer=self.cfg.transfer,
             ).to_json(),
-            "train": {**self.cfg.train.model_dump(), "steps": self._stage_steps()},
+            "train": {**self.cfg.train.model_dump(), "steps": self._steps()},
             "deadline": round_.deadline,
             # the simulator's seeds for client c: its training RNG per round, and its data stream
             "seed": training_seed(self.cfg.seed, round_.index, client),
@@ -676,11 +682,9 @@ class Aggregator:
         )
 
     def _close_round(self) -> None:
-        from devft_edge.aggregation import GlobalState
         from devft_edge.lora import select, set_lora_state
-        from devft_edge.robust import clip_scales, clipped, robust_weights
+        from devft_edge.robust import clip_scales, clipped
         from devft_edge.submodel import add_weight_delta
-        from devft_edge.weights import read_safetensors
 
         round_ = self.state.open_round
         assert round_ is not None  # only called with a round open
@@ -691,11 +695,10 @@ class Aggregator:
         weights = robust_weights([a.num_samples for a in accepted], self.cfg.max_weight_ratio)
         scales = clip_scales([a.norm for a in accepted], self.cfg.max_norm_ratio)
         updates = (
-            (clipped(self._shared(read_safetensors(self.store.path(a.blob))), start, scale), weight)
+            (clipped(self._shared(self._read(a.blob)), start, scale), weight)
             for a, weight, scale in zip(accepted, weights, scales, strict=True)
         )
-        seed = self.cfg.seed * 31 + round_.index  # the simulator's: FLoRA's fresh LoRA is the same both ways
-        server = self.rule.aggregate(before, updates, round_.index, seed)
+        server = self.federation.aggregate(before, updates, round_.index)
         self.state.stage_lora = self._put(server.lora)
         if server.delta:
             self.state.stage_delta = self._put(server.delta)
@@ -723,7 +726,7 @@ class Aggregator:
             # device compute in full-model-step equivalents (devft_edge.step_cost), cumulative
             "compute": round(
                 (self.state.history[-1].get("compute", 0.0) if self.state.history else 0.0)
-                + len(round_.accepted) * self._stage_steps() * self.step_cost(len(self.state.groups)),
+                + len(round_.accepted) * self._steps() * self.step_cost(len(self.state.groups)),
                 4,
             ),
             "server_seconds": round(sum((s.get("heal") or {}).get("seconds", 0.0) for s in self.state.stages), 3),
@@ -733,7 +736,7 @@ class Aggregator:
         if model is not None:
             increment = {k: v - before.delta[k] if k in before.delta else v for k, v in server.delta.items()}
             add_weight_delta(model, increment, self.lora.scaling)  # FLoRA: what the devices merge next round
-            set_lora_state(model, self._eval_lora(server))
+            set_lora_state(model, self.federation.eval_lora(server, self._memories(), self.state.groups))
             entry.update(self._evaluate(model))
         self.state.history.append(entry)
         self.state.rounds_done += 1
@@ -754,28 +757,22 @@ class Aggregator:
         self._publish_status()
 
     def _stage_ends(self, eval_loss: float | None) -> bool:
-        """Whether the round just closed ends the stage: its budget is spent, or (adaptive advance,
-        below the last stage) its eval loss has plateaued; unused rounds carry over to the next."""
-        plateau = Plateau(**self.state.plateau) if self.state.plateau else Plateau(0)
+        """Whether the round just closed ends the stage (:meth:`StageBudget.ends`); rounds it leaves
+        unused carry over to the next stage."""
+        budget = StageBudget(self.state.stage_budget, Plateau(**self.state.plateau))
         last = self.state.stage == len(self.schedule.capacities)
-        ends = self.state.stage_rounds_done >= self.state.stage_budget or (not last and plateau.reached(eval_loss))
-        self.state.plateau = asdict(plateau)
-        if ends and self.state.stage_rounds_done < self.state.stage_budget:
-            logger.info(
-                "stage %d plateaued after %d of %d rounds",
-                self.state.stage,
-                self.state.stage_rounds_done,
-                self.state.stage_budget,
-            )
-            self.state.carry = self.state.stage_budget - self.state.stage_rounds_done
-            self.state.stage_budget = self.state.stage_rounds_done
-        return ends
+        left = budget.ends(self.state.stage_rounds_done, eval_loss, last)
+        self.state.stage_budget, self.state.plateau = budget.rounds, asdict(budget.plateau)
+        if left:
+            logger.info("stage %d plateaued after %d rounds; %d carry over", self.state.stage, budget.rounds, left)
+            self.state.carry = left
+        return left is not None
 
     def _close_stage(self, server: Any) -> None:
         from devft_edge.export import export_adapter, export_merged
 
-        full = self.builder.expand(self._eval_lora(server), self.state.groups)
-        full_delta = self.builder.expand(server.delta, self.state.groups) if server.delta else {}
+        handed = self.federation.hand_over(server, self._memories(), self.state.groups)
+        full, full_delta = handed.lora, handed.delta
         self.state.full_lora = self._put(full)
         self.state.full_delta = self._put(full_delta) if full_delta else ""
         self._record_handover(full, full_delta)
@@ -828,28 +825,21 @@ class Aggregator:
             self.submodel = attach_lora(model, self.lora)
         return self.submodel
 
-    def _eval_lora(self, server: Any) -> dict[str, Any]:
-        """The single LoRA that stands for the federation (FedSA: the global A with the devices' mean B)."""
-        from devft_edge.aggregation import ClientMemory
-        from devft_edge.robust import robust_weights
-
+    def _memories(self) -> Iterator[ClientMemory]:
+        """What the devices keep, as far as the server holds it (FedSA: each device's last B), read one
+        at a time; weighted by their robust sample counts."""
         kept = sorted(self.state.private.items())
         weights = robust_weights([p["num_samples"] for _, p in kept], self.cfg.max_weight_ratio)
-        memories = (
-            ClientMemory(num_samples=w, private=self._read(p["blob"])) for (_, p), w in zip(kept, weights, strict=True)
-        )
-        return self.rule.eval_lora(server, memories, lambda full: self.builder.contract(full, self.state.groups))
+        for (_, private), weight in zip(kept, weights, strict=True):
+            yield ClientMemory(num_samples=weight, private=self._read(private["blob"]))
 
     def _shared(self, state: dict[str, Any]) -> dict[str, Any]:
         """The factors of ``state`` the rule aggregates (FedSA: A only)."""
         return {k: v for k, v in state.items() if k.endswith(self.rule.shared)}
 
-    def _stage_steps(self) -> int:
-        """Local steps per round in the open stage (``stage_steps: compute`` scales them by step cost)."""
-        steps = self.cfg.train.steps
-        if self.cfg.stage_steps == "compute":
-            steps = max(1, round(steps / self.step_cost(len(self.state.groups))))
-        return steps
+    def _steps(self) -> int:
+        """Local steps per round in the open stage."""
+        return self.federation.steps(len(self.state.groups))
 
     def _put(self, state: dict[str, Any]) -> str:
         """Store a tensor state as a blob; its id."""

@@ -36,6 +36,7 @@ def _add_delivery_option(p: argparse.ArgumentParser, default: str) -> None:
 
 def _add_simulation_options(p: argparse.ArgumentParser, defaults: dict[str, object]) -> None:
     from devft_edge.methods import METHODS
+    from devft_edge.schedule import DEFAULT_MIN_DELTA
 
     d = defaults
     p.add_argument("--model", default=d["model"], help="smollm2 | tiny[-llama|-qwen2|-gpt2|-gpt_neox|-phi3] | PATH")
@@ -109,7 +110,9 @@ def _add_simulation_options(p: argparse.ArgumentParser, defaults: dict[str, obje
         default=0,
         help="adaptive schedule: leave a stage after this many evals without improvement (0 = fixed rounds)",
     )
-    p.add_argument("--adaptive-min-delta", type=float, default=0.01, help="eval-loss decrease that counts as progress")
+    p.add_argument(
+        "--adaptive-min-delta", type=float, default=DEFAULT_MIN_DELTA, help="eval-loss decrease that counts as progress"
+    )
     p.add_argument(
         "--round-split",
         choices=["equal", "depth"],
@@ -245,6 +248,9 @@ def _add_demo_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--adaptive-patience", type=int, default=d.adaptive_patience, help="leave a stage after this many stale evals"
     )
+    p.add_argument(
+        "--adaptive-min-delta", type=float, default=d.adaptive_min_delta, help="eval-loss decrease that is progress"
+    )
     p.add_argument("--heal", choices=["off", "bake", "adapter"], default=d.heal, help="heal fused submodels")
     p.add_argument("--heal-steps", type=int, default=d.heal_steps, help="distillation steps per stage submodel")
     p.add_argument("--heal-prompts", type=int, default=d.heal_prompts, help="server-text sequences to heal on")
@@ -285,6 +291,7 @@ def _run_demo(args: argparse.Namespace) -> int:
         beta=args.beta,
         stage_steps=args.stage_steps,
         adaptive_patience=args.adaptive_patience,
+        adaptive_min_delta=args.adaptive_min_delta,
         heal=args.heal,
         heal_steps=args.heal_steps,
         heal_prompts=args.heal_prompts,

@@ -28,6 +28,7 @@ from typing import Any
 
 from devft_edge.errors import DevFTError, raise_if
 from devft_edge.methods import METHODS
+from devft_edge.schedule import DEFAULT_MIN_DELTA
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +76,8 @@ class DemoConfig:
     """Local steps per stage round: ``fixed``, or ``compute`` (scaled by the stage's step cost)."""
     adaptive_patience: int = 0
     """Leave a stage after this many evaluations without progress (0: fixed rounds)."""
+    adaptive_min_delta: float = DEFAULT_MIN_DELTA
+    """Smallest eval-loss decrease that counts as progress."""
     heal: str = "off"
     """Heal fused submodels on the aggregator: ``off``, ``bake`` or ``adapter``."""
     heal_steps: int = 300
@@ -211,6 +214,7 @@ def write_fleet(cfg: DemoConfig, out: Path) -> tuple[Path, list[Path]]:
         "beta": cfg.beta,
         "stage_steps": cfg.stage_steps,
         "adaptive_patience": cfg.adaptive_patience,
+        "adaptive_min_delta": cfg.adaptive_min_delta,
         "heal": None if cfg.heal == "off" else {"mode": cfg.heal, "steps": cfg.heal_steps, "prompts": cfg.heal_prompts},
         "delivery": cfg.delivery,
     }

@@ -31,6 +31,7 @@ from devft_edge.calibration import calibration_ids
 from devft_edge.data import Example, batches, load_jsonl, partition, partition_by_kind, train_eval_split
 from devft_edge.errors import ConfigError, raise_if
 from devft_edge.export import export_adapter, export_merged
+from devft_edge.federation import Federation, StageBudget
 from devft_edge.handover import cost_warning, early_rounds
 from devft_edge.layers import num_layers
 from devft_edge.lora import (
@@ -263,6 +264,8 @@ class _Stage:
     """Size of the stage's pack, or of its plan (``full_pack`` delivery), as the aggregator writes it."""
     steps: int
     """Local steps per client round in this stage."""
+    budget: StageBudget
+    """Rounds of this stage and the adaptive advance's record."""
     cost: float
     """Step cost of this stage's depth, in full-model-step equivalents."""
     eligible: list[int] = field(default_factory=list)
@@ -327,6 +330,10 @@ class Simulation:
         self.step_cost: StepCostModel = step_cost_model(
             cfg.model, self.shape, cfg.train.batch_size, cfg.train.seq_len, cfg.lora.rank
         )
+        adaptive = Plateau(cfg.adaptive_patience, cfg.adaptive_min_delta)
+        self.federation = Federation(
+            self.builder, self.schedule, self.rule, cfg.seed, cfg.train.steps, cfg.stage_steps, self.step_cost, adaptive
+        )
         self.warning = self._cost_warning()
         if self.warning:
             logger.warning("%s", self.warning)
@@ -377,19 +384,15 @@ class Simulation:
         with (self.out_dir / "metrics.jsonl").open("w") as metrics_file, bar:
             carry = 0
             last_stage = len(self.schedule.capacities)
-            for number, (capacity, n_rounds) in enumerate(
-                zip(self.schedule.capacities, self.schedule.rounds_per_stage, strict=True), start=1
-            ):
-                budget = self.cfg.rounds - round_index if number == last_stage else n_rounds + carry
-                stage = self._open_stage(number, capacity, round_index)
-                plateau = Plateau(self.cfg.adaptive_patience, self.cfg.adaptive_min_delta)
-                used = 0
-                while used < budget:
+            for number, capacity in enumerate(self.schedule.capacities, start=1):
+                stage = self._open_stage(number, capacity, round_index, carry)
+                used, left = 0, None
+                while left is None:
                     line = self._run_round(stage, round_index)
                     round_index += 1
                     used += 1
-                    ends = used == budget or (number < last_stage and plateau.reached(line.eval_loss))
-                    if ends:
+                    left = stage.budget.ends(used, line.eval_loss, last=number == last_stage)
+                    if left is not None:
                         if line.eval_loss is not None and line.eval_accuracy is None:
                             line = self._with_accuracy(stage, line)
                         self._close_stage(stage)
@@ -401,11 +404,9 @@ class Simulation:
                     metrics_file.flush()
                     bar.update(1)
                     bar.set_postfix(stage=number, eval_loss="-" if line.eval_loss is None else f"{line.eval_loss:.3f}")
-                    if ends:
-                        if used < budget:
-                            logger.info("stage %d plateaued after %d of %d rounds", number, used, budget)
-                        break
-                carry = budget - used
+                    if left:
+                        logger.info("stage %d plateaued after %d of %d rounds", number, used, used + left)
+                carry = left or 0
                 stages_info.append(self._stage_info(stage, capacity, used, metrics[-1]))
                 if number == self.cfg.stop_after:
                     break
@@ -438,14 +439,14 @@ class Simulation:
             },
         }
 
-    def _open_stage(self, number: int, capacity: int, first_round: int) -> _Stage:
+    def _open_stage(self, number: int, capacity: int, first_round: int, carry: int) -> _Stage:
         """Plan and pack one stage: group, fuse, heal, attach LoRA started from the full state."""
         t0 = time.perf_counter()
         self._full_by_task = None
-        built = self.builder.open(number, capacity, self.full.lora)
+        opened = self.federation.open_stage(number, self.full, carry)
+        built = opened.built
         logger.info("stage %d: %d layers, groups %s", number, capacity, built.groups)
-        fused_delta = self.builder.contract(self.full.delta, built.groups) if self.full.delta else {}
-        add_weight_delta(built.model, fused_delta, self.cfg.lora.scaling)
+        add_weight_delta(built.model, opened.server.delta, self.cfg.lora.scaling)
         if self.cfg.delivery == "full_pack":
             pack_bytes = plan_file_bytes(
                 built, self.builder.fusion, model_name=self.cfg.model, lora=self.cfg.lora, quant=self.cfg.quant
@@ -460,21 +461,17 @@ class Simulation:
                 quant=self.cfg.quant,
                 tokenizer_dir=model_dir(self.cfg.model),
             )
-        cost = self.step_cost(capacity)
-        steps = self.cfg.train.steps
-        if self.cfg.stage_steps == "compute":
-            steps = max(1, round(steps / cost))
         stage = _Stage(
             built=built,
             model=attach_lora(built.model, self.cfg.lora),
-            server=GlobalState(lora={}, delta=fused_delta),
+            server=opened.server,
             builder=self.builder,
             pack_bytes=pack_bytes,
-            steps=steps,
-            cost=cost,
+            steps=opened.steps,
+            budget=opened.budget,
+            cost=self.step_cost(capacity),
             eligible=self._eligible(capacity),
         )
-        stage.server.lora = stage.to_stage(self.full.lora)
         self.rule.start_stage(first_round)
         elapsed = time.perf_counter() - t0
         heal_seconds = built.heal.seconds if built.heal is not None and not built.heal_cached else 0.0
@@ -543,11 +540,8 @@ class Simulation:
         selected = select_clients(stage.eligible, self.cfg.per_round, self.cfg.seed, round_index)
         tally = _RoundTally()
         before = stage.server.delta
-        stage.server = self.rule.aggregate(
-            stage.server,
-            self._client_updates(stage, selected, round_index, tally),
-            round_index,
-            self.cfg.seed * 31 + round_index,
+        stage.server = self.federation.aggregate(
+            stage.server, self._client_updates(stage, selected, round_index, tally), round_index
         )
         if stage.server.delta:  # FLoRA: clients merge the round's exact update into their base
             increment = {k: v - before[k] if k in before else v for k, v in stage.server.delta.items()}
@@ -562,7 +556,7 @@ class Simulation:
         number = round_index + 1
         result = None
         if number == self.cfg.rounds or number % self.cfg.eval_every == 0:
-            set_lora_state(stage.model, self.rule.eval_lora(stage.server, self.memories, stage.to_stage))
+            set_lora_state(stage.model, self.federation.eval_lora(stage.server, self.memories, stage.groups))
             accuracy = self.cfg.exact_match == "every_eval"
             result = evaluate(stage.model, self.tokenizer, self.held_out, self.cfg.train.seq_len, accuracy=accuracy)
         return RoundMetrics(
@@ -592,10 +586,7 @@ class Simulation:
 
     def _transferred(self, stage: _Stage) -> GlobalState:
         """The full-model state the stage would hand over if it ended now."""
-        return GlobalState(
-            lora=stage.to_full(self.rule.eval_lora(stage.server, self.memories, stage.to_stage)),
-            delta=stage.to_full(stage.server.delta) if stage.server.delta else {},
-        )
+        return self.federation.hand_over(stage.server, self.memories, stage.groups)
 
     def _close_stage(self, stage: _Stage) -> None:
         """Knowledge transfer: the representatives' LoRA (and FLoRA's update) back to every member."""

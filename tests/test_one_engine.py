@@ -74,3 +74,20 @@ def test_every_method_runs_over_mosquitto_with_int4_packs(tmp_path, method, brok
         before = base(ids).logits
         tuned = PeftModel.from_pretrained(base, tmp_path / "demo" / "adapter")(ids).logits
     assert not torch.allclose(before, tuned)
+
+
+@pytest.mark.long
+def test_devft_options_give_the_same_numbers_over_the_network(tmp_path):
+    """The adaptive stage advance, compute-scaled local steps, beta auto and the equal round split,
+    all at once: the fleet ends stage 1 early and carries its rounds over as the simulator does."""
+    pytest.importorskip("amqtt")
+    options = ["--model", "tiny", "--per-round", "2", "--stages", "2", "--rounds", "8", "--round-split", "equal"]
+    options += ["--local-steps", "4", "--examples-per-client", "12", "--eval-examples", "6", "--seed", "0", "--json"]
+    options += ["--quant", "none", "--data-alpha", "0", "--method", "devft", "--beta", "auto"]
+    options += ["--adaptive-patience", "1", "--adaptive-min-delta", "1.0", "--stage-steps", "compute"]
+    simulated = _cli("simulate", *options, "--clients", "3", out=tmp_path / "sim")
+    fleet = _cli("demo", *options, "--devices", "3", out=tmp_path / "demo")
+    sim, net = _eval_losses(tmp_path / "sim"), _eval_losses(tmp_path / "demo")
+    assert sim == pytest.approx(net, abs=1e-4), (sim, net)
+    assert [s["rounds"] for s in simulated["stages"]] == [s["rounds"] for s in fleet["stages"]] == [2, 6]
+    assert fleet["rejected"] == {}
