@@ -13,12 +13,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
 import torch
 
-from devft_edge.methods import METHODS
+from devft_edge.methods import METHODS, uses_devft
 
 COMMON = ["--model", "tiny", "--per-round", "2", "--stages", "2", "--rounds", "4", "--local-steps", "2"]
 COMMON += ["--examples-per-client", "12", "--eval-examples", "6", "--seed", "0", "--json"]
@@ -42,12 +43,55 @@ def _methods(quick: tuple[str, ...]) -> list[object]:
     return [m if m in quick else pytest.param(m, marks=pytest.mark.long) for m in METHODS if m != "devft+fedit"]
 
 
+def _check_fleet_files(out: Path, summary: dict) -> None:
+    """A DevFT demo (2 stages, 4 rounds, 3 devices, gradient checkpointing) left the simulator's
+    files with the same keys, the planner's predictions beside what devices measured, the
+    hand-over, and an adapter that stock peft loads."""
+    from peft import PeftModel
+
+    from devft_edge.models import load_model
+    from devft_edge.simulator import RoundMetrics
+
+    assert summary == json.loads((out / "summary.json").read_text())
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2, 3, 4]
+    assert {f.name for f in fields(RoundMetrics)} <= set(rows[0])
+    assert [s["layers"] for s in summary["stages"]] == [4, 8] and sum(s["rounds"] for s in summary["stages"]) == 4
+    assert summary["config"]["train"]["checkpointing"] is True
+    for stage in summary["stages"]:  # the planner's prediction beside the task peaks devices reported
+        reported = [r["peak_rss_bytes"] for r in rows if r["stage"] == stage["stage"]]
+        assert 2**27 < stage["device_peak_bytes"] == max(reported) < 2**33 and stage["predicted_peak_bytes"] > 2**27
+    assert summary["final_eval_loss"] == rows[-1]["eval_loss"] < summary["initial_eval_loss"]
+    # the hand-over: the full model with stage 1's transferred LoRA, measured by the aggregator
+    assert rows[0]["full_eval_loss"] is not None and rows[1]["full_eval_loss"] is None
+    assert rows[-1]["full_eval_loss"] == rows[-1]["eval_loss"]
+    assert rows[-1]["compute"] > rows[0]["compute"] > 0
+    assert summary["bytes_down_pack"] > 0 and summary["bytes_up"] > 0 and summary["rejected"] == {}
+    assert sum(d["updates"] for d in summary["devices"].values()) == sum(len(r["devices"]) for r in rows)
+    assert len(summary["demo"]["device_profiles"]) == 3
+    assert (out / "curves.png").stat().st_size > 0
+    for device in summary["demo"]["device_profiles"]:  # each device trained on its own file only
+        assert (out / "devices" / device / "data" / "train.jsonl").exists()
+        trained = [line for line in (out / "logs" / f"{device}.log").read_text().splitlines() if " trained: " in line]
+        assert len(trained) >= summary["devices"].get(device, {}).get("updates", 0)
+        assert all(line.endswith(", gradient checkpointing") for line in trained)
+    base = load_model("tiny", seed=0)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        before = base(ids).logits
+        tuned = PeftModel.from_pretrained(base, out / "adapter")(ids).logits
+    assert not torch.allclose(before, tuned)
+
+
 @pytest.mark.parametrize("method", _methods(QUICK))
 def test_demo_and_simulate_report_the_same_eval_loss(tmp_path, method):
+    """Also: gradient checkpointing on the devices changes no number (it recomputes, exactly)."""
     pytest.importorskip("amqtt")
     fp32 = [*COMMON, "--quant", "none", "--data-alpha", "0", "--method", method]
     simulated = _cli("simulate", *fp32, "--clients", "3", out=tmp_path / "sim")
-    fleet = _cli("demo", *fp32, "--devices", "3", out=tmp_path / "demo")
+    fleet = _cli("demo", *fp32, "--devices", "3", "--checkpointing", out=tmp_path / "demo")
+    if uses_devft(method):
+        _check_fleet_files(tmp_path / "demo", fleet)
     sim, net = _eval_losses(tmp_path / "sim"), _eval_losses(tmp_path / "demo")
     assert len(sim) == len(net) == 4
     assert sim == pytest.approx(net, abs=1e-4), (sim, net)
