@@ -5,7 +5,9 @@ the aggregator and the agent. It works over plain MQTT 3.1.1: every message is o
 payload is ``[4-byte big-endian header length][header: UTF-8 JSON][body: bytes]``. The header
 names the protocol version, the message kind, the run/stage/round it belongs to, a unique
 message id (handlers are idempotent: a repeated id is a duplicate) and the sender; kind-specific
-fields go in ``data``. A message carries content or an error (``reason``), never both.
+fields go in ``data``. A message carries content or an error (``reason``), never both: with a
+reason, ``data`` holds only what names and explains it (:data:`ERROR_FIELDS`) and the body is empty
+(checked on construction, so also on decoding).
 
 Every payload on the wire is *sealed*: the encoded envelope followed by the sender's 64-byte
 ed25519 signature over the topic and the envelope (:func:`seal`). A receiver checks the seal with
@@ -101,6 +103,11 @@ class ProtocolError(DevFTError):
         super().__init__(f"{reason.value}: {message}")
 
 
+ERROR_FIELDS = frozenset({"re", "accepted", "note", "detail"})
+"""What a message with a reason may carry in ``data``: the message it answers, the verdict, and
+text that explains the reason."""
+
+
 @dataclass(frozen=True)
 class Envelope:
     """One protocol message."""
@@ -116,6 +123,11 @@ class Envelope:
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     sent: float = field(default_factory=time.time)
     version: int = PROTOCOL_VERSION
+
+    def __post_init__(self) -> None:
+        if self.reason is not None and (self.body or (isinstance(self.data, dict) and self.data.keys() - ERROR_FIELDS)):
+            extra = sorted(self.data.keys() - ERROR_FIELDS) if isinstance(self.data, dict) else []
+            raise ValueError(f"a message with a reason carries no content (body or data {extra[:5]})")
 
     def encode(self) -> bytes:
         """The MQTT payload."""

@@ -240,3 +240,15 @@ def test_ids_must_match_whole_not_up_to_a_trailing_newline():
     assert check_sha(digest) == digest
     with pytest.raises(ProtocolError):
         check_sha(digest + "\n")
+
+
+@pytest.mark.parametrize("content", [{"data": {"detail": "x", "blob": "ab"}}, {"body": b"chunk"}])
+def test_a_message_with_a_reason_carries_no_content(content):
+    """The envelope's rule, enforced: a refusal or verdict explains itself and carries nothing to act on."""
+    with pytest.raises(ValueError, match="carries no content"):
+        Envelope(kind=Kind.REFUSAL, sender="pi-7", reason=Reason.PACK, **content)
+    header = {"v": 1, "kind": "refusal", "sender": "pi-7", "id": "m1", "reason": "pack", "data": {"blob": "ab"}}
+    raw = json.dumps(header).encode()
+    with pytest.raises(ProtocolError) as refused:
+        decode(struct.pack(">I", len(raw)) + raw)
+    assert refused.value.reason is Reason.MALFORMED
