@@ -383,9 +383,13 @@ class Aggregator:
         self._publish_status()
 
     def _discard(self, sha: str, receiver: BlobReceiver | None = None) -> None:
-        """Remove a rejected or abandoned upload (partial or complete) from the store, unless the
-        run references the same blob (an unchanged LoRA equals the stage's own, an update equal to
-        an accepted one): a device must not grow the state directory by retrying bad uploads."""
+        """Remove a rejected or abandoned upload (partial or complete), or a large state the run has
+        moved past (FLoRA's last update, a device's old B), from the store, unless the run
+        references the same blob (an unchanged LoRA equals the stage's own, an update equal to an
+        accepted one): a device must not grow the state directory by retrying bad uploads, nor a
+        FLoRA run by its rounds (its dense update of SmolLM2 at full depth is 425 MB). The rounds'
+        global LoRA states and accepted updates stay (LoRA-sized): they are the audit trail that
+        ``benchmarks/merge_check.py`` re-merges."""
         s, round_ = self.state, self.state.open_round
         referenced = {s.pack, s.plan, s.full_pack, s.stage_lora, s.full_lora, s.stage_delta, s.full_delta}
         referenced |= {p["blob"] for p in s.private.values()}
@@ -690,6 +694,9 @@ class Aggregator:
         assert round_ is not None  # only called with a round open
         start = self._round_start()
         before = GlobalState(lora=dict(start), delta=self._read(self.state.stage_delta))
+        state = self.state  # superseded by this round: FLoRA's dense update, the devices' old B
+        superseded = {state.stage_delta, state.full_delta}
+        superseded |= {state.private[d]["blob"] for d in round_.accepted if d in state.private}
         model = self._ensure_submodel() if self.held_out else None  # before the stage delta moves on
         accepted = list(round_.accepted.values())
         weights = robust_weights([a.num_samples for a in accepted], self.cfg.max_weight_ratio)
@@ -754,6 +761,8 @@ class Aggregator:
         if self._stage_ends(entry.get("eval_loss")):
             self._close_stage(server)
         save_state(self.cfg.state_dir, self.state)
+        for sha in superseded - {""}:  # once the checkpoint no longer names them: the store does not grow per round
+            self._discard(sha)
         self._publish_status()
 
     def _stage_ends(self, eval_loss: float | None) -> bool:
