@@ -612,7 +612,7 @@ class Aggregator:
             rank=self.cfg.rank,
             quant=self.cfg.quant,
             checkpointing=t.checkpointing,
-            merged_delta=self.rule.name == "flora",
+            merged_delta=self.rule.merges_into_base,
         )
 
     def _eligible(self) -> list[str]:
@@ -686,7 +686,7 @@ class Aggregator:
         )
 
     def _close_round(self) -> None:
-        from devft_edge.lora import select, set_lora_state
+        from devft_edge.lora import set_lora_state
         from devft_edge.robust import clip_scales, clipped
         from devft_edge.submodel import add_weight_delta
 
@@ -709,10 +709,11 @@ class Aggregator:
         self.state.stage_lora = self._put(server.lora)
         if server.delta:
             self.state.stage_delta = self._put(server.delta)
-        if set(self.rule.shared) != {"lora_A", "lora_B"}:  # the factors devices keep (FedSA's B), for eval and export
-            for device, a in round_.accepted.items():
-                private = self.builder.expand(select(self._read(a.blob), "lora_B"), self.state.groups)
-                self.state.private[device] = {"blob": self._put(private), "num_samples": a.num_samples}
+        for device, a in round_.accepted.items():  # what the rule keeps on devices (FedSA's B): for eval and export
+            private = self._private(self._read(a.blob))
+            if private:
+                full = self.builder.expand(private, self.state.groups)
+                self.state.private[device] = {"blob": self._put(full), "num_samples": a.num_samples}
         entry: dict[str, Any] = {
             "round": round_.index,
             "stage": self.state.stage,
@@ -845,6 +846,10 @@ class Aggregator:
     def _shared(self, state: dict[str, Any]) -> dict[str, Any]:
         """The factors of ``state`` the rule aggregates (FedSA: A only)."""
         return {k: v for k, v in state.items() if k.endswith(self.rule.shared)}
+
+    def _private(self, state: dict[str, Any]) -> dict[str, Any]:
+        """The factors of ``state`` the rule leaves with the device (FedSA: B; the others: none)."""
+        return {k: v for k, v in state.items() if not k.endswith(self.rule.shared)}
 
     def _steps(self) -> int:
         """Local steps per round in the open stage."""

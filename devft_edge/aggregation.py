@@ -105,6 +105,10 @@ class AggregationRule:
     name = "fedit"
     paper = "Zhang et al., Towards Building the Federated GPT: Federated Instruction Tuning (FedIT), ICASSP 2024"
     shared: tuple[str, ...] = ("lora_A", "lora_B")
+    """The factors clients send and the server aggregates; the others stay on the client."""
+    merges_into_base = False
+    """Whether clients merge a dense global update into their base weights (FLoRA): over the
+    network it travels beside the pack, and a quantized pack holds it in fp32 (the planner counts it)."""
 
     def downlink(self, server: GlobalState, memory: ClientMemory, round_index: int) -> LoraState:
         """What the server sends a selected client this round."""
@@ -195,6 +199,7 @@ class FLoRA(AggregationRule):
     """
 
     name = "flora"
+    merges_into_base = True
     paper = "Wang et al., FLoRA: Federated Fine-Tuning LLMs with Heterogeneous Low-Rank Adaptations, NeurIPS 2024"
 
     def __init__(self) -> None:

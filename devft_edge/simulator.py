@@ -495,7 +495,7 @@ class Simulation:
             seq=t.seq_len,
             rank=self.cfg.lora.rank,
             quant=self.cfg.quant,
-            merged_delta=self.cfg.rule == "flora",
+            merged_delta=self.rule.merges_into_base,
         )
         fits = {
             name: fit_profile(self.shape, step, load_profile(name), self.cfg.model).fits

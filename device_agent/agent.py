@@ -274,7 +274,7 @@ class Agent:
             return
         settings, method, (seed, data_seed) = task_settings(task), task_method(task), task_seeds(task)
         rule = RULES.get(method.rule)
-        memory = ClientMemory(num_samples=len(self.examples), private=self._private(task.run, rule))
+        memory = ClientMemory(num_samples=len(self.examples), private=self._private(task.run))
         delta = read_safetensors(self.store.path(task.data["delta"]["blob"])) if "delta" in task.data else None
         stream = self._stream(task.run, data_seed)
         began = time.monotonic()
@@ -322,12 +322,12 @@ class Agent:
 
         return self.cache / RUNS_DIR / hashlib.sha256(run.encode()).hexdigest()[:16]
 
-    def _private(self, run: str, rule: Any) -> dict[str, Any]:
-        """What this device kept private in ``run`` (FedSA-LoRA's B, full-model space); empty if nothing."""
+    def _private(self, run: str) -> dict[str, Any]:
+        """What the rule kept on this device in ``run`` (FedSA-LoRA's B, full-model space); empty if nothing."""
         from devft_edge.weights import read_safetensors
 
         path = self._run_dir(run) / PRIVATE_FILE
-        return read_safetensors(path) if rule.name == "fedsa" and path.exists() else {}
+        return read_safetensors(path) if path.exists() else {}
 
     def _stream(self, run: str, seed: int) -> Stream:
         """Where this device's batch stream of ``run`` stands (a new seed starts it over)."""
