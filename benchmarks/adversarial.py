@@ -76,9 +76,9 @@ from machine_load import load_average
 from merge_check import RoundCheck, check_rounds
 from watch import PROBE, During, Probe, child_pid, latency_summary, memory, state_dir_usage, watching
 
-from devft_edge.broker import EmbeddedBroker
-from devft_edge.broker_config import BrokerSpec, write_broker_config
 from devft_edge.mqtt import BrokerLogin
+from devft_edge.ops.broker import EmbeddedBroker
+from devft_edge.ops.broker_config import BrokerSpec, write_broker_config
 from devft_edge.protocol import Envelope, Kind, Reason, decode, unseal
 
 HERE = Path(__file__).resolve().parent

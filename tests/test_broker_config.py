@@ -20,7 +20,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from system_harness import free_port, mosquitto, needs_mosquitto
 
 from devft_edge.blobs import DEFAULT_CHUNK_BYTES, WINDOW
-from devft_edge.broker_config import (
+from devft_edge.cli import main
+from devft_edge.errors import ConfigError
+from devft_edge.ops.broker_config import (
     BrokerFiles,
     BrokerSpec,
     acl_text,
@@ -30,8 +32,6 @@ from devft_edge.broker_config import (
     read_device_ids,
     write_broker_config,
 )
-from devft_edge.cli import main
-from devft_edge.errors import ConfigError
 from device_agent.config import AgentConfig
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from devft_edge.bundle import MANIFEST, MAX_BUNDLE_TEXT_BYTES, TOP, BundleError, verify_bundle
+from devft_edge.ops.bundle import MANIFEST, MAX_BUNDLE_TEXT_BYTES, TOP, BundleError, verify_bundle
 
 ENV = b"version=0.1.0-abc\nplatform=linux_aarch64\n"
 FILES = {"bundle.env": ENV, "install.sh": b"#!/bin/sh\n", "wheels/a-1.0-py3-none-any.whl": b"PK"}

@@ -12,8 +12,8 @@ import sys
 
 import pytest
 
-from devft_edge.demo import DemoConfig, write_fleet
 from devft_edge.errors import ConfigError
+from devft_edge.ops.demo import DemoConfig, write_fleet
 
 
 def test_each_device_gets_a_private_disjoint_share_and_a_valid_config(tmp_path):

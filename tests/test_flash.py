@@ -20,11 +20,11 @@ from pathlib import Path
 import pytest
 from system_harness import MOSQUITTO, free_port, mosquitto, needs_mosquitto, needs_sshd, sshd
 
-from devft_edge.bundle import PLATFORMS, TOP, BundleError, BundleSpec, build_bundle, requirements, verify_bundle
 from devft_edge.cli import main
 from devft_edge.errors import ConfigError
-from devft_edge.flash import HealthCheck, HelloWatch, load_hosts
 from devft_edge.identity import identity
+from devft_edge.ops.bundle import PLATFORMS, TOP, BundleError, BundleSpec, build_bundle, requirements, verify_bundle
+from devft_edge.ops.flash import HealthCheck, HelloWatch, load_hosts
 from devft_edge.signing import generate_keypair
 
 ROOT = Path(__file__).resolve().parent.parent

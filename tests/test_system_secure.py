@@ -23,9 +23,9 @@ import pytest
 import yaml
 from system_harness import free_port, mosquitto, needs_mosquitto, read_state, start, stop, write_configs
 
-from devft_edge.broker_config import BrokerFiles, BrokerSpec, write_broker_config
-from devft_edge.certificates import new_ca
 from devft_edge.mqtt import BrokerAddress, BrokerLogin, Connection
+from devft_edge.ops.broker_config import BrokerFiles, BrokerSpec, write_broker_config
+from devft_edge.ops.certificates import new_ca
 
 pytestmark = needs_mosquitto
 

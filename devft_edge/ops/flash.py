@@ -30,8 +30,8 @@ from typing import Any
 
 import yaml
 
-from devft_edge.bundle import TOP, BundleSpec, build_bundle, verify_bundle
 from devft_edge.errors import ConfigError, DevFTError
+from devft_edge.ops.bundle import TOP, BundleSpec, build_bundle, verify_bundle
 
 logger = logging.getLogger(__name__)
 

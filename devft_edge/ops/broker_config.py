@@ -3,7 +3,7 @@
 ``devft-edge broker-config`` calls :func:`write_broker_config`. The broker refuses anonymous
 clients; every identity (each device, the aggregator, a read-only monitor for ``devft-edge
 status``) gets a random password, and with ``tls`` a client certificate from a CA made here
-(:mod:`devft_edge.certificates`).
+(:mod:`devft_edge.ops.certificates`).
 
 The ACL confines each device to its own topics with ``pattern`` lines on ``%u``, the
 *username*, because the username is what the password authenticates; the client id (``%c``) is
@@ -33,8 +33,8 @@ from typing import Literal
 import yaml
 
 from devft_edge.blobs import DEFAULT_CHUNK_BYTES, WINDOW
-from devft_edge.certificates import issue_client, issue_server, new_ca
 from devft_edge.errors import ConfigError, raise_if
+from devft_edge.ops.certificates import issue_client, issue_server, new_ca
 from devft_edge.protocol import DEVICE_ID, MAX_HEADER_BYTES
 
 PBKDF2_ITERATIONS = 101

@@ -54,7 +54,7 @@ class EmbeddedBroker:
         return f"mqtt://{self.host}:{self.port}"
 
     def __enter__(self) -> str:
-        command = [sys.executable, "-m", "devft_edge.broker", "--host", self.host, "--port", str(self.port)]
+        command = [sys.executable, "-m", "devft_edge.ops.broker", "--host", self.host, "--port", str(self.port)]
         self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             wait_for_port(self.host, self.port)
@@ -87,7 +87,7 @@ async def _serve(host: str, port: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m devft_edge.broker", description="embedded MQTT 3.1.1 broker")
+    parser = argparse.ArgumentParser(prog="python -m devft_edge.ops.broker", description="embedded MQTT 3.1.1 broker")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=1883)
     args = parser.parse_args(argv)

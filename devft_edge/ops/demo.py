@@ -118,7 +118,7 @@ def run_demo(cfg: DemoConfig, out: Path, progress: bool | None = None) -> dict[s
     """
     import contextlib
 
-    from devft_edge.broker import EmbeddedBroker
+    from devft_edge.ops.broker import EmbeddedBroker
 
     began = time.monotonic()
     _fresh(out)

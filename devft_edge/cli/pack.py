@@ -1,0 +1,186 @@
+"""``pack``, ``pack inspect`` and ``pack verify``: build, read and check stage packs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from devft_edge.cli.options import beta, recipe_options
+from devft_edge.errors import DevFTError
+from devft_edge.profiles import QUANTIZATIONS
+
+if TYPE_CHECKING:
+    from devft_edge.cli.options import Subparsers
+
+
+def _created(text: str | None) -> str:
+    """Pack creation time: ``--created``, else ``SOURCE_DATE_EPOCH`` (reproducible builds), else now."""
+    import os
+    import time
+
+    if text:
+        return text
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    stamp = int(epoch) if epoch and epoch.isdigit() else int(time.time())
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(stamp))
+
+
+def _run_pack(args: argparse.Namespace) -> int:
+    if args.pack_command == "inspect":
+        return _run_pack_inspect(args)
+    if args.pack_command == "verify":
+        return _run_pack_verify(args)
+    missing = [flag for flag, value in (("--stage", args.stage), ("--out", args.out)) if value is None]
+    if missing:
+        raise DevFTError(f"devft-edge pack needs {' and '.join(missing)} (or: pack inspect FILE, pack verify FILE)")
+    from devft_edge.calibration import calibration_ids
+    from devft_edge.layers import num_layers
+    from devft_edge.lora import LoraSettings, init_lora_state, lora_shapes
+    from devft_edge.models import load_model, load_tokenizer, model_dir
+    from devft_edge.pack import write_pack
+    from devft_edge.quantization import QuantSpec
+    from devft_edge.schedule import StageSchedule
+    from devft_edge.signing import load_private_key
+    from devft_edge.stage import StageBuilder, StageRecipe
+    from devft_edge.training import TrainSettings
+
+    quant = QuantSpec(args.quant, group_size=args.group_size, embeddings=not args.fp32_embeddings)
+    lora = LoraSettings(rank=args.rank, alpha=args.alpha)
+    training = TrainSettings(steps=args.local_steps, batch_size=args.batch, seq_len=args.seq, lr=args.lr)
+    key = load_private_key(args.sign_key) if args.sign_key else None
+    recipe = StageRecipe(**recipe_options(args))
+    base = load_model(args.model, seed=args.seed)
+    schedule = StageSchedule(num_layers=num_layers(base.config), num_stages=args.stages, total_rounds=args.stages)
+    if not 1 <= args.stage <= args.stages:
+        raise DevFTError(f"--stage {args.stage} outside 1..{args.stages}")
+    tokenizer = load_tokenizer(args.model)
+    builder = StageBuilder(base, tokenizer, lora, recipe, calibration_ids(tokenizer), args.model, args.seed)
+    full_lora = init_lora_state(lora_shapes(base, lora), lora.rank, args.seed)
+    stage = builder.open(args.stage, schedule.capacities[args.stage - 1], full_lora)  # the aggregator's own pipeline
+    groups = stage.groups
+    manifest = write_pack(
+        args.out,
+        stage.model,
+        stage.start,
+        model_name=args.model,
+        stage=args.stage,
+        stages=args.stages,
+        groups=groups,
+        lora=lora,
+        quant=quant,
+        training=training,
+        tokenizer_dir=model_dir(args.model),
+        created=_created(args.created),
+        sign_key=key,
+    )
+    size = args.out.stat().st_size
+    print(
+        f"wrote {args.out}: stage {args.stage}/{args.stages}, {len(groups)} layers, {args.quant}, "
+        f"{size / 2**20:.1f} MiB ({size / manifest['fp32_bytes']:.3f} of fp32 weights), "
+        f"{'signed' if key else 'UNSIGNED'}"
+    )
+    return 0
+
+
+def _pack_summary(path: Path, manifest: dict[str, Any], signed: bool) -> dict[str, Any]:
+    """What ``pack inspect --json`` prints: the manifest's key facts plus sizes and signature presence."""
+    quant = manifest["quant"]
+    return {
+        "path": str(path),
+        **{key: manifest[key] for key in ("format_version", "created", "model", "stage", "stages", "layers", "groups")},
+        "quant": quant["scheme"],
+        "quant_group_size": quant["group_size"],
+        "quant_embeddings": quant["embeddings"],
+        "quant_error": quant["error"],
+        "bytes": path.stat().st_size,
+        "fp32_bytes": manifest["fp32_bytes"],
+        **{key: manifest[key] for key in ("members", "lora", "training")},
+        "signed": signed,
+    }
+
+
+def _run_pack_inspect(args: argparse.Namespace) -> int:
+    from devft_edge.pack import read_manifest
+
+    path = Path(args.file)
+    manifest, signed = read_manifest(path)
+    info = _pack_summary(path, manifest, signed)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    error = info["quant_error"]
+    embeddings = "quantized" if info["quant_embeddings"] else "fp32"
+    lines = [
+        f"{path}: devft-edge pack, format {info['format_version']}, created {info['created']}",
+        f"  model {info['model']}, stage {info['stage']}/{info['stages']}, {info['layers']} layers",
+        f"  groups {info['groups']}",
+        f"  quantization {info['quant']} (group {info['quant_group_size']}, embeddings {embeddings}): relative RMS "
+        f"error mean {error['mean_relative_rms']:.4f}, max {error['max_relative_rms']:.4f} ({error['worst_module']})",
+        f"  {info['bytes'] / 2**20:.2f} MiB = {info['bytes'] / info['fp32_bytes']:.3f} of the fp32 weights "
+        f"({info['fp32_bytes'] / 2**20:.2f} MiB)",
+        f"  signature: {'present (check it with pack verify)' if signed else 'none'}; member hashes verified",
+        "  members:",
+    ]
+    lines += [
+        f"    {name:<24} {m['bytes']:>12,} bytes  sha256 {m['sha256'][:16]}..." for name, m in info["members"].items()
+    ]
+    print("\n".join(lines))
+    return 0
+
+
+def _run_pack_verify(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from devft_edge.pack import PackError, read_pack
+    from devft_edge.signing import fingerprint, load_public_key
+
+    key = load_public_key(args.public_key)
+    with tempfile.TemporaryDirectory(prefix="devft-verify-") as tmp:
+        try:
+            pack = read_pack(args.file, Path(tmp) / "pack", key)
+        except PackError as error:
+            print(f"{args.file}: REFUSED ({error.reason.value}): {error}", file=sys.stderr)
+            return 1
+    print(
+        f"{args.file}: OK: signature by key {fingerprint(key)}, format {pack.manifest['format_version']}, "
+        f"{len(pack.manifest['members'])} members verified"
+    )
+    return 0
+
+
+def add_pack(sub: Subparsers) -> None:
+    """``pack`` and its ``inspect`` and ``verify`` sub-commands."""
+    pk = sub.add_parser("pack", help="build a stage pack (or: pack inspect FILE, pack verify FILE)")
+    pk.add_argument("--model", default="smollm2", help="smollm2 | tiny[-family] | PATH")
+    pk.add_argument("--stage", type=int, default=None, help="stage number, 1-based")
+    pk.add_argument("--stages", type=int, default=4, help="DevFT stages S")
+    pk.add_argument("--quant", choices=QUANTIZATIONS, default="int4", help="base-weight storage")
+    pk.add_argument("--group-size", type=int, default=64, help="int4 group size")
+    pk.add_argument("--fp32-embeddings", action="store_true", help="do not quantize the embedding/head")
+    pk.add_argument("--rank", type=int, default=8, help="LoRA rank")
+    pk.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha")
+    pk.add_argument("--similarity", default="cka", help="layer similarity for grouping")
+    pk.add_argument("--grouping", default="contiguous", help="grouping variant")
+    pk.add_argument("--fusion", default="dblf", help="fusion variant")
+    pk.add_argument("--beta", type=beta, default=0.1, help="DBLF beta")
+    pk.add_argument("--transfer", choices=["copy", "inv_n"], default="copy", help="knowledge-transfer rule")
+    pk.add_argument("--keep-ends", type=int, default=0, help="keep the first and last k layers unfused")
+    pk.add_argument("--local-steps", type=int, default=8, help="training default: steps per round")
+    pk.add_argument("--batch", type=int, default=4, help="training default: batch")
+    pk.add_argument("--seq", type=int, default=64, help="training default: tokens per example")
+    pk.add_argument("--lr", type=float, default=3e-4, help="training default: learning rate")
+    pk.add_argument("--seed", type=int, default=0, help="seed of the initial LoRA and grouping")
+    pk.add_argument("--sign-key", type=Path, default=None, help="ed25519 private key PEM (devft-edge keygen)")
+    pk.add_argument("--created", default=None, help="creation time (default: $SOURCE_DATE_EPOCH or now)")
+    pk.add_argument("--out", type=Path, default=None, help="pack file to write")
+    pk_sub = pk.add_subparsers(dest="pack_command", required=False)
+    ins = pk_sub.add_parser("inspect", help="print a pack's manifest, sizes and quantization error")
+    ins.add_argument("file", help="pack file")
+    ins.add_argument("--json", action="store_true", help="machine-readable")
+    ver = pk_sub.add_parser("verify", help="verify signature, format and every member hash (exit 0 only if all pass)")
+    ver.add_argument("file", help="pack file")
+    ver.add_argument("--public-key", type=Path, required=True, help="the aggregator's public.pem")
+    pk.set_defaults(func=_run_pack)
