@@ -12,7 +12,7 @@ VENV_ORT := .venv-ort
 ORT_STAMP := $(VENV_ORT)/.installed-$(shell cat requirements-ort.lock pyproject.toml | sha256sum | cut -c1-12)
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
-.PHONY: demo test test-long venv venv-ort system-deps lint clean
+.PHONY: demo test test-long venv venv-ort system-deps lint clean edge-check
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -55,6 +55,14 @@ demo: $(STAMP)
 
 test: $(STAMP) $(ORT_STAMP) system-deps
 	$(BIN)/python -m pytest -q -m "not long"
+
+# The agent on an emulated aarch64 userland (qemu-user, chroot, a memory cgroup): installs its apt
+# prerequisites, builds the arm64 Debian rootfs once (EDGE_ROOTFS, about 15 minutes) and reuses it,
+# installs the linux_aarch64 bundle there offline and trains in a 2-stage run beside an x86 agent.
+# Needs root; long (the install under emulation alone takes minutes); not part of `make test`.
+EDGE_ROOTFS ?= $(HOME)/.cache/devft-edge/rootfs-arm64-bookworm
+edge-check: $(STAMP)
+	$(SUDO) $(BIN)/python benchmarks/edge_check.py --rootfs $(EDGE_ROOTFS)
 
 # The benchmarks' quick runs (minutes each): kept out of `make test` to hold it under 20 minutes.
 test-long: $(STAMP) $(ORT_STAMP) system-deps

@@ -1,9 +1,11 @@
-"""Ed25519 keys and signatures for packs.
+"""Ed25519 keys and signatures for packs and agent bundles.
 
 The aggregator signs every pack's manifest with its private key; a device is provisioned with the
 matching public key (by ``devft-edge flash``) and refuses any pack whose manifest signature does
-not verify. Keys are PEM files: PKCS#8 for the private key (written owner-read-only), SubjectPublicKeyInfo for the
-public one, so standard tools (``openssl pkey``) read them too.
+not verify. ``flash`` signs each agent bundle's manifest with the same key, and the bundle's
+``install.sh`` checks it with ``openssl`` before it changes anything. Keys are PEM files: PKCS#8
+for the private key (written owner-read-only), SubjectPublicKeyInfo for the public one, so
+standard tools (``openssl pkey``, ``openssl pkeyutl -verify -rawin``) read them too.
 """
 
 from __future__ import annotations
@@ -68,6 +70,17 @@ def load_public_key(path: str | Path) -> Ed25519PublicKey:
     return key
 
 
+def public_key_from_pem(data: bytes, source: str) -> Ed25519PublicKey:
+    """An ed25519 public key from PEM bytes (e.g. a bundle member, named ``source`` in errors)."""
+    try:
+        key = serialization.load_pem_public_key(data)
+    except ValueError as error:
+        raise ConfigError(f"{source}: not a PEM public key: {error}") from None
+    if not isinstance(key, Ed25519PublicKey):
+        raise ConfigError(f"{source}: not an ed25519 key ({type(key).__name__})")
+    return key
+
+
 def sign(key: Ed25519PrivateKey, data: bytes) -> bytes:
     """The 64-byte ed25519 signature of ``data``."""
     return key.sign(data)
@@ -80,6 +93,23 @@ def verifies(key: Ed25519PublicKey, data: bytes, signature: bytes) -> bool:
     except InvalidSignature:
         return False
     return True
+
+
+def key_sha256(key: Ed25519PublicKey) -> str:
+    """Hex sha256 of a public key's 32 raw bytes: what ``install.sh --key-sha256`` pins.
+
+    A device computes the same with ``openssl pkey -pubin -outform DER | tail -c 32 | sha256sum``
+    (an Ed25519 SubjectPublicKeyInfo is a 12-byte header and the raw key); :func:`fingerprint` is
+    its first 16 digits.
+    """
+    import hashlib
+
+    return hashlib.sha256(key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)).hexdigest()
+
+
+def same_key(private: Ed25519PrivateKey, public: Ed25519PublicKey) -> bool:
+    """Whether ``public`` is the public half of ``private``."""
+    return key_sha256(private.public_key()) == key_sha256(public)
 
 
 def fingerprint(key: Ed25519PublicKey) -> str:

@@ -83,6 +83,7 @@ _BUNDLE_KEYS = (
     "fleet",
     "broker",
     "public_key",
+    "signing_key",
     "device_key",
     "username",
     "password_file",
@@ -90,7 +91,7 @@ _BUNDLE_KEYS = (
     "tls_cert",
     "tls_key",
 )
-_PATH_KEYS = ("public_key", "device_key", "password_file", "tls_ca", "tls_cert", "tls_key", "identity")
+_PATH_KEYS = ("public_key", "signing_key", "device_key", "password_file", "tls_ca", "tls_cert", "tls_key", "identity")
 
 
 def _bundle_spec(values: dict[str, Any], wheel_sources: list[str], profiles_dirs: list[str]) -> Any:
@@ -143,7 +144,7 @@ def _with_device_key(entry: dict[str, Any], args: argparse.Namespace) -> dict[st
 
 
 def _run_flash(args: argparse.Namespace) -> int:
-    from devft_edge.ops.bundle import build_bundle
+    from devft_edge.ops.bundle import TOP, build_bundle
     from devft_edge.ops.flash import (
         FlashJob,
         FlashSettings,
@@ -163,7 +164,11 @@ def _run_flash(args: argparse.Namespace) -> int:
             print(f"would build {args.bundle_only}: {spec.platform}, CPython {spec.python}, backend {spec.backend}")
             return 0
         info = build_bundle(spec, args.bundle_only)
-        print(f"wrote {info.path}: version {info.version}, {len(info.wheels)} wheels, {info.size / 1e6:.1f} MB")
+        print(
+            f"wrote {info.path}: version {info.version}, {len(info.wheels)} wheels, {info.size / 1e6:.1f} MB, "
+            f"signed by key sha256 {info.key_sha256}\n"
+            f"install on the device: tar -xzf {info.path.name} && sh {TOP}/install.sh --key-sha256 {info.key_sha256}"
+        )
         return 0
     if bool(args.host) == bool(args.hosts):
         raise DevFTError("devft-edge flash needs --bundle-only FILE, --host USER@HOST or --hosts FILE")
@@ -259,6 +264,12 @@ def add_flash(sub: Subparsers) -> None:
     fl.add_argument("--broker", help="mqtt[s]://host:port the agent connects to")
     fl.add_argument("--fleet", default="default", help="fleet name (topic prefix devft/<fleet>)")
     fl.add_argument("--public-key", help="the aggregator's public key (PEM)")
+    fl.add_argument(
+        "--signing-key",
+        default=None,
+        help="the fleet's private key (PEM) that signs the bundle; its public half is --public-key "
+        "(default: private.pem beside --public-key, where keygen writes it)",
+    )
     fl.add_argument(
         "--device-keys",
         type=Path,

@@ -4,15 +4,22 @@ A bundle is a ``.tar.gz`` an operator builds on a workstation (x86 or not) for a
 platform. It holds the agent's wheel and the wheels of its pinned dependencies for the target
 platform and Python (``pip download --platform ... --only-binary=:all: --no-deps``: the pins in
 ``device_agent/deploy/requirements.txt`` are the whole closure, so pip never resolves — and never
-evaluates environment markers — against the workstation), the agent config with the device's
+evaluates environment markers — against the workstation; ``requirements-<platform>.txt`` changes
+a pin for one platform), the agent config with the device's
 identity (its enrolled ed25519 key), its broker credentials and certificates, the aggregator's public key, the
 device profile, a systemd unit, the control script and ``install.sh``. ``MANIFEST.sha256`` lists
-the sha256 of every other member in ``sha256sum -c`` format; ``install.sh`` checks it (and that
-nothing was added) before it changes anything. The bundle's version is the package version plus a
-hash of its content, so two different bundles never share a version directory on the device.
+the sha256 of every other member in ``sha256sum -c`` format, and ``MANIFEST.sha256.sig`` is the
+fleet key's ed25519 signature of it (the key that signs packs: a device trusts one key).
+``install.sh`` checks the signature first (``openssl pkeyutl -verify -rawin``, OpenSSL >= 3.0:
+Raspberry Pi OS bookworm, JetPack 6), then every hash (and that nothing was added), before it
+changes anything. The bundle's version is the package version plus a hash of its content, so two
+different bundles never share a version directory on the device.
 
-The manifest protects against corruption and tampering in transit, not against someone who can
-rewrite the whole bundle: bundles travel over SSH from the operator, whose machine is trusted.
+Which key the device checks the signature with: the one ``install.sh --key-sha256`` pins (``flash``
+always pins the fleet key over its SSH session), else the key the installed agent already trusts
+(``PREFIX/current/etc/public.pem``), else, on a first install by hand with no pin, the bundle's own
+``config/public.pem`` (trust on first use, said on stderr). A bundle re-signed with another key
+and carrying that key is therefore refused whenever the device has a pin or an installed agent.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
@@ -37,6 +45,9 @@ from devft_edge.archive import PLAIN_FILE, member_kind
 from devft_edge.errors import ConfigError, DevFTError, raise_if
 from devft_edge.mqtt import BrokerAddress
 from devft_edge.protocol import DEVICE_ID
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +59,10 @@ PLATFORMS: dict[str, tuple[str, ...]] = {
 bookworm, Jetson Linux 36, Debian 12, Ubuntu 20.04 and later)."""
 BACKENDS = ("torch", "ort")
 MANIFEST = "MANIFEST.sha256"
+SIGNATURE = "MANIFEST.sha256.sig"
+"""The raw 64-byte ed25519 signature of ``MANIFEST.sha256`` (``openssl pkeyutl -rawin`` reads it)."""
+PUBLIC_KEY = "config/public.pem"
+"""The fleet's public key in the bundle: packs, messages and the bundle itself are checked with it."""
 TOP = "devft-edge-agent"
 """The bundle's single top-level directory."""
 SECRETS = ("password", "client.key", "identity.pem")
@@ -86,6 +101,10 @@ class BundleSpec:
     device_key: Path
     """The device's own ed25519 private key (PEM), enrolled with the fleet (:mod:`devft_edge.identity`);
     needed when the bundle is built (a dry run names a device not enrolled yet)."""
+    signing_key: Path | None = None
+    """The fleet's ed25519 private key (PEM) that signs the bundle's manifest; its public half must
+    be ``public_key``. Default: ``private.pem`` beside ``public_key`` (where ``keygen`` writes
+    both); needed when the bundle is built."""
     fleet: str = "default"
     profile: str = "measure"
     """A profile name or YAML path (bundled into the config), or ``measure`` (the agent measures)."""
@@ -138,26 +157,55 @@ class BundleInfo:
     version: str
     wheels: tuple[str, ...]
     size: int
+    key_sha256: str
+    """sha256 of the raw public key that signed it: ``install.sh --key-sha256`` pins it."""
 
 
-def requirements(backend: str) -> list[str]:
-    """The pinned requirement lines a bundle installs for ``backend``."""
+def signing_key_path(spec: BundleSpec) -> Path:
+    """The private key that signs ``spec``'s bundle (:attr:`BundleSpec.signing_key`)."""
+    from devft_edge.signing import PRIVATE_FILE
+
+    return Path(spec.signing_key) if spec.signing_key else Path(spec.public_key).with_name(PRIVATE_FILE)
+
+
+def requirements(backend: str, platform: str | None = None) -> list[str]:
+    """The pinned requirement lines a bundle installs for ``backend`` on ``platform``.
+
+    ``requirements-<platform>.txt``, where there is one, replaces pins of the same name: PyPI's
+    torch for aarch64 is a CUDA build from 2.11 on (its metadata requires cuda-toolkit and the
+    nvidia-* wheels, which a Raspberry Pi cannot install), so aarch64 devices keep the last
+    CPU-only aarch64 torch. Raises :class:`BundleError` when an override names no pinned package.
+    """
+    from packaging.utils import canonicalize_name
+
     files = ["requirements.txt"] + (["requirements-ort.txt"] if backend == "ort" else [])
+    lines = [line for name in files for line in _pin_lines(deploy_dir() / name)]
+    override = deploy_dir() / f"requirements-{platform}.txt"
+    if platform is None or not override.is_file():
+        return lines
+    replaced = {canonicalize_name(line.partition("==")[0]): line for line in _pin_lines(override)}
+    unknown = set(replaced) - {canonicalize_name(line.partition("==")[0]) for line in lines}
+    if unknown:
+        raise BundleError(f"{override.name} overrides pins that {', '.join(files)} do not have: {sorted(unknown)}")
+    return [replaced.get(canonicalize_name(line.partition("==")[0]), line) for line in lines]
+
+
+def _pin_lines(path: Path) -> list[str]:
     lines = []
-    for name in files:
-        for line in (deploy_dir() / name).read_text().splitlines():
-            line = line.split("#", 1)[0].strip()
-            if line:
-                lines.append(line)
+    for line in path.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            lines.append(line)
     return lines
 
 
 def build_bundle(spec: BundleSpec, out: Path, wheel_cache: Path | None = None) -> BundleInfo:
-    """Build ``out`` (a ``.tar.gz``) for ``spec``; raises :class:`BundleError` naming what is missing."""
+    """Build ``out`` (a ``.tar.gz``) for ``spec``, signed; raises :class:`BundleError` naming what is missing."""
     if not Path(spec.device_key).is_file():
         raise BundleError(f"device key {spec.device_key}: no such file (enrol the device: devft-edge enroll)")
+    signer, key_sha256 = _signer(spec)
     cache = (wheel_cache or default_wheel_cache()) / f"{spec.platform}-cp{spec.python.replace('.', '')}"
-    pins = requirements(spec.backend)
+    pins = requirements(spec.backend, spec.platform)
     wheels = fetch_wheels(pins, spec.platform, spec.python, cache, spec.wheel_sources)
     with tempfile.TemporaryDirectory(prefix="devft-bundle-") as tmp:
         root = Path(tmp) / TOP
@@ -179,6 +227,7 @@ def build_bundle(spec: BundleSpec, out: Path, wheel_cache: Path | None = None) -
             f"device_id={spec.device_id}\nfleet={spec.fleet}\nbackend={spec.backend}\n"
         )
         (root / MANIFEST).write_text(_digest_lines(root))
+        (root / SIGNATURE).write_bytes(signer.sign((root / MANIFEST).read_bytes()))
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp_out = out.with_name(out.name + ".tmp")
         # 0600 from the first byte: the bundle holds the device's broker password and client key
@@ -189,7 +238,7 @@ def build_bundle(spec: BundleSpec, out: Path, wheel_cache: Path | None = None) -
         tmp_out.replace(out)
     names = tuple(sorted(w.name for w in wheels) + [agent_wheel.name])
     logger.info("bundle %s: version %s, %d wheels, %.1f MB", out, version, len(names), out.stat().st_size / 1e6)
-    return BundleInfo(path=out, version=version, wheels=names, size=out.stat().st_size)
+    return BundleInfo(path=out, version=version, wheels=names, size=out.stat().st_size, key_sha256=key_sha256)
 
 
 def fetch_wheels(
@@ -242,14 +291,17 @@ def build_agent_wheel(directory: Path) -> Path:
         return Path(shutil.move(str(wheel), directory / wheel.name))
 
 
-def verify_bundle(path: Path) -> dict[str, str]:
-    """Check every member of a built bundle against its manifest; returns ``bundle.env``'s fields.
+def verify_bundle(path: Path, public_key: Path | None = None) -> dict[str, str]:
+    """Check a built bundle's signature and every member against its manifest; returns ``bundle.env``'s fields.
 
-    Raises :class:`BundleError` listing the problems: a member that is not a regular file or a
+    The manifest's signature is checked with ``public_key`` (the fleet key the device trusts), or
+    with the bundle's own ``config/public.pem`` when none is given (what a device with no pin and no
+    installed agent does). Raises :class:`BundleError` listing the problems: no signature, a
+    signature that does not verify, a member that is not a regular file or a
     directory (``install.sh`` extracts with tar, so a link or device could place anything anywhere,
     and a few KB of sparse file expand to gigabytes), a name outside the single directory ``TOP``
-    (absolute, or through ``..``), a ``MANIFEST.sha256`` or ``bundle.env`` larger than
-    :data:`MAX_BUNDLE_TEXT_BYTES` (both are read into memory), a malformed manifest line, a missing
+    (absolute, or through ``..``), a manifest, signature, key or ``bundle.env`` larger than
+    :data:`MAX_BUNDLE_TEXT_BYTES` (they are read into memory), a malformed manifest line, a missing
     or unlisted member or a hash mismatch (the same checks ``install.sh`` makes on the device
     before it changes anything).
     """
@@ -265,7 +317,7 @@ def verify_bundle(path: Path) -> dict[str, str]:
                     problems.append(f"{member.name}: not under {TOP}/")
                 elif kind not in (PLAIN_FILE, "directory"):
                     problems.append(f"{member.name}: a {kind}, not a regular file or directory")
-                elif name in (MANIFEST, "bundle.env") and member.size > MAX_BUNDLE_TEXT_BYTES:
+                elif name in _TEXTS and member.size > MAX_BUNDLE_TEXT_BYTES:
                     problems.append(f"{member.name}: {member.size} bytes (at most {MAX_BUNDLE_TEXT_BYTES})")
                 elif member.isfile():
                     handle = tar.extractfile(member)
@@ -273,16 +325,17 @@ def verify_bundle(path: Path) -> dict[str, str]:
                     sha, data = hashlib.sha256(), bytearray()
                     while block := handle.read(1 << 20):
                         sha.update(block)
-                        if name in (MANIFEST, "bundle.env"):
+                        if name in _TEXTS:
                             data += block
-                    if name in (MANIFEST, "bundle.env"):
+                    if name in _TEXTS:
                         texts[name] = bytes(data)
-                    if name != MANIFEST:
+                    if name not in (MANIFEST, SIGNATURE):
                         digests[f"./{name}"] = sha.hexdigest()
     except (OSError, tarfile.TarError, EOFError, ValueError) as error:  # tarfile lets a bad pax header's ValueError out
         raise BundleError(f"{path}: not a readable bundle: {str(error)[:200]}") from None
     if problems or MANIFEST not in texts:
         raise BundleError(f"{path}: bundle verification failed: {'; '.join(problems[:5]) or f'no {MANIFEST}'}")
+    _check_signature(path, texts, public_key)
     try:
         lines, env = texts[MANIFEST].decode().splitlines(), texts.get("bundle.env", b"").decode()
     except UnicodeDecodeError:
@@ -305,6 +358,49 @@ def verify_bundle(path: Path) -> dict[str, str]:
 
 
 # ---- helpers ----------------------------------------------------------------------------------
+
+_TEXTS = (MANIFEST, SIGNATURE, PUBLIC_KEY, "bundle.env")
+"""Members :func:`verify_bundle` reads into memory (each at most :data:`MAX_BUNDLE_TEXT_BYTES`)."""
+
+
+def _signer(spec: BundleSpec) -> tuple[Ed25519PrivateKey, str]:
+    """The fleet's private key for ``spec``, checked to be the half of the key the device gets."""
+    from devft_edge.signing import key_sha256, load_private_key, load_public_key, same_key
+
+    path = signing_key_path(spec)
+    if not path.is_file():
+        raise BundleError(
+            f"signing key {path}: no such file (flash signs every bundle with the fleet's private key, "
+            "the one that signs packs: pass --signing-key)"
+        )
+    try:
+        private, public = load_private_key(path), load_public_key(spec.public_key)
+    except ConfigError as error:
+        raise BundleError(str(error)) from None
+    if not same_key(private, public):
+        raise BundleError(
+            f"signing key {path} is not the private half of --public-key {spec.public_key}: "
+            "the device would refuse the bundle"
+        )
+    return private, key_sha256(public)
+
+
+def _check_signature(path: Path, texts: dict[str, bytes], public_key: Path | None) -> None:
+    from devft_edge.signing import fingerprint, load_public_key, public_key_from_pem, verifies
+
+    if SIGNATURE not in texts:
+        raise BundleError(f"{path}: bundle verification failed: not signed (no {SIGNATURE})")
+    if public_key is None and PUBLIC_KEY not in texts:
+        raise BundleError(f"{path}: bundle verification failed: no {PUBLIC_KEY} to check its signature with")
+    try:
+        key = load_public_key(public_key) if public_key else public_key_from_pem(texts[PUBLIC_KEY], PUBLIC_KEY)
+    except ConfigError as error:
+        raise BundleError(f"{path}: bundle verification failed: {error}") from None
+    if not verifies(key, texts[MANIFEST], texts[SIGNATURE]):
+        raise BundleError(
+            f"{path}: bundle verification failed: {MANIFEST} is not signed by key {fingerprint(key)}"
+            f"{'' if public_key is None else f' ({public_key})'}"
+        )
 
 
 def _pip_download(
@@ -386,9 +482,10 @@ def _write_config(spec: BundleSpec, config: Path) -> None:
 
 
 def _digest_lines(root: Path) -> str:
-    """``sha256  ./path`` for every file under ``root`` except the manifest, sorted by path."""
+    """``sha256  ./path`` for every file under ``root`` except the manifest and its signature, sorted by path."""
     lines = []
-    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST):
+    skip = {root / MANIFEST, root / SIGNATURE}
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and p not in skip):
         lines.append(f"{_sha256(path)}  ./{path.relative_to(root).as_posix()}")
     return "\n".join(lines) + "\n"
 

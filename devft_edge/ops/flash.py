@@ -1,13 +1,14 @@
 """Flash devices over SSH: copy a bundle, install it, check the agent comes up, roll back if not.
 
-For each device: verify the bundle locally, start listening on the broker for the device's
-hello, copy the bundle (``scp``) to a temporary directory on the device, run its ``install.sh``
-(which verifies the bundle again, installs into a new version directory, switches ``current``
-and restarts the service), then wait for the new agent's hello. A device that says nothing
-within the timeout is rolled back (``devft-edge-ctl rollback``: ``current`` back to the
-previous version, restarted) and reported as failed. The OpenSSH client does the transport, so
-keys, agents, ``~/.ssh/config`` and known-hosts work as the operator has them; ``BatchMode``
-makes a missing key an error instead of a password prompt.
+For each device: verify the bundle locally (its signature with the fleet's public key, then every
+member), start listening on the broker for the device's hello, copy the bundle (``scp``) to a
+temporary directory on the device, run its ``install.sh --key-sha256 <the fleet key>`` (which
+verifies the signature against that pinned key and the bundle again, installs into a new version
+directory, switches ``current`` and restarts the service), then wait for the new agent's hello.
+A device that says nothing within the timeout is rolled back (``devft-edge-ctl rollback``:
+``current`` back to the previous version, restarted) and reported as failed. The OpenSSH client
+does the transport, so keys, agents, ``~/.ssh/config`` and known-hosts work as the operator has
+them; ``BatchMode`` makes a missing key an error instead of a password prompt.
 
 Secrets never appear in a command line, a log line or the dry-run plan: they travel inside the
 bundle (mode 0600) and the health check reads its password from a file.
@@ -206,7 +207,7 @@ def flash_device(job: FlashJob, settings: FlashSettings, progress: Progress) -> 
             if bundle is None:
                 progress(device, f"building the {job.spec.platform} bundle")
                 bundle = build_bundle(job.spec, Path(tmp) / f"{device}.tar.gz", settings.wheel_cache).path
-            result.version = verify_bundle(bundle)["version"]
+            result.version = verify_bundle(bundle, job.spec.public_key)["version"]
             _install(job, settings, bundle, result, progress)
     except (DevFTError, OSError, subprocess.SubprocessError) as error:
         result.detail = result.detail or str(error)
@@ -225,8 +226,8 @@ def _install(job: FlashJob, settings: FlashSettings, bundle: Path, result: Flash
         progress(device, f"installing {result.version}")
         script = f"{remote}/{TOP}/install.sh"
         install = (
-            f"tar -xzf {remote}/bundle.tar.gz -C {remote} && sh {script} --prefix {shlex.quote(settings.prefix)} "
-            f"--service {shlex.quote(settings.service)}; rc=$?; rm -rf {remote}; exit $rc"
+            f"tar -xzf {remote}/bundle.tar.gz -C {remote} && sh {script} {_install_options(job, settings)}"
+            f"; rc=$?; rm -rf {remote}; exit $rc"
         )
         done = subprocess.run(target.ssh(install), capture_output=True, text=True)
         if done.returncode != 0:
@@ -269,7 +270,7 @@ def plan_text(jobs: Sequence[FlashJob], settings: FlashSettings) -> str:
             f"  bundle: {source}; backend {spec.backend}; profile {spec.profile}; fleet {spec.fleet}",
             f"  broker: {spec.broker}{f' (login: {login})' if login else ''}",
             f"  copy:   {shlex.join(target.scp(Path('BUNDLE.tar.gz'), '/tmp/devft-flash.XXXXXX/bundle.tar.gz'))}",
-            f"  run:    sh install.sh --prefix {settings.prefix} --service {settings.service}",
+            f"  run:    sh install.sh {_install_options(job, settings, dry_run=True)}",
             f"  health: hello from {spec.device_id} on {settings.health.broker} within "
             f"{settings.health.timeout_s:.0f} s; else {settings.prefix}/bin/devft-edge-ctl rollback",
         ]
@@ -313,6 +314,23 @@ def load_hosts(path: Path, defaults: dict[str, Any]) -> list[dict[str, Any]]:
     if len(set(ids)) != len(ids):
         raise ConfigError(f"--hosts {path}: a device id appears twice")
     return merged
+
+
+def _install_options(job: FlashJob, settings: FlashSettings, dry_run: bool = False) -> str:
+    """``install.sh``'s options: prefix, service, and the pinned fleet key (the SSH session is the
+    operator's, so the pin it carries is what the device trusts, also across a key rotation)."""
+    from devft_edge.signing import key_sha256, load_public_key
+
+    try:
+        pin = key_sha256(load_public_key(job.spec.public_key))
+    except ConfigError:
+        if not dry_run:
+            raise
+        pin = f"<sha256 of {job.spec.public_key}>"
+    return (
+        f"--prefix {shlex.quote(settings.prefix)} --service {shlex.quote(settings.service)} "
+        f"--key-sha256 {shlex.quote(pin)}"
+    )
 
 
 def _run(argv: list[str], what: str) -> str:
