@@ -54,7 +54,8 @@ from pathlib import Path
 
 from machine_load import load_average
 
-from devft_edge.blobs import DEFAULT_CHUNK_BYTES, WINDOW, BlobInfo, BlobStore, Download, sha256_file
+from devft_edge.blob_transfer import Download
+from devft_edge.blobs import DEFAULT_CHUNK_BYTES, WINDOW, BlobInfo, BlobStore, sha256_file
 from devft_edge.mqtt import BrokerAddress, Connection
 from devft_edge.protocol import AGGREGATOR, Envelope, Kind, ProtocolError, Reason, Topics, decode
 

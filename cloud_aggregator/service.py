@@ -25,10 +25,10 @@ from typing import Any
 from safetensors.torch import save as safetensors_save
 
 from cloud_aggregator.config import AggregatorConfig
-from cloud_aggregator.report import METRICS_FILE, write_metrics, write_summary
+from cloud_aggregator.intake import IntakeLimits, UpdateIntake
+from cloud_aggregator.report import write_history, write_summary
 from cloud_aggregator.rounds import Outcome, RoundPolicy, RoundRules
 from cloud_aggregator.state import (
-    Accepted,
     Device,
     OpenRound,
     RunState,
@@ -40,20 +40,13 @@ from cloud_aggregator.state import (
 )
 from cloud_aggregator.status import status_document
 from devft_edge.aggregation import ClientMemory, GlobalState
-from devft_edge.blobs import (
-    WINDOW,
-    BlobInfo,
-    BlobReceiver,
-    BlobStore,
-    Download,
-    StorageFull,
-    chunk_index,
-    chunk_request,
-)
-from devft_edge.errors import ConfigError, DataError
+from devft_edge.blob_transfer import Download, send_chunks, wanted
+from devft_edge.blobs import WINDOW, BlobInfo, BlobReceiver, BlobStore
+from devft_edge.errors import ConfigError
 from devft_edge.federation import Federation, StageBudget
 from devft_edge.identity import Enrolment
 from devft_edge.memory import StepConfig, estimate_memory
+from devft_edge.messages import ChunkRequest, Hello, Payload, Presence, Refusal, UpdateOffer
 from devft_edge.methods import ClientMethod
 from devft_edge.mqtt import BrokerAddress, Connection, Incoming
 from devft_edge.protocol import AGGREGATOR, Envelope, Kind, ProtocolError, Reason, Topics, decode, seal, unseal
@@ -61,7 +54,6 @@ from devft_edge.ratelimit import RateLimiter
 from devft_edge.robust import robust_weights
 from devft_edge.schedule import Plateau
 from devft_edge.selection import data_seed, training_seed
-from devft_edge.update_check import check_update
 
 logger = logging.getLogger(__name__)
 
@@ -134,10 +126,18 @@ class Aggregator:
         self.serving = RateLimiter(cfg.serve_rate_bytes_per_s, burst=2 * WINDOW * cfg.chunk_bytes)
         """Chunk bytes each device may draw: one request is a small message, its answer up to a window."""
         self._next_reap = 0.0
-        self.uploads: dict[str, Download] = {}
-        """device -> the pull of its update blob."""
-        self.update_meta: dict[str, dict[str, Any]] = {}
-        """device -> the UPDATE message's data (and ``re``: its id) while its blob is pulled."""
+        self.intake = UpdateIntake(
+            self.store,
+            self.state,
+            IntakeLimits(cfg.upload_quota_bytes, cfg.disk_reserve_bytes, cfg.max_update_norm),
+            lora_bytes=lambda: 4 * self.shape.lora_params(len(self.state.groups), cfg.rank),
+            start=self._round_start,
+            shared=self._shared,
+            discard=self._discard,
+            checkpoint=lambda: save_state(cfg.state_dir, self.state),
+            send=self._send_payload,
+        )
+        """Update offers: their pulls, validation and verdicts."""
         self.submodel: Any = None
         self._start_cache: tuple[str, dict[str, Any]] = ("", {})
         """(blob id, tensors) of the stage LoRA updates are checked against: read once per round."""
@@ -155,6 +155,11 @@ class Aggregator:
             [self.topics.all_up, self.topics.all_presence],
             login=cfg,
         )
+
+    @property
+    def uploads(self) -> dict[str, Download]:
+        """device -> the pull of its update blob (the intake's)."""
+        return self.intake.uploads
 
     # ---- run loop -------------------------------------------------------------------------------
 
@@ -224,18 +229,16 @@ class Aggregator:
     def _on_hello(self, device: str, message: Envelope) -> None:
         from devft_edge.profiles import parse_profile
 
+        hello = Hello.from_data(message.data)
         try:
-            profile = parse_profile(message.data.get("profile"), device, f"<hello from {device}>")
+            profile = parse_profile(hello.profile, device, f"<hello from {device}>")
         except ConfigError as error:
             raise ProtocolError(Reason.MALFORMED, f"hello with an invalid profile: {error}") from None
-        backends, cached = message.data.get("backends", ["torch"]), message.data.get("cached", [])
-        if not _strings(backends) or not _strings(cached):
-            raise ProtocolError(Reason.MALFORMED, "hello: 'backends' and 'cached' must be lists of strings")
         self.state.devices[device] = Device(
             profile=profile.model_dump(mode="json", exclude={"name"}),
             last_seen=now(),
-            backends=backends,
-            cached=cached,
+            backends=list(hello.backends),
+            cached=list(hello.cached),
         )
         save_device(self.cfg.state_dir, device, self.state.devices[device])
         logger.info("device %s joined (%s, budget %.2f GiB)", device, profile.description, profile.budget_bytes / 2**30)
@@ -245,27 +248,27 @@ class Aggregator:
         self._publish_status()
 
     def _on_presence(self, device: str, message: Envelope) -> None:
+        presence = Presence.from_data(message.data)
         known = self.state.devices.get(device)
         if known is not None:
-            known.online = bool(message.data.get("online"))
+            known.online = presence.online
             known.last_seen = now()
             save_device(self.cfg.state_dir, device, known)
             self._publish_status()
 
     def _on_chunk_request(self, device: str, message: Envelope) -> None:
         self._require_known(device)
-        info, missing = chunk_request(message.data, self._served)
-        if not self.serving.allow(device, len(missing) * info.chunk_bytes):
+        info, indices = wanted(ChunkRequest.from_data(message.data), self._served)
+        if not self.serving.allow(device, len(indices) * info.chunk_bytes):
             raise ProtocolError(
                 Reason.RATE, f"{device} asks for chunks faster than {self.cfg.serve_rate_bytes_per_s} B/s"
             )
-        for index, chunk in self.store.chunks(info, missing):
-            data = {**info.to_json(), "index": index}
-            if not self._send(device, self._message(Kind.CHUNK, data=data, body=chunk)):
-                raise ProtocolError(Reason.RATE, f"send queue full; chunks for {device} dropped (it asks again)")
-            self.state.bytes_down += len(chunk)
-            if info.sha256 in (self.state.pack, self.state.plan):
-                self.state.bytes_down_pack += len(chunk)
+        sent = send_chunks(self.store, info, indices, lambda chunk, body: self._send_payload(device, chunk, body=body))
+        self.state.bytes_down += sent.bytes
+        if info.sha256 in (self.state.pack, self.state.plan):
+            self.state.bytes_down_pack += sent.bytes
+        if sent.chunks < len(indices):
+            raise ProtocolError(Reason.RATE, f"send queue full; chunks for {device} dropped (it asks again)")
 
     def _served(self, sha: str) -> BlobInfo | None:
         """How a blob of the open stage is served (None for any other blob)."""
@@ -276,111 +279,23 @@ class Aggregator:
 
     def _on_update(self, device: str, message: Envelope) -> None:
         round_ = self._check_current(device, message)
-        if device in round_.accepted:
-            self._verdict(device, message, None, note="duplicate: already accepted")
-            return
-        info = BlobInfo.from_json(message.data)
-        expected = 4 * self.shape.lora_params(len(self.state.groups), self.cfg.rank)
-        if info.size > 2 * expected + 65536:
-            raise ProtocolError(Reason.SHAPE, f"update of {info.size} bytes for a LoRA of {expected}")
-        _check_update_numbers(message.data)
-        previous = self.uploads.pop(device, None)
-        if previous is not None and previous.receiver.info.sha256 != info.sha256:
-            self._discard(previous.receiver.info.sha256, previous.receiver)  # one partial upload per device
-        try:
-            self.store.admit(info, self.cfg.upload_quota_bytes, self.cfg.disk_reserve_bytes)
-        except StorageFull as error:  # not the device's fault: told so, the round can reselect
-            self._reject_update(device, ProtocolError(Reason.STORAGE, str(error)), message.id)
-            return
-        self.update_meta[device] = dict(message.data, re=message.id, round=round_.index)
-        download = Download(self.store.receiver(info))
-        self.uploads[device] = download
-        if download.complete:
-            self._finish_update(device)
-        else:
-            self._request_chunks(device, download)
+        if self.intake.offer(device, message.id, round_, UpdateOffer.from_data(message.data)):
+            self._publish_status()
 
     def _on_chunk(self, device: str, message: Envelope) -> None:
-        download = self.uploads.get(device)
-        info = BlobInfo.from_json(message.data)
-        if download is None or download.receiver.info.sha256 != info.sha256:
-            raise ProtocolError(Reason.STALE, f"chunk of blob {info.sha256[:12]}... from {device} is not awaited")
-        try:
-            try:
-                complete = download.add(chunk_index(message.data.get("index")), message.body, time.monotonic())
-            except StorageFull as error:  # the partial stays: the update can resume once there is room
-                raise ProtocolError(Reason.STORAGE, str(error)) from None
-        except ProtocolError as error:
-            self.state.count_rejection(error.reason.value)
-            logger.warning("update from %s rejected: %s", device, error)
-            self._discard(info.sha256, self.uploads.pop(device).receiver)
-            meta = self.update_meta.pop(device, {})
-            self._verdict(device, None, error.reason, note=str(error), re=str(meta.get("re", "")))
-            return
-        self.state.bytes_up += len(message.body)
-        if complete:
-            self._finish_update(device)
-        else:
-            self._request_chunks(device, download)
+        if self.intake.chunk(device, message.data, message.body):
+            self._publish_status()
 
     def _on_refusal(self, device: str, message: Envelope) -> None:
         round_ = self._check_current(device, message)  # a late refusal must not drop the device from a later round
-        logger.warning("device %s refused its task: %s (%s)", device, message.reason, message.data.get("detail"))
+        refusal = Refusal.from_data(message.data)
+        logger.warning("device %s refused its task: %s (%s)", device, message.reason, refusal.detail)
         if device not in round_.accepted:
             round_.selected.remove(device)
             round_.tasks.pop(device, None)
             save_state(self.cfg.state_dir, self.state)
 
     # ---- updates --------------------------------------------------------------------------------
-
-    def _finish_update(self, device: str) -> None:
-        from devft_edge.weights import read_safetensors
-
-        receiver = self.uploads.pop(device).receiver
-        meta = self.update_meta.pop(device, {})
-        message_id = str(meta.get("re", ""))
-        round_ = self.state.open_round
-        if round_ is None or device not in round_.selected or meta.get("round") != round_.index:
-            stale = ProtocolError(Reason.STALE, f"update from {device} completed after its round {meta.get('round')}")
-            self._reject_update(device, stale, message_id, receiver.info.sha256)
-            return
-        try:
-            try:
-                update = read_safetensors(self.store.path(receiver.info.sha256))
-            except DataError as error:
-                raise ProtocolError(Reason.SHAPE, f"not a LoRA state: {error}") from None
-            start = self._round_start()
-            check_update(update, start, self.cfg.max_update_norm)
-            norm = check_update(self._shared(update), self._shared(start), None)  # what robust clipping scales
-            accepted = Accepted(
-                blob=receiver.info.sha256,
-                num_samples=int(meta.get("num_samples", 0)),
-                message_id=message_id,
-                train_loss=float(meta.get("train_loss", float("nan"))),
-                seconds=float(meta.get("seconds", 0.0)),
-                peak_rss_bytes=int(meta.get("peak_rss_bytes", 0)),
-                norm=float(norm),
-            )
-            if accepted.num_samples < 1:
-                raise ProtocolError(Reason.MALFORMED, f"num_samples {meta.get('num_samples')!r} must be >= 1")
-        except (TypeError, ValueError) as error:
-            refused = ProtocolError(Reason.MALFORMED, f"update metadata: {error}")
-            self._reject_update(device, refused, message_id, receiver.info.sha256)
-            return
-        except ProtocolError as error:
-            self._reject_update(device, error, message_id, receiver.info.sha256)
-            return
-        round_.accepted[device] = accepted
-        save_state(self.cfg.state_dir, self.state)  # accepted only once it is durable
-        logger.info(
-            "round %d: update from %s accepted (norm %.3f, %d samples)",
-            round_.index,
-            device,
-            norm,
-            accepted.num_samples,
-        )
-        self._verdict(device, None, None, re=message_id)
-        self._publish_status()
 
     def _discard(self, sha: str, receiver: BlobReceiver | None = None) -> None:
         """Remove a rejected or abandoned upload (partial or complete), or a large state the run has
@@ -401,13 +316,6 @@ class Aggregator:
             receiver.discard()
         self.store.path(sha).unlink(missing_ok=True)
 
-    def _reject_update(self, device: str, error: ProtocolError, message_id: str, blob: str = "") -> None:
-        if blob:
-            self._discard(blob)
-        self.state.count_rejection(error.reason.value)
-        logger.warning("update from %s rejected: %s", device, error)
-        self._verdict(device, None, error.reason, note=str(error), re=message_id)
-
     def _round_start(self) -> dict[str, Any]:
         """The global stage LoRA the open round started from (cached by blob id)."""
         from devft_edge.weights import read_safetensors
@@ -416,31 +324,8 @@ class Aggregator:
             self._start_cache = (self.state.stage_lora, read_safetensors(self.store.path(self.state.stage_lora)))
         return self._start_cache[1]
 
-    def _verdict(
-        self, device: str, message: Envelope | None, reason: Reason | None, note: str = "", re: str = ""
-    ) -> None:
-        data = {"re": re or (message.id if message else ""), "accepted": reason is None, "note": note}
-        self._send(
-            device,
-            self._message(
-                Kind.VERDICT,
-                data=data,
-                reason=reason,
-            ),
-        )
-
     def _request_chunks(self, device: str, download: Download) -> None:
-        missing = download.request(time.monotonic())
-        if not missing:
-            return
-        data = {**download.receiver.info.to_json(), "missing": missing}
-        self._send(
-            device,
-            self._message(
-                Kind.CHUNK_REQUEST,
-                data=data,
-            ),
-        )
+        self.intake.request_chunks(device, download)
 
     def _check_current(self, device: str, message: Envelope) -> OpenRound:
         self._require_known(device)
@@ -758,7 +643,7 @@ class Aggregator:
             ", ".join(entry["devices"]),
             _metrics_text(entry),
         )
-        write_metrics(self.cfg.out_dir / METRICS_FILE, self.state.history)
+        write_history(self.cfg.out_dir, self.state.history)
         if self._stage_ends(entry.get("eval_loss")):
             self._close_stage(server)
         save_state(self.cfg.state_dir, self.state)
@@ -822,7 +707,7 @@ class Aggregator:
             entry["full_eval_loss"], entry["full_eval_accuracy"] = result["eval_loss"], result["eval_accuracy"]
             entry["full_eval_accuracy_by_task"] = result["eval_accuracy_by_task"]
         logger.info("stage %d hands over: full model eval loss %.4f", self.state.stage, entry["full_eval_loss"])
-        write_metrics(self.cfg.out_dir / METRICS_FILE, self.state.history)
+        write_history(self.cfg.out_dir, self.state.history)
 
     def _ensure_submodel(self) -> Any:
         """The open stage's submodel with LoRA attached (and FLoRA's merged update), for evaluation."""
@@ -890,28 +775,14 @@ class Aggregator:
         topic = self.topics.down(device)
         return self.connection.publish(topic, seal(message.encode(), topic, self.key))
 
+    def _send_payload(self, device: str, payload: Payload, reason: Reason | None = None, body: bytes = b"") -> bool:
+        """:meth:`_send` a message of ``payload``'s kind, with ``reason`` and ``body`` if any."""
+        return self._send(device, self._message(payload.KIND, data=payload.to_data(), reason=reason, body=body))
+
     def _publish_status(self) -> None:
         data = status_document(self.state, self.boot, len(self.schedule.capacities), self.cfg.rounds)
         status = self._message(Kind.STATUS, data=data)
         self.connection.publish(self.topics.status, seal(status.encode(), self.topics.status, self.key), retain=True)
-
-
-def _strings(value: object) -> bool:
-    return isinstance(value, list) and all(isinstance(item, str) for item in value)
-
-
-def _check_update_numbers(data: dict[str, Any]) -> None:
-    """Raise ``malformed`` unless an UPDATE's numbers are usable: ``num_samples`` (the aggregation
-    weight) an int in 1..2**53 (not a bool, a fraction or inf), the reported metrics numbers that
-    a float holds (``train_loss`` may be NaN: a device that has no loss to report)."""
-    samples = data.get("num_samples")
-    if type(samples) is not int or not 1 <= samples <= 2**53:
-        raise ProtocolError(Reason.MALFORMED, f"num_samples {str(samples)[:40]} must be an integer in 1..2**53")
-    for key in ("train_loss", "seconds", "peak_rss_bytes"):
-        value = data.get(key, 0)
-        bounded = type(value) in (int, float) and abs(value) < 2**63
-        if not bounded and not (key == "train_loss" and type(value) is float):
-            raise ProtocolError(Reason.MALFORMED, f"{key} {str(value)[:40]} is not a number")
 
 
 def _task_id(state: RunState, device: str) -> str:

@@ -6,15 +6,17 @@ any chunk on request; the receiver writes each chunk at its offset in a partial 
 (never the whole blob in memory), keeps a small sidecar recording which chunks it has, asks for
 the missing ones, and when it has them all verifies the sha256 and moves the file into its cache.
 An interrupted transfer resumes from the sidecar, even across restarts; a blob already in the
-cache is never transferred again.
+cache is never transferred again. This module is the store and the reassembly; the asking and
+serving, a window at a time, is :mod:`devft_edge.blob_transfer`.
 
 Everything a peer's description can make a receiver spend is bounded (issue 14: an offer of tiny
 chunks, 2.8 million for a 270 MB blob, cost 3.5 s and ~1 GB of memory per 200-byte request):
 chunk sizes lie in [:data:`MIN_CHUNK_BYTES`, :data:`MAX_CHUNK_BYTES`], a receiver takes at most
-:data:`MAX_CHUNKS` chunks and remembers them in one byte each, and a :class:`Download` finds the
-next missing chunks from a cursor instead of listing them all. Disk is bounded by the store's
-owner: :meth:`BlobStore.admit` before a transfer starts, :meth:`BlobStore.reap_partials` for
-abandoned ones, :meth:`BlobStore.evict_lru` for the cache; a full disk is :class:`StorageFull`.
+:data:`MAX_CHUNKS` chunks and remembers them in one byte each, and a download
+(:class:`devft_edge.blob_transfer.Download`) finds the next missing chunks from a cursor instead
+of listing them all. Disk is bounded by the store's owner: :meth:`BlobStore.admit` before a
+transfer starts, :meth:`BlobStore.reap_partials` for abandoned ones, :meth:`BlobStore.evict_lru`
+for the cache; a full disk is :class:`StorageFull`.
 """
 
 from __future__ import annotations
@@ -28,11 +30,10 @@ import re
 import shutil
 import stat
 import time
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from devft_edge.errors import DevFTError, raise_if
 from devft_edge.protocol import ProtocolError, Reason
@@ -46,6 +47,10 @@ aggregator's config allows chunks from 1 KiB)."""
 MAX_CHUNK_BYTES = 2**20
 """Largest chunk a description may name: a chunk is one broker message, held whole by the broker
 and both clients, so with :data:`WINDOW` outstanding a transfer holds at most 64 MiB in flight."""
+WINDOW = 64
+"""Chunks outstanding at most in one transfer: the receiver asks for more only as chunks arrive,
+so neither side ever queues more than this many (flow control by the receiver,
+:class:`devft_edge.blob_transfer.Download`), and a holder serves at most this many per request."""
 MAX_CHUNKS = 2**20
 """Most chunks a receiver takes on: its bitmap costs one byte per chunk (1 MiB at most); at the
 default chunk size that is a 96 GiB blob, far beyond any pack."""
@@ -535,119 +540,3 @@ class BlobReceiver:
         os.replace(self.part, self.store.path(self.info.sha256))
         self.have_file.unlink(missing_ok=True)
         return True
-
-
-WINDOW = 64
-"""Chunks outstanding at most: the receiver asks for more only as chunks arrive, so neither side
-ever queues more than this many (flow control by the receiver)."""
-
-
-def chunk_index(value: object) -> int:
-    """A chunk message's ``index`` field, checked to be an int (whether it fits the blob is the receiver's check)."""
-    if type(value) is not int:
-        raise ProtocolError(Reason.MALFORMED, f"chunk index {value!r} is not an integer")
-    return value
-
-
-def chunk_indices(value: object, limit: int = WINDOW) -> list[int]:
-    """A chunk request's ``missing`` field: a list of ints, of which the first ``limit`` are served."""
-    if not isinstance(value, list) or any(type(i) is not int for i in value):
-        raise ProtocolError(Reason.MALFORMED, f"missing chunks {str(value)[:80]} is not a list of integers")
-    return value[:limit]
-
-
-def chunk_request(data: dict[str, Any], served: Callable[[str], BlobInfo | None]) -> tuple[BlobInfo, list[int]]:
-    """Check a chunk request's fields against what the holder serves; returns the blob's
-    description and the chunk indices to send (at most a window).
-
-    ``served(sha)`` is the holder's own description of a blob it serves, or None. The request
-    must describe the blob exactly so: a requester that picked its own chunk size could ask for one
-    chunk larger than the broker's message limit.
-
-    Raises:
-        ProtocolError: ``stale`` for a blob not served, ``malformed`` for another description.
-    """
-    info = BlobInfo.from_json(data)
-    offered = served(info.sha256)
-    if offered is None:
-        raise ProtocolError(Reason.STALE, f"blob {info.sha256[:12]}... is not served here")
-    if info != offered:
-        raise ProtocolError(Reason.MALFORMED, f"asked for {info}, the blob is served as {offered}")
-    return offered, chunk_indices(data.get("missing", []))
-
-
-class Download:
-    """A pulled transfer: the receiver side's window bookkeeping around a :class:`BlobReceiver`.
-
-    The holder of a blob only ever sends the chunks it is asked for; this object decides what to
-    ask for next (the missing chunks, a window at a time) and when to ask again because nothing
-    arrived for ``stall_seconds``. It walks the blob with a cursor: every chunk below it is in or
-    outstanding, so a request looks only at the chunks after it (listing every missing chunk per
-    request cost 3.5 s and ~1 GB at 2.8 million chunks). After a stall or an error it starts
-    over from chunk 0, which the receiver's bitmap search skips through in C.
-    """
-
-    def __init__(self, receiver: BlobReceiver, stall_seconds: float = 10.0) -> None:
-        self.receiver = receiver
-        self.stall_seconds = stall_seconds
-        self.requested: set[int] = set()
-        self.last_activity = 0.0
-        self._cursor = 0
-
-    @property
-    def complete(self) -> bool:
-        """Whether the blob is verified and in the store."""
-        return self.receiver.complete
-
-    def request(self, clock: float) -> list[int]:
-        """Indices to ask for now: once half the window has arrived, enough missing chunks to fill
-        it again (a sliding window: the holder never idles waiting for the last chunk of a window,
-        and never has more than :data:`WINDOW` chunks outstanding). Empty when complete."""
-        if self.complete or len(self.requested) > WINDOW // 2:
-            return []
-        free = WINDOW - len(self.requested)
-        more = self._scan(free)
-        if not more and not self.requested:  # chunks behind the cursor were lost (a reaped partial)
-            self._cursor = 0
-            more = self._scan(free)
-        self.requested.update(more)
-        if more:
-            self.last_activity = clock
-        return more
-
-    def add(self, index: int, data: bytes, clock: float) -> bool:
-        """Feed one chunk; True when it completed the blob.
-
-        Raises:
-            ProtocolError, StorageFull, OSError: as :meth:`BlobReceiver.add`; the next request
-                then starts over from the first missing chunk.
-        """
-        self.last_activity = clock
-        self.requested.discard(index)
-        try:
-            return self.receiver.add(index, data)
-        except (ProtocolError, StorageFull, OSError):
-            self.requested.clear()
-            self._cursor = 0
-            raise
-
-    def stalled(self, clock: float) -> bool:
-        """Nothing arrived for ``stall_seconds`` while chunks are outstanding: time to ask again."""
-        if self.complete or not self.requested or clock - self.last_activity < self.stall_seconds:
-            return False
-        self.requested.clear()
-        self._cursor = 0
-        return True
-
-    def _scan(self, limit: int) -> list[int]:
-        """Up to ``limit`` missing, unrequested chunks from the cursor on; moves the cursor past them."""
-        more: list[int] = []
-        while len(more) < limit:
-            index = self.receiver.next_missing(self._cursor)
-            if index is None:
-                self._cursor = self.receiver.info.count
-                break
-            self._cursor = index + 1
-            if index not in self.requested:
-                more.append(index)
-        return more

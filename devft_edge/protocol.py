@@ -290,7 +290,7 @@ class Topics:
 
     A device publishes only under ``<prefix>/dev/<id>/up`` and its retained presence topic and
     subscribes only to ``<prefix>/dev/<id>/down`` and the aggregator status, so a broker ACL
-    pattern on the username (``%u`` = device id; ``devft_edge.broker_config``) confines each
+    pattern on the username (``%u`` = device id; ``devft_edge.ops.broker_config``) confines each
     device to its own id.
     """
 

@@ -21,8 +21,10 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from devft_edge.blobs import BlobInfo, BlobStore, Download, StorageFull, chunk_index, chunk_request
+from devft_edge.blob_transfer import Download, send_chunks, wanted
+from devft_edge.blobs import BlobInfo, BlobStore, StorageFull
 from devft_edge.errors import ConfigError
+from devft_edge.messages import Chunk, ChunkRequest, Hello, Presence, Refusal, UpdateOffer, Verdict
 from devft_edge.mqtt import BrokerAddress, Connection, Incoming
 from devft_edge.peak_memory import peak_bytes, reset_peak
 from devft_edge.protocol import AGGREGATOR, Envelope, Kind, ProtocolError, Reason, Topics, decode, seal, unseal
@@ -70,7 +72,7 @@ class Agent:
         self.downloads: dict[str, Download] = {}
         self.aggregator_boot = ""
         presence = self.topics.presence(cfg.device_id)
-        offline = Envelope(kind=Kind.PRESENCE, sender=cfg.device_id, data={"online": False}).encode()
+        offline = Envelope(kind=Kind.PRESENCE, sender=cfg.device_id, data=Presence(online=False).to_data()).encode()
         self.connection = Connection(
             BrokerAddress.parse(cfg.broker),
             cfg.device_id,
@@ -108,19 +110,14 @@ class Agent:
     def _announce(self) -> None:
         """On every (re)connect: presence and hello (the aggregator may have restarted)."""
         me = self.cfg.device_id
-        online = Envelope(kind=Kind.PRESENCE, sender=me, data={"online": True})
+        online = Envelope(kind=Kind.PRESENCE, sender=me, data=Presence(online=True).to_data())
         self._send(online, self.topics.presence(me), retain=True)
-        hello = Envelope(
-            kind=Kind.HELLO,
-            sender=me,
-            data={
-                "profile": self.profile.model_dump(mode="json", exclude={"name"}),
-                "backends": [self.cfg.backend],
-                "cached": self.store.recent(self.cfg.hello_cached_max),
-                "agent_version": 1,
-            },
+        hello = Hello(
+            profile=self.profile.model_dump(mode="json", exclude={"name"}),
+            backends=(self.cfg.backend,),
+            cached=tuple(self.store.recent(self.cfg.hello_cached_max)),
         )
-        self._send(hello)
+        self._send(Envelope(kind=Kind.HELLO, sender=me, data=hello.to_data()))
 
     def _dispatch(self, item: Incoming) -> None:
         try:
@@ -157,7 +154,8 @@ class Agent:
             task_seeds(task)
         except ProtocolError as error:  # refuse at once: the round need not wait for its deadline
             logger.error("task %s refused: %s", task.id, error)
-            self._send(task.reply(Kind.REFUSAL, self.cfg.device_id, reason=error.reason, data={"detail": str(error)}))
+            refusal = Refusal(str(error)).to_data()
+            self._send(task.reply(Kind.REFUSAL, self.cfg.device_id, reason=error.reason, data=refusal))
             return
         self.task, self.downloads = task, {}
         needed = [BlobInfo.from_json(task.data[key]) for key in ("pack", "lora", "plan", "delta") if key in task.data]
@@ -179,12 +177,13 @@ class Agent:
             self._request(download)
 
     def _on_chunk(self, message: Envelope) -> None:
-        info = BlobInfo.from_json(message.data)
+        chunk = Chunk.from_data(message.data)
+        info = chunk.blob
         download = self.downloads.get(info.sha256)
         if download is None:
             return  # a late chunk of a finished or abandoned transfer
         try:
-            complete = download.add(chunk_index(message.data.get("index")), message.body, time.monotonic())
+            complete = download.add(chunk.index, message.body, time.monotonic())
         except ProtocolError:
             self._request(download)  # ask again: the missing chunks, or all of them after a hash failure
             raise
@@ -201,14 +200,14 @@ class Agent:
     def _on_chunk_request(self, message: Envelope) -> None:
         """Serve chunks of an update we offered. Only the aggregator can ask (its seal is checked),
         and it asks a window at a time, so no rate limit is needed here."""
-        offers = {e.get("blob"): e for e in self.done.values()}  # the updates we offered, as offered
-        info, missing = chunk_request(
-            message.data, lambda sha: BlobInfo.from_json(offers[sha]) if sha in offers else None
-        )
-        for index, chunk in self.store.chunks(info, missing):
-            self._send(
-                message.reply(Kind.CHUNK, self.cfg.device_id, data={**info.to_json(), "index": index}, body=chunk)
-            )
+        offers = {offer.blob.sha256: offer.blob for offer in map(UpdateOffer.from_data, self.done.values())}
+        info, indices = wanted(ChunkRequest.from_data(message.data), offers.get)  # the updates we offered, as offered
+
+        def send(chunk: Chunk, body: bytes) -> bool:
+            self._send(message.reply(Kind.CHUNK, self.cfg.device_id, data=chunk.to_data(), body=body))
+            return True  # a chunk the broker client drops is asked for again when the aggregator's pull stalls
+
+        send_chunks(self.store, info, indices, send)
 
     def _on_status(self, message: Envelope) -> None:
         """A (re)started aggregator may have missed our hello: announce again once per aggregator boot."""
@@ -218,12 +217,11 @@ class Agent:
             self._announce()
 
     def _on_verdict(self, message: Envelope) -> None:
-        if message.data.get("accepted"):
+        verdict = Verdict.from_data(message.data)
+        if verdict.accepted:
             logger.info("update for round %d accepted", message.round)
         else:
-            logger.warning(
-                "update for round %d rejected: %s %s", message.round, message.reason, message.data.get("note")
-            )
+            logger.warning("update for round %d rejected: %s %s", message.round, message.reason, verdict.note)
 
     def _make_room(self, keep: set[str]) -> None:
         """Bound the cache before a task's downloads: partial blobs of earlier tasks are dropped, and
@@ -240,14 +238,13 @@ class Agent:
         task = self.task
         assert task is not None  # only called while a task is held
         logger.error("task %s refused: %s", task.id, detail)
-        self._send(task.reply(Kind.REFUSAL, self.cfg.device_id, reason=reason, data={"detail": detail}))
+        self._send(task.reply(Kind.REFUSAL, self.cfg.device_id, reason=reason, data=Refusal(detail).to_data()))
         self.task, self.downloads = None, {}
 
     def _request(self, download: Download) -> None:
-        missing = download.request(time.monotonic())
-        if missing and self.task is not None:
-            data = {**download.receiver.info.to_json(), "missing": missing}
-            self._send(self.task.reply(Kind.CHUNK_REQUEST, self.cfg.device_id, data=data))
+        request = download.next_request(time.monotonic())
+        if request is not None and self.task is not None:
+            self._send(self.task.reply(Kind.CHUNK_REQUEST, self.cfg.device_id, data=request.to_data()))
 
     def _run_task(self) -> None:
         from safetensors.torch import save as safetensors_save
@@ -268,7 +265,9 @@ class Agent:
         except PackError as error:
             logger.error("task %s refused: %s", task.id, error)
             self._send(
-                task.reply(Kind.REFUSAL, self.cfg.device_id, reason=Reason.PACK, data={"detail": error.reason.value})
+                task.reply(
+                    Kind.REFUSAL, self.cfg.device_id, reason=Reason.PACK, data=Refusal(error.reason.value).to_data()
+                )
             )
             self.task = None
             return
@@ -287,20 +286,17 @@ class Agent:
             self._keep_run_state(task.run, memory.private, replace(stream, taken=stream.taken + settings.steps))
         except Exception as error:  # the error boundary of training: the aggregator is told, not left waiting
             logger.exception("training failed")
-            detail = {"detail": str(error)[:500]}
+            detail = Refusal(str(error)[:500]).to_data()
             self._send(task.reply(Kind.REFUSAL, self.cfg.device_id, reason=Reason.INTERNAL, data=detail))
             self.task = None
             return
         info = self.store.add_bytes(
             safetensors_save({k: v.contiguous() for k, v in result.lora.items()}), int(task.data["lora"]["chunk_bytes"])
         )
-        data = {
-            **info.to_json(),
-            "num_samples": result.num_samples,
-            "train_loss": result.train_loss,
-            "seconds": round(time.monotonic() - began, 3),
-            "peak_rss_bytes": peak_bytes(),
-        }
+        offer = UpdateOffer(
+            info, result.num_samples, result.train_loss, round(time.monotonic() - began, 3), peak_bytes()
+        )
+        data = offer.to_data()
         self.done[task.id] = data
         for forgotten in list(self.done)[:-MAX_TASKS_REMEMBERED]:
             del self.done[forgotten]
@@ -309,8 +305,8 @@ class Agent:
             "task %s trained: loss %.4f in %.1f s, peak %.0f MiB%s",
             task.id,
             result.train_loss,
-            data["seconds"],
-            data["peak_rss_bytes"] / 2**20,
+            offer.seconds,
+            offer.peak_rss_bytes / 2**20,
             ", gradient checkpointing" if settings.checkpointing else "",
         )
         self._send(task.reply(Kind.UPDATE, self.cfg.device_id, data=data))
@@ -393,11 +389,6 @@ class Agent:
         """Seal ``message`` with this device's key and publish it (on the uplink by default)."""
         topic = topic or self.topics.up(self.cfg.device_id)
         self.connection.publish(topic, seal(message.encode(), topic, self.identity), retain=retain)
-
-
-def _offered(offers: dict[Any, dict[str, Any]], sha: str) -> BlobInfo | None:
-    """How the update blob ``sha`` was offered (None if it was not one of ours)."""
-    return BlobInfo.from_json(offers[sha]) if sha in offers else None
 
 
 def task_settings(task: Envelope) -> TrainSettings:

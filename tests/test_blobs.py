@@ -14,6 +14,7 @@ import tracemalloc
 
 import pytest
 
+from devft_edge.blob_transfer import Download
 from devft_edge.blobs import (
     MAX_CHUNK_BYTES,
     MAX_CHUNKS,
@@ -22,7 +23,6 @@ from devft_edge.blobs import (
     BlobInfo,
     BlobReceiver,
     BlobStore,
-    Download,
     StorageFull,
 )
 from devft_edge.errors import ConfigError
@@ -359,3 +359,27 @@ def test_adding_a_blob_marks_it_used_even_from_an_old_file(tmp_path):
     assert store.recent(2) == [first.sha256, second.sha256]
     with pytest.raises(FileNotFoundError):
         store.touch(SHA)
+
+
+def test_send_chunks_sends_what_was_asked_and_stops_at_the_first_dropped_message(tmp_path):
+    """The holder's half, shared by the aggregator and the agent: a request is checked whole before
+    anything is sent, and a full send queue stops the answer (the requester asks again on a stall)."""
+    from devft_edge.blob_transfer import send_chunks, wanted
+    from devft_edge.messages import ChunkRequest
+
+    store = BlobStore(tmp_path)
+    info = store.add_bytes(bytes(range(250)) * 10, chunk_bytes=1000)  # 2500 bytes: chunks of 1000, 1000, 500
+    sent: list[tuple[int, int]] = []
+
+    def send(chunk, body: bytes) -> bool:
+        sent.append((chunk.index, len(body)))
+        return len(sent) < 2  # the queue takes one more
+
+    result = send_chunks(store, info, (2, 0, 1), send)
+    assert sent == [(2, 500), (0, 1000)] and (result.chunks, result.bytes) == (1, 500)
+    with pytest.raises(ProtocolError) as error:
+        send_chunks(store, info, (0, 3), send)
+    assert error.value.reason is Reason.MALFORMED and len(sent) == 2  # nothing of a bad request went out
+    with pytest.raises(ProtocolError) as error:
+        wanted(ChunkRequest(BlobInfo(info.sha256, info.size, 2000), (0,)), {info.sha256: info}.get)
+    assert error.value.reason is Reason.MALFORMED  # the holder's chunk size, not the requester's

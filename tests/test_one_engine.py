@@ -51,7 +51,7 @@ def _check_fleet_files(out: Path, summary: dict) -> None:
     from peft import PeftModel
 
     from devft_edge.models import load_model
-    from devft_edge.simulator import RoundMetrics
+    from devft_edge.run_report import RoundMetrics
 
     assert summary == json.loads((out / "summary.json").read_text())
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
 import struct
 
@@ -154,7 +155,8 @@ def test_chunk_bounds_and_lengths_are_checked(tmp_path):
 
 
 def test_download_asks_a_window_at_a_time_and_again_when_stalled(tmp_path):
-    from devft_edge.blobs import WINDOW, Download
+    from devft_edge.blob_transfer import Download
+    from devft_edge.blobs import WINDOW
 
     data = random.Random(2).randbytes(100 * 10)
     sender, receiving = BlobStore(tmp_path / "a"), BlobStore(tmp_path / "b")
@@ -174,7 +176,7 @@ def test_download_asks_a_window_at_a_time_and_again_when_stalled(tmp_path):
 
 def test_download_after_a_hash_failure_asks_for_the_whole_blob_again(tmp_path):
     """The agent re-requests after a failed chunk; a corrupt partial must lead to a fresh transfer."""
-    from devft_edge.blobs import Download
+    from devft_edge.blob_transfer import Download
 
     data = random.Random(3).randbytes(50)
     sender, receiving = BlobStore(tmp_path / "a"), BlobStore(tmp_path / "b")
@@ -189,24 +191,30 @@ def test_download_after_a_hash_failure_asks_for_the_whole_blob_again(tmp_path):
     assert download.request(clock=1.0) == [0, 1, 2, 3, 4]
 
 
-@pytest.mark.parametrize("value", [None, "3", 1.0, True, [0]])
+@pytest.mark.parametrize("value", [None, "3", 1.0, True, [0], -1, 2**20])
 def test_a_chunk_index_from_the_wire_must_be_an_integer(value):
-    from devft_edge.blobs import chunk_index
+    from devft_edge.messages import Chunk
 
-    assert chunk_index(7) == 7
+    blob = BlobInfo(hashlib.sha256(b"x").hexdigest(), 1, 1000)
+    assert Chunk.from_data({**blob.to_json(), "index": 7}) == Chunk(blob, 7)
     with pytest.raises(ProtocolError) as error:
-        chunk_index(value)
-    assert error.value.reason is Reason.MALFORMED
+        Chunk.from_data({**blob.to_json(), "index": value})
+    assert error.value.reason is Reason.MALFORMED and "index" in str(error.value)
 
 
 @pytest.mark.parametrize("value", [None, "all", 5, [None], ["1"], [[1]], [False], [1.0]])
 def test_missing_chunks_from_the_wire_must_be_a_list_of_integers(value):
-    from devft_edge.blobs import WINDOW, chunk_indices
+    from devft_edge.blob_transfer import wanted
+    from devft_edge.blobs import WINDOW
+    from devft_edge.messages import ChunkRequest
 
-    assert chunk_indices([3, 1]) == [3, 1] and chunk_indices(list(range(200))) == list(range(WINDOW))
+    blob = BlobInfo(hashlib.sha256(b"x").hexdigest(), 10**6, 1000)
+    assert ChunkRequest.from_data({**blob.to_json(), "missing": [3, 1]}).missing == (3, 1)
+    asked = ChunkRequest.from_data({**blob.to_json(), "missing": list(range(200))})
+    assert wanted(asked, {blob.sha256: blob}.get) == (blob, tuple(range(WINDOW)))  # a window is served
     with pytest.raises(ProtocolError) as error:
-        chunk_indices(value)
-    assert error.value.reason is Reason.MALFORMED
+        ChunkRequest.from_data({**blob.to_json(), "missing": value})
+    assert error.value.reason is Reason.MALFORMED and "missing" in str(error.value)
 
 
 def test_service_configs_report_file_and_field(tmp_path):
@@ -252,3 +260,49 @@ def test_a_message_with_a_reason_carries_no_content(content):
     with pytest.raises(ProtocolError) as refused:
         decode(struct.pack(">I", len(raw)) + raw)
     assert refused.value.reason is Reason.MALFORMED
+
+
+def test_every_payload_round_trips_through_the_wire_with_the_documented_keys():
+    from devft_edge.messages import Chunk, ChunkRequest, Hello, Presence, Refusal, UpdateOffer, Verdict
+
+    blob = BlobInfo(hashlib.sha256(b"x").hexdigest(), 5000, 1000)
+    keys = {"blob", "size", "chunk_bytes"}
+    update = keys | {"num_samples", "train_loss", "seconds", "peak_rss_bytes"}
+    payloads = [
+        (Hello({"memory": 1}, ("torch",), (blob.sha256,)), {"profile", "backends", "cached", "agent_version"}),
+        (Presence(online=False), {"online"}),
+        (UpdateOffer(blob, 8, float("nan"), 1.5, 2**30), update),
+        (Chunk(blob, 4), keys | {"index"}),
+        (ChunkRequest(blob, (0, 3)), keys | {"missing"}),
+        (Refusal("no room"), {"detail"}),
+        (Verdict("m1", False, "shape: B"), {"re", "accepted", "note"}),
+    ]
+    for payload, wire_keys in payloads:
+        message = Envelope(kind=payload.KIND, sender="pi-7", data=payload.to_data())
+        back = type(payload).from_data(decode(message.encode()).data)
+        assert set(payload.to_data()) == wire_keys
+        if isinstance(payload, UpdateOffer):  # NaN is not equal to itself
+            assert math.isnan(back.train_loss) and back == UpdateOffer(blob, 8, back.train_loss, 1.5, 2**30)
+        else:
+            assert back == payload
+    assert Hello.from_data({"profile": {}}) == Hello({}, ("torch",), (), 1)  # what an older agent sends
+    assert UpdateOffer.from_data({**blob.to_json(), "num_samples": 3}).seconds == 0.0
+
+
+def test_a_payload_names_every_bad_field_at_once():
+    from devft_edge.messages import Hello, UpdateOffer, Verdict
+
+    bad = {"blob": "xyz", "size": 10, "chunk_bytes": 1000, "num_samples": 1.5, "seconds": "soon", "train_loss": [1]}
+    with pytest.raises(ProtocolError) as error:
+        UpdateOffer.from_data(bad)
+    text = str(error.value)
+    assert error.value.reason is Reason.MALFORMED and text.startswith("malformed: update: ")
+    assert all(f in text for f in ("blob id 'xyz'", "num_samples", "seconds", "train_loss")), text
+    assert "peak_rss_bytes" not in text  # absent: its default
+    for samples in (0, 2**53 + 1, True, None):
+        with pytest.raises(ProtocolError, match="num_samples must be an integer in 1..9007199254740992"):
+            UpdateOffer.from_data({**bad, "blob": "a" * 64, "seconds": 1, "train_loss": 1, "num_samples": samples})
+    with pytest.raises(ProtocolError, match="profile must be an object.*backends must be a list of strings"):
+        Hello.from_data({"profile": None, "backends": [1]})
+    with pytest.raises(ProtocolError, match="accepted must be true or false"):
+        Verdict.from_data({"re": "m1", "accepted": "yes"})
