@@ -1,19 +1,17 @@
-"""Federated simulation: N clients in one process, the DevFT stage schedule around a round rule.
+"""Federated simulation: N clients in one process, around the round loop of :mod:`devft_edge.run_loop`.
 
-The loop is plan -> pack -> ship -> train -> update -> merge, with the network replaced by byte
-counting: every byte a real deployment would send is measured as the serialised size of what is
-sent (safetensors), uplink and downlink separately. Downlink counts, per client, the shared
-embeddings/head once per run, each stage's fused blocks the first time the client is selected in
-that stage (devices cache packs by hash), and the LoRA state every round.
+The simulator's :class:`InProcessPool` is the loop's client pool with the network replaced by
+byte counting: every byte a real deployment would send is measured as the serialised size of
+what is sent (safetensors), uplink and downlink separately. Downlink counts, per client, the
+shared embeddings/head once per run, each stage's fused blocks the first time the client is
+selected in that stage (devices cache packs by hash), and the LoRA state every round.
 
-``wall_seconds`` is measured process time of the federated work (stage building, local training,
-aggregation), excluding evaluation. Clients run one after another here; a fleet runs them in
-parallel, so ``parallel_seconds`` also records the sum over rounds of (slowest client + server).
+Clients run one after another here; a fleet runs them in parallel, so ``parallel_seconds``
+records the sum over rounds of (slowest client + server) beside ``wall_seconds``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import time
@@ -22,22 +20,19 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
-from peft import PeftModel
 from torch import Tensor
 from tqdm import tqdm
 
-from devft_edge.aggregation import RULES, ClientMemory, GlobalState
+from devft_edge.aggregation import RULES, ClientMemory
 from devft_edge.calibration import calibration_ids
 from devft_edge.data import Example, batches, load_jsonl, partition, partition_by_kind, train_eval_split
 from devft_edge.errors import ConfigError, raise_if
-from devft_edge.export import export_adapter, export_merged
-from devft_edge.federation import Federation, StageBudget
+from devft_edge.federation import Federation, OpenStage
 from devft_edge.handover import cost_warning, early_rounds
 from devft_edge.layers import num_layers
 from devft_edge.lora import (
     LoraSettings,
     LoraState,
-    attach_lora,
     get_lora_state,
     init_lora_state,
     lora_shapes,
@@ -49,14 +44,14 @@ from devft_edge.methods import METHODS, rule_of, uses_devft
 from devft_edge.models import cache_dir, load_model, load_tokenizer, model_dir
 from devft_edge.pack_size import DELIVERIES, pack_file_bytes, plan_file_bytes
 from devft_edge.peak_memory import peak_bytes
-from devft_edge.plot import plot_curves
 from devft_edge.quantization import QuantSpec, dequantize_model, quantize_model
+from devft_edge.run_loop import ClientRound, EvalPolicy, RoundLoop, StageView
+from devft_edge.run_report import RoundMetrics, summarise, write_report
 from devft_edge.schedule import DEFAULT_MIN_DELTA, Plateau, StageSchedule
 from devft_edge.selection import data_seed, select_clients, training_seed
-from devft_edge.stage import Stage, StageBuilder, StageRecipe
+from devft_edge.stage import StageBuilder, StageRecipe
 from devft_edge.step_cost import StepCostModel, step_cost_model
-from devft_edge.submodel import add_weight_delta, state_applied
-from devft_edge.training import EvalResult, TrainSettings, evaluate, train_local
+from devft_edge.training import TrainSettings, train_local
 
 logger = logging.getLogger(__name__)
 
@@ -200,38 +195,6 @@ class SimulationConfig:
         return StageSchedule(total_layers, self.stages, self.rounds, round_split=self.round_split)
 
 
-@dataclass(frozen=True)
-class RoundMetrics:
-    """One line of ``metrics.jsonl``."""
-
-    round: int
-    stage: int
-    layers: int
-    train_loss: float
-    eval_loss: float | None
-    """The stage submodel (with the round's aggregated LoRA) on the held-out set."""
-    eval_accuracy: float | None
-    eval_accuracy_by_task: dict[str, float] | None
-    full_eval_loss: float | None
-    """The full model with the LoRA transferred from this stage so far: what the stage hands over.
-    Set on a stage's last round (``full_eval = stage``) or every round (``round``); at full depth it
-    equals ``eval_loss``."""
-    full_eval_accuracy: float | None
-    wall_seconds: float
-    parallel_seconds: float
-    compute: float
-    """Cumulative device compute: local steps weighted by their submodel's step cost, in
-    full-model-step equivalents (:mod:`devft_edge.step_cost`)."""
-    server_seconds: float
-    """Cumulative server time spent healing fused submodels (not in ``wall_seconds``)."""
-    bytes_up: int
-    bytes_down: int
-    bytes_down_pack: int
-    """Part of ``bytes_down`` that is model weights (stage packs); the rest is LoRA state (and
-    FLoRA's merged updates)."""
-    peak_rss_bytes: int
-
-
 def _load_data(cfg: SimulationConfig) -> tuple[list[list[Example]], list[Example]]:
     if cfg.data_split == "by_profile":
         train, held_out = train_eval_split(cfg.clients * cfg.examples_per_client, cfg.eval_examples, cfg.seed)
@@ -251,234 +214,89 @@ def _load_data(cfg: SimulationConfig) -> tuple[list[list[Example]], list[Example
     return partition(train, cfg.clients, cfg.seed, cfg.data_alpha), held_out
 
 
-@dataclass
-class _Stage:
-    """What the server holds while one stage runs."""
+class InProcessPool:
+    """The simulator's clients: trained one after another in this process, on the stage model the
+    loop holds, with every byte a deployment would send counted (see the module docstring)."""
 
-    built: Stage
-    model: PeftModel
-    """The stage submodel with LoRA attached: every simulated client trains this one instance."""
-    server: GlobalState
-    builder: StageBuilder
-    pack_bytes: int
-    """Size of the stage's pack, or of its plan (``full_pack`` delivery), as the aggregator writes it."""
-    steps: int
-    """Local steps per client round in this stage."""
-    budget: StageBudget
-    """Rounds of this stage and the adaptive advance's record."""
-    cost: float
-    """Step cost of this stage's depth, in full-model-step equivalents."""
-    eligible: list[int] = field(default_factory=list)
-    """Clients whose device profile can train this stage (all of them without a fleet)."""
-    has_pack: set[int] = field(default_factory=set)
-    """Clients that already downloaded this stage's pack."""
-
-    @property
-    def number(self) -> int:
-        """1-based stage number."""
-        return self.built.number
-
-    @property
-    def groups(self) -> list[list[int]]:
-        """``groups[g]`` = original layers fused into submodel block g."""
-        return self.built.groups
-
-    def to_stage(self, state: LoraState) -> LoraState:
-        """Full-model state -> this stage's space (the transfer rule's contraction)."""
-        return self.builder.contract(state, self.groups)
-
-    def to_full(self, state: LoraState) -> LoraState:
-        """This stage's state -> full-model space (knowledge transfer)."""
-        return self.builder.expand(state, self.groups)
-
-
-@dataclass
-class _RoundTally:
-    """What one round's clients did, for the metrics line."""
-
-    bytes_up: int = 0
-    bytes_down: int = 0
-    bytes_down_pack: int = 0
-    losses: list[float] = field(default_factory=list)
-    client_seconds: list[float] = field(default_factory=list)
-
-
-class Simulation:
-    """One simulated federated run: the stage loop around the rule's rounds."""
-
-    def __init__(self, cfg: SimulationConfig, out_dir: Path, progress: bool | None = None) -> None:
-        self.cfg, self.out_dir, self.progress = cfg, out_dir, progress
-        self.tokenizer = load_tokenizer(cfg.model)
-        self.base = load_model(cfg.model, seed=cfg.seed)
-        if cfg.quant != "none":  # devices train on the pack's quantized weights: quantize, dequantize
-            self.base = dequantize_model(quantize_model(self.base, QuantSpec(cfg.quant)))
-            self.base.requires_grad_(False)
-        self.total_layers = num_layers(self.base.config)
-        self.schedule = cfg.schedule(self.total_layers)
-        self.rule = RULES.get(cfg.rule)
-        self.builder = StageBuilder(
-            self.base,
-            self.tokenizer,
-            cfg.lora,
-            cfg.recipe,
-            calibration_ids(self.tokenizer),
-            cfg.model,
-            cfg.seed,
-            cache_dir=cache_dir() / "heal",
-        )
-        self.shape = model_shape(self.base.config)
-        self.step_cost: StepCostModel = step_cost_model(
-            cfg.model, self.shape, cfg.train.batch_size, cfg.train.seq_len, cfg.lora.rank
-        )
-        adaptive = Plateau(cfg.adaptive_patience, cfg.adaptive_min_delta)
-        self.federation = Federation(
-            self.builder, self.schedule, self.rule, cfg.seed, cfg.train.steps, cfg.stage_steps, self.step_cost, adaptive
-        )
-        self.warning = self._cost_warning()
-        if self.warning:
-            logger.warning("%s", self.warning)
-        client_data, self.held_out = _load_data(cfg)
-        self.memories = [ClientMemory(num_samples=len(d)) for d in client_data]
+    def __init__(self, cfg: SimulationConfig, sim: Simulation, client_data: list[list[Example]]) -> None:
+        self.cfg, self.rule, self.shape = cfg, sim.rule, sim.shape
+        self.memories_ = [ClientMemory(num_samples=len(d)) for d in client_data]
         self.streams: dict[int, Iterator[dict[str, Tensor]]] = {
-            c: batches(d, cfg.train.batch_size, data_seed(cfg.seed, c), self.tokenizer, cfg.train.seq_len)
+            c: batches(d, cfg.train.batch_size, data_seed(cfg.seed, c), sim.tokenizer, cfg.train.seq_len)
             for c, d in enumerate(client_data)
         }
-        self.full = GlobalState(lora=init_lora_state(lora_shapes(self.base, cfg.lora), cfg.lora.rank, cfg.seed))
         self.full_pack_bytes = 0
         """``full_pack`` delivery: size of the full model's pack, downloaded once per device."""
         if cfg.delivery == "full_pack":
             self.full_pack_bytes = pack_file_bytes(
-                self.base,
-                self.full.lora,
-                [[j] for j in range(self.total_layers)],
+                sim.base,
+                init_lora_state(lora_shapes(sim.base, cfg.lora), cfg.lora.rank, cfg.seed),
+                [[j] for j in range(sim.total_layers)],
                 model_name=cfg.model,
                 lora=cfg.lora,
                 quant=cfg.quant,
                 tokenizer_dir=model_dir(cfg.model),
             )
         self.has_full_pack: set[int] = set()
-        self.wall = self.parallel = self.compute = self.server = 0.0
-        self._full_by_task: dict[str, float] | None = None
-        self.bytes_up = self.bytes_down = self.bytes_down_pack = 0
+        self.has_pack: set[int] = set()
+        """Clients that already downloaded the open stage's pack."""
+        self.eligible: list[int] = []
+        self.pack_bytes = 0
 
-    def _cost_warning(self) -> str | None:
-        """What the measured hand-over predicts for this schedule's cost against FedIT's."""
-        caps, rounds = self.schedule.capacities, self.schedule.rounds_per_stage
-        ratios = [1 / self.step_cost(c) if self.cfg.stage_steps == "compute" else 1.0 for c in caps]
-        return cost_warning(self.cfg.model, early_rounds(caps, rounds, self.step_cost, ratios))
-
-    def run(self) -> dict[str, object]:
-        """Run every stage and round; write metrics, summary, adapter and plot. Returns the summary."""
-        start = time.perf_counter()
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        initial = evaluate(self.base, self.tokenizer, self.held_out, self.cfg.train.seq_len)
-        metrics: list[RoundMetrics] = []
-        stages_info: list[dict[str, object]] = []
-        round_index = 0
-        bar = tqdm(
-            total=self.cfg.rounds,
-            disable=None if self.progress is None else not self.progress,
-            desc=self.cfg.method,
-            unit="round",
-        )
-        with (self.out_dir / "metrics.jsonl").open("w") as metrics_file, bar:
-            carry = 0
-            last_stage = len(self.schedule.capacities)
-            for number, capacity in enumerate(self.schedule.capacities, start=1):
-                stage = self._open_stage(number, capacity, round_index, carry)
-                used, left = 0, None
-                while left is None:
-                    line = self._run_round(stage, round_index)
-                    round_index += 1
-                    used += 1
-                    left = stage.budget.ends(used, line.eval_loss, last=number == last_stage)
-                    if left is not None:
-                        if line.eval_loss is not None and line.eval_accuracy is None:
-                            line = self._with_accuracy(stage, line)
-                        self._close_stage(stage)
-                        line = self._with_full_eval(line, self.full, after_transfer=True)
-                    elif self.cfg.full_eval == "round":
-                        line = self._with_full_eval(line, self._transferred(stage), after_transfer=False)
-                    metrics.append(line)
-                    metrics_file.write(json.dumps(asdict(line)) + "\n")
-                    metrics_file.flush()
-                    bar.update(1)
-                    bar.set_postfix(stage=number, eval_loss="-" if line.eval_loss is None else f"{line.eval_loss:.3f}")
-                    if left:
-                        logger.info("stage %d plateaued after %d of %d rounds", number, used, used + left)
-                carry = left or 0
-                stages_info.append(self._stage_info(stage, capacity, used, metrics[-1]))
-                if number == self.cfg.stop_after:
-                    break
-        return self._finish(initial, metrics, stages_info, time.perf_counter() - start)
-
-    def _stage_info(self, stage: _Stage, capacity: int, rounds: int, last: RoundMetrics) -> dict[str, object]:
-        heal = stage.built.heal
-        return {
-            "stage": stage.number,
-            "layers": capacity,
-            "rounds": rounds,
-            "local_steps": stage.steps,
-            "step_cost": round(stage.cost, 4),
-            "groups": stage.groups,
-            "pack_bytes": stage.pack_bytes,
-            "eval_loss": last.eval_loss,
-            "full_eval_loss": last.full_eval_loss,
-            "full_eval_accuracy": last.full_eval_accuracy,
-            "full_eval_accuracy_by_task": self._full_by_task,
-            "eligible_clients": len(stage.eligible),
-            "heal": None
-            if heal is None
-            else {
-                "seconds": round(heal.seconds, 3),
-                "cached": stage.built.heal_cached,
-                "kl_before": heal.kl_before,
-                "kl_after": heal.kl_after,
-                "peak_rss_bytes": heal.peak_rss_bytes,
-                "trained_params": heal.trained_params,
-            },
-        }
-
-    def _open_stage(self, number: int, capacity: int, first_round: int, carry: int) -> _Stage:
-        """Plan and pack one stage: group, fuse, heal, attach LoRA started from the full state."""
-        t0 = time.perf_counter()
-        self._full_by_task = None
-        opened = self.federation.open_stage(number, self.full, carry)
-        built = opened.built
-        logger.info("stage %d: %d layers, groups %s", number, capacity, built.groups)
-        add_weight_delta(built.model, opened.server.delta, self.cfg.lora.scaling)
-        if self.cfg.delivery == "full_pack":
-            pack_bytes = plan_file_bytes(
-                built, self.builder.fusion, model_name=self.cfg.model, lora=self.cfg.lora, quant=self.cfg.quant
+    def ship(self, opened: OpenStage, builder: StageBuilder) -> dict[str, object]:
+        """Size the stage's pack (or plan) as the aggregator writes it; which clients can train it."""
+        cfg, built = self.cfg, opened.built
+        if cfg.delivery == "full_pack":
+            self.pack_bytes = plan_file_bytes(
+                built, builder.fusion, model_name=cfg.model, lora=cfg.lora, quant=cfg.quant
             )
         else:
-            pack_bytes = pack_file_bytes(
+            self.pack_bytes = pack_file_bytes(
                 built.model,
                 built.start,
                 built.groups,
-                model_name=self.cfg.model,
-                lora=self.cfg.lora,
-                quant=self.cfg.quant,
-                tokenizer_dir=model_dir(self.cfg.model),
+                model_name=cfg.model,
+                lora=cfg.lora,
+                quant=cfg.quant,
+                tokenizer_dir=model_dir(cfg.model),
             )
-        stage = _Stage(
-            built=built,
-            model=attach_lora(built.model, self.cfg.lora),
-            server=opened.server,
-            builder=self.builder,
-            pack_bytes=pack_bytes,
-            steps=opened.steps,
-            budget=opened.budget,
-            cost=self.step_cost(capacity),
-            eligible=self._eligible(capacity),
-        )
-        self.rule.start_stage(first_round)
-        elapsed = time.perf_counter() - t0
-        heal_seconds = built.heal.seconds if built.heal is not None and not built.heal_cached else 0.0
-        self.server += built.heal.seconds if built.heal is not None else 0.0
-        self.wall += elapsed - heal_seconds
-        self.parallel += elapsed - heal_seconds
-        return stage
+        self.has_pack, self.eligible = set(), self._eligible(len(built.groups))
+        return {"pack_bytes": self.pack_bytes, "eligible_clients": len(self.eligible)}
+
+    def train(self, round_index: int, stage: StageView, tally: ClientRound) -> Iterator[tuple[LoraState, float]]:
+        """Select, ship, train and collect each client's update, one at a time (a stream)."""
+        selected = select_clients(self.eligible, self.cfg.per_round, self.cfg.seed, round_index)
+        tally.devices = [str(c) for c in selected]
+        train = replace(self.cfg.train, steps=stage.steps)
+        for c in selected:
+            t0 = time.perf_counter()
+            memory = self.memories_[c]
+            received = self.rule.downlink(stage.server, memory, round_index)
+            tally.bytes_down += state_bytes(received) if received else 0
+            if c in self.has_pack:
+                tally.bytes_down += self.rule.extra_downlink_bytes(stage.server, memory, round_index)
+            else:  # first time in this stage: the stage's pack or plan (and, once, the full pack)
+                weights = self.pack_bytes + (0 if c in self.has_full_pack else self.full_pack_bytes)
+                tally.bytes_down += weights
+                tally.bytes_down_pack += weights
+                self.has_pack.add(c)
+                self.has_full_pack.add(c)
+                memory.synced_round = round_index - 1
+            set_lora_state(stage.model, self.rule.client_start(received, stage.server, memory, stage.to_stage))
+            torch.manual_seed(training_seed(self.cfg.seed, round_index, c))
+            tally.losses.append(train_local(stage.model, self.streams[c], train))
+            sent = self.rule.uplink(get_lora_state(stage.model), memory, stage.to_full)
+            tally.bytes_up += state_bytes(sent)
+            tally.client_seconds.append(time.perf_counter() - t0)
+            yield sent, float(memory.num_samples)
+
+    def memories(self) -> list[ClientMemory]:
+        """Each client's kept state (FedSA-LoRA's B) and sample count."""
+        return self.memories_
+
+    def final_upload_bytes(self) -> int:
+        """FedSA-LoRA clients upload their private B once so the server can export one model."""
+        return sum(state_bytes(up) for up in map(self.rule.final_upload, self.memories_) if up)
 
     def _eligible(self, layers: int) -> list[int]:
         """Clients whose profile the planner says can train a ``layers``-deep submodel."""
@@ -506,156 +324,96 @@ class Simulation:
             raise ConfigError(f"no client's profile can train the {layers}-layer stage ({', '.join(sorted(fits))})")
         return eligible
 
-    def _client_updates(
-        self, stage: _Stage, selected: list[int], round_index: int, tally: _RoundTally
-    ) -> Iterator[tuple[LoraState, float]]:
-        """Ship, train and collect each selected client's update, one at a time (a stream)."""
-        train = replace(self.cfg.train, steps=stage.steps)
-        for c in selected:
-            t0 = time.perf_counter()
-            memory = self.memories[c]
-            received = self.rule.downlink(stage.server, memory, round_index)
-            tally.bytes_down += state_bytes(received) if received else 0
-            if c in stage.has_pack:
-                tally.bytes_down += self.rule.extra_downlink_bytes(stage.server, memory, round_index)
-            else:  # first time in this stage: the stage's pack or plan (and, once, the full pack)
-                weights = stage.pack_bytes + (0 if c in self.has_full_pack else self.full_pack_bytes)
-                tally.bytes_down += weights
-                tally.bytes_down_pack += weights
-                stage.has_pack.add(c)
-                self.has_full_pack.add(c)
-                memory.synced_round = round_index - 1
-            set_lora_state(stage.model, self.rule.client_start(received, stage.server, memory, stage.to_stage))
-            torch.manual_seed(training_seed(self.cfg.seed, round_index, c))
-            tally.losses.append(train_local(stage.model, self.streams[c], train))
-            self.compute += train.steps * stage.cost
-            sent = self.rule.uplink(get_lora_state(stage.model), memory, stage.to_full)
-            tally.bytes_up += state_bytes(sent)
-            tally.client_seconds.append(time.perf_counter() - t0)
-            yield sent, float(memory.num_samples)
 
-    def _run_round(self, stage: _Stage, round_index: int) -> RoundMetrics:
-        """Select clients, train them, aggregate, evaluate when due."""
-        t0 = time.perf_counter()
-        selected = select_clients(stage.eligible, self.cfg.per_round, self.cfg.seed, round_index)
-        tally = _RoundTally()
-        before = stage.server.delta
-        stage.server = self.federation.aggregate(
-            stage.server, self._client_updates(stage, selected, round_index, tally), round_index
+class Simulation:
+    """One simulated federated run: the round loop over in-process clients."""
+
+    def __init__(self, cfg: SimulationConfig, out_dir: Path, progress: bool | None = None) -> None:
+        self.cfg, self.out_dir, self.progress = cfg, out_dir, progress
+        self.tokenizer = load_tokenizer(cfg.model)
+        self.base = load_model(cfg.model, seed=cfg.seed)
+        if cfg.quant != "none":  # devices train on the pack's quantized weights: quantize, dequantize
+            self.base = dequantize_model(quantize_model(self.base, QuantSpec(cfg.quant)))
+            self.base.requires_grad_(False)
+        self.total_layers = num_layers(self.base.config)
+        self.schedule = cfg.schedule(self.total_layers)
+        self.rule = RULES.get(cfg.rule)
+        builder = StageBuilder(
+            self.base,
+            self.tokenizer,
+            cfg.lora,
+            cfg.recipe,
+            calibration_ids(self.tokenizer),
+            cfg.model,
+            cfg.seed,
+            cache_dir=cache_dir() / "heal",
         )
-        if stage.server.delta:  # FLoRA: clients merge the round's exact update into their base
-            increment = {k: v - before[k] if k in before else v for k, v in stage.server.delta.items()}
-            add_weight_delta(stage.model, increment, self.cfg.lora.scaling)
-        elapsed = time.perf_counter() - t0
-        self.wall += elapsed
-        self.parallel += max(tally.client_seconds) + (elapsed - sum(tally.client_seconds))
-        self.bytes_up += tally.bytes_up
-        self.bytes_down += tally.bytes_down
-        self.bytes_down_pack += tally.bytes_down_pack
-
-        number = round_index + 1
-        result = None
-        if number == self.cfg.rounds or number % self.cfg.eval_every == 0:
-            set_lora_state(stage.model, self.federation.eval_lora(stage.server, self.memories, stage.groups))
-            accuracy = self.cfg.exact_match == "every_eval"
-            result = evaluate(stage.model, self.tokenizer, self.held_out, self.cfg.train.seq_len, accuracy=accuracy)
-        return RoundMetrics(
-            round=number,
-            stage=stage.number,
-            layers=len(stage.groups),
-            train_loss=sum(tally.losses) / len(tally.losses),
-            eval_loss=None if result is None else result.loss,
-            eval_accuracy=None if result is None else result.accuracy,
-            eval_accuracy_by_task=None if result is None else result.accuracy_by_task,
-            full_eval_loss=None,
-            full_eval_accuracy=None,
-            wall_seconds=round(self.wall, 3),
-            parallel_seconds=round(self.parallel, 3),
-            compute=round(self.compute, 4),
-            server_seconds=round(self.server, 3),
-            bytes_up=self.bytes_up,
-            bytes_down=self.bytes_down,
-            bytes_down_pack=self.bytes_down_pack,
-            peak_rss_bytes=peak_bytes(),
+        self.shape = model_shape(self.base.config)
+        self.step_cost: StepCostModel = step_cost_model(
+            cfg.model, self.shape, cfg.train.batch_size, cfg.train.seq_len, cfg.lora.rank
+        )
+        adaptive = Plateau(cfg.adaptive_patience, cfg.adaptive_min_delta)
+        federation = Federation(
+            builder, self.schedule, self.rule, cfg.seed, cfg.train.steps, cfg.stage_steps, self.step_cost, adaptive
+        )
+        self.warning = self._cost_warning()
+        if self.warning:
+            logger.warning("%s", self.warning)
+        client_data, held_out = _load_data(cfg)
+        self.pool = InProcessPool(cfg, self, client_data)
+        policy = EvalPolicy(cfg.eval_every, cfg.exact_match, cfg.full_eval)  # type: ignore[arg-type]
+        self.loop = RoundLoop(
+            federation,
+            self.pool,
+            self.base,
+            self.tokenizer,
+            cfg.lora,
+            held_out,
+            cfg.train.seq_len,
+            policy,
+            cfg.rounds,
+            cfg.seed,
+            out_dir,
         )
 
-    def _with_accuracy(self, stage: _Stage, line: RoundMetrics) -> RoundMetrics:
-        """``line`` with exact match measured (the stage model still holds the round's LoRA)."""
-        result = evaluate(stage.model, self.tokenizer, self.held_out, self.cfg.train.seq_len)
-        return replace(line, eval_accuracy=result.accuracy, eval_accuracy_by_task=result.accuracy_by_task)
+    def _cost_warning(self) -> str | None:
+        """What the measured hand-over predicts for this schedule's cost against FedIT's."""
+        caps, rounds = self.schedule.capacities, self.schedule.rounds_per_stage
+        ratios = [1 / self.step_cost(c) if self.cfg.stage_steps == "compute" else 1.0 for c in caps]
+        return cost_warning(self.cfg.model, early_rounds(caps, rounds, self.step_cost, ratios))
 
-    def _transferred(self, stage: _Stage) -> GlobalState:
-        """The full-model state the stage would hand over if it ended now."""
-        return self.federation.hand_over(stage.server, self.memories, stage.groups)
-
-    def _close_stage(self, stage: _Stage) -> None:
-        """Knowledge transfer: the representatives' LoRA (and FLoRA's update) back to every member."""
-        t0 = time.perf_counter()
-        self.full = self._transferred(stage)
-        stage.model.unload()
-        self.wall += time.perf_counter() - t0
-
-    def _with_full_eval(self, line: RoundMetrics, state: GlobalState, after_transfer: bool) -> RoundMetrics:
-        """``line`` with the full model's held-out metrics under ``state`` (when this run asks for them)."""
-        if self.cfg.full_eval == "off" or (self.cfg.full_eval == "stage" and not after_transfer):
-            return line
-        if line.layers == self.total_layers and line.eval_loss is not None:  # the stage model is the full model
-            self._full_by_task = line.eval_accuracy_by_task
-            return replace(line, full_eval_loss=line.eval_loss, full_eval_accuracy=line.eval_accuracy)
-        result = self._evaluate_full(state)
-        self._full_by_task = result.accuracy_by_task
-        return replace(line, full_eval_loss=result.loss, full_eval_accuracy=result.accuracy)
-
-    def _evaluate_full(self, state: GlobalState) -> EvalResult:
-        """The full base model with ``state`` applied, on the held-out set (the base is restored)."""
-        with state_applied(self.base, self.cfg.lora, state.lora, state.delta) as model:
-            return evaluate(model, self.tokenizer, self.held_out, self.cfg.train.seq_len)
-
-    def _finish(
-        self,
-        initial: EvalResult,
-        metrics: list[RoundMetrics],
-        stages_info: list[dict[str, object]],
-        total_seconds: float,
-    ) -> dict[str, object]:
-        """Export the adapter, write ``summary.json`` and the plot."""
+    def run(self) -> dict[str, object]:
+        """Run every stage and round; write metrics, summary, adapter and plot. Returns the summary."""
+        start = time.perf_counter()
         cfg = self.cfg
-        # FedSA-LoRA clients upload their private B once so the server can export one model.
-        final_up = sum(state_bytes(up) for up in map(self.rule.final_upload, self.memories) if up)
-        self.bytes_up += final_up
-        adapter_dir = export_adapter(self.base, cfg.lora, self.full.lora, self.out_dir / "adapter", self.full.delta)
-        if cfg.export_merged:
-            export_merged(self.base, cfg.lora, self.full.lora, self.out_dir / "merged", self.full.delta)
-            self.tokenizer.save_pretrained(self.out_dir / "merged")
-        final = metrics[-1]
-        summary: dict[str, object] = {
-            "method": cfg.method,
-            "model": cfg.model,
-            "rounds": cfg.rounds,
-            "stages": stages_info,
-            "initial_eval_loss": initial.loss,
-            "initial_eval_accuracy": initial.accuracy,
-            "final_eval_loss": final.eval_loss,
-            "final_eval_accuracy": final.eval_accuracy,
-            "final_eval_accuracy_by_task": final.eval_accuracy_by_task,
-            "initial_eval_accuracy_by_task": initial.accuracy_by_task,
-            "wall_seconds": round(self.wall, 3),
-            "parallel_seconds": round(self.parallel, 3),
-            "compute": round(self.compute, 4),
+        bar = tqdm(
+            total=cfg.rounds,
+            disable=None if self.progress is None else not self.progress,
+            desc=cfg.method,
+            unit="round",
+        )
+
+        def on_round(row: RoundMetrics) -> None:
+            bar.update(1)
+            bar.set_postfix(stage=row.stage, eval_loss="-" if row.eval_loss is None else f"{row.eval_loss:.3f}")
+
+        with bar:
+            progress = self.loop.run(cfg.stop_after, on_round)
+        final_up = self.pool.final_upload_bytes()
+        adapter_dir = self.loop.export(cfg.export_merged)
+        rows = progress.history
+        summary = summarise(
+            cfg.method, cfg.model, rows, progress.initial_eval, progress.stages, adapter_dir, asdict(cfg)
+        )
+        summary |= {
             "step_cost": {"source": self.step_cost.source, "intercept": round(self.step_cost.intercept, 4)},
             "cost_warning": self.warning,
-            "server_seconds": round(self.server, 3),
-            "bytes_up": self.bytes_up,
-            "bytes_down": self.bytes_down,
-            "bytes_down_pack": self.bytes_down_pack,
+            "bytes_up": self.loop.costs.bytes_up + final_up,
             "final_upload_bytes": final_up,
             "peak_rss_bytes": peak_bytes(),
-            "total_seconds": round(total_seconds, 3),
-            "adapter_dir": str(adapter_dir),
-            "config": json.loads(json.dumps(asdict(cfg), default=str)),
+            "total_seconds": round(time.perf_counter() - start, 3),
         }
-        (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        plot_curves({cfg.method: [asdict(m) for m in metrics]}, self.out_dir / "curves.png", reference=initial.loss)
+        write_report(self.out_dir, summary, rows)
         return summary
 
 
