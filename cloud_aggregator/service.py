@@ -26,7 +26,7 @@ from safetensors.torch import save as safetensors_save
 
 from cloud_aggregator.config import AggregatorConfig
 from cloud_aggregator.intake import IntakeLimits, UpdateIntake
-from cloud_aggregator.report import write_history, write_summary
+from cloud_aggregator.report import metrics_row, write_summary
 from cloud_aggregator.rounds import Outcome, RoundPolicy, RoundRules
 from cloud_aggregator.state import (
     Device,
@@ -43,8 +43,9 @@ from devft_edge.aggregation import ClientMemory, GlobalState
 from devft_edge.blob_transfer import Download, send_chunks, wanted
 from devft_edge.blobs import WINDOW, BlobInfo, BlobReceiver, BlobStore
 from devft_edge.errors import ConfigError
-from devft_edge.federation import Federation, StageBudget
+from devft_edge.federation import Federation, OpenStage, StageBudget
 from devft_edge.identity import Enrolment
+from devft_edge.lora import LoraState
 from devft_edge.memory import StepConfig, estimate_memory
 from devft_edge.messages import ChunkRequest, Hello, Payload, Presence, Refusal, UpdateOffer
 from devft_edge.methods import ClientMethod
@@ -52,8 +53,10 @@ from devft_edge.mqtt import BrokerAddress, Connection, Incoming
 from devft_edge.protocol import AGGREGATOR, Envelope, Kind, ProtocolError, Reason, Topics, decode, seal, unseal
 from devft_edge.ratelimit import RateLimiter
 from devft_edge.robust import robust_weights
+from devft_edge.run_loop import ClientRound, EvalPolicy, RoundLoop, RunProgress, StageView
 from devft_edge.schedule import Plateau
 from devft_edge.selection import data_seed, training_seed
+from devft_edge.stage import StageBuilder
 
 logger = logging.getLogger(__name__)
 
@@ -123,6 +126,23 @@ class Aggregator:
             budget = self.federation.budget(self.state.stage, 0)
             self.state.stage_budget, self.state.plateau = budget.rounds, asdict(budget.plateau)
         self.held_out = train_eval_split(0, cfg.eval_examples, seed=cfg.seed)[1] if cfg.eval_examples else []
+        policy = EvalPolicy(full_eval="stage" if cfg.full_eval else "off")
+        self.loop = RoundLoop(
+            self.federation,
+            self,
+            self.base,
+            self.tokenizer,
+            self.lora,
+            self.held_out,
+            cfg.train.seq,
+            policy,
+            cfg.rounds,
+            cfg.seed,
+            cfg.out_dir,
+        )
+        """The round loop; this service is its client pool (the fleet)."""
+        if self.state.stage:
+            self._resume_loop()
         self.serving = RateLimiter(cfg.serve_rate_bytes_per_s, burst=2 * WINDOW * cfg.chunk_bytes)
         """Chunk bytes each device may draw: one request is a small message, its answer up to a window."""
         self._next_reap = 0.0
@@ -138,7 +158,6 @@ class Aggregator:
             send=self._send_payload,
         )
         """Update offers: their pulls, validation and verdicts."""
-        self.submodel: Any = None
         self._start_cache: tuple[str, dict[str, Any]] = ("", {})
         """(blob id, tensors) of the stage LoRA updates are checked against: read once per round."""
         self.policy = RoundPolicy(
@@ -168,7 +187,6 @@ class Aggregator:
         self.connection.start()
         self._publish_status()
         if self.state.open_round is not None:  # resumed mid-round: tell the devices again
-            self._ensure_submodel()
             for device in self.state.open_round.selected:
                 if device not in self.state.open_round.accepted:
                     self._send_task(device)
@@ -353,7 +371,7 @@ class Aggregator:
             self._start_run()
         round_ = self.state.open_round
         if round_ is None:
-            if self.state.stage_rounds_done >= self.state.stage_budget:
+            if self.loop.stage is None:
                 # the stage was closed (its hand-over checkpointed) and a crash came before the next
                 # one was opened: open it now, never another round of the closed stage
                 logger.info(
@@ -390,39 +408,59 @@ class Aggregator:
     def _start_run(self) -> None:
         """Evaluate the untuned base (the reference every curve starts from), then open stage 1."""
         self.state.started = now()
-        self.state.initial_eval = self._evaluate(self.base)
+        self.loop.start()
+        self.state.initial_eval = self.loop.progress.initial_eval
+        self.state.full_lora = self._put(self.loop.full.lora)
         logger.info("run %s started; base model %s", self.state.run_id, _metrics_text(self.state.initial_eval))
         self._open_stage(1)
 
     def _open_stage(self, number: int) -> None:
-        from devft_edge.lora import init_lora_state, lora_shapes
+        """The loop opens the stage (group, fuse, heal); :meth:`ship` writes and checkpoints it."""
+        self.loop.open_stage(number)
+        self._publish_status()
 
-        capacity = self.schedule.capacities[number - 1]
-        if self.state.full_lora:
-            full = GlobalState(lora=self._read(self.state.full_lora), delta=self._read(self.state.full_delta))
-        else:
-            full = GlobalState(lora=init_lora_state(lora_shapes(self.base, self.lora), self.lora.rank, self.cfg.seed))
-            self.state.full_lora = self._put(full.lora)
-        opened = self.federation.open_stage(number, full, self.state.carry)
+    def _resume_loop(self) -> None:
+        """Give the loop the checkpointed run: progress, the full state and the open stage."""
+        s = self.state
+        progress = RunProgress(
+            stage=s.stage,
+            stage_rounds_done=s.stage_rounds_done,
+            rounds_done=s.rounds_done,
+            carry=s.carry,
+            initial_eval=s.initial_eval,
+            history=[metrics_row(e) for e in s.history],
+            finished=s.finished,
+        )
+        full = GlobalState(lora=self._read(s.full_lora), delta=self._read(s.full_delta))
+        stage = None
+        if not s.finished and s.stage_rounds_done < s.stage_budget:
+            server = GlobalState(lora=self._read(s.stage_lora), delta=self._read(s.stage_delta))
+            stage = (s.groups, server, StageBudget(s.stage_budget, Plateau(**s.plateau)))
+        self.loop.resume(progress, full, stage)
+
+    # ---- the fleet as the round loop's client pool (devft_edge.run_loop.ClientPool) --------------
+
+    def ship(self, opened: OpenStage, builder: StageBuilder) -> dict[str, Any]:
+        """Write the stage's signed pack (or plan), checkpoint the opened stage; its pack size."""
         stage, groups = opened.built, opened.built.groups
-        self._ship_weights(stage, full.lora)
-        self.state.stage_lora = self._put(opened.server.lora)
-        self.state.stage_delta = self._put(opened.server.delta) if opened.server.delta else ""
-        self.state.groups, self.state.stage, self.state.stage_rounds_done = groups, number, 0
-        self.state.stage_budget, self.state.plateau = opened.budget.rounds, asdict(opened.budget.plateau)
-        self.state.carry = 0
-        new_blob = self.state.plan or self.state.pack
-        pack_bytes = self.store.path(new_blob).stat().st_size
-        self.state.stages.append(
+        self._ship_weights(stage, self.loop.full.lora)
+        s = self.state
+        s.stage_lora = self._put(opened.server.lora)
+        s.stage_delta = self._put(opened.server.delta) if opened.server.delta else ""
+        s.groups, s.stage, s.stage_rounds_done = groups, stage.number, 0
+        s.stage_budget, s.plateau = opened.budget.rounds, asdict(opened.budget.plateau)
+        s.carry = 0
+        pack_bytes = self.store.path(s.plan or s.pack).stat().st_size
+        s.stages.append(
             {
-                "stage": number,
-                "layers": capacity,
+                "stage": stage.number,
+                "layers": len(groups),
                 "groups": groups,
-                "pack": self.state.pack,
-                "plan": self.state.plan,
+                "pack": s.pack,
+                "plan": s.plan,
                 # what this stage adds to a device's downloads: its pack, or its plan (full_pack delivery)
                 "pack_bytes": pack_bytes,
-                "full_pack_bytes": self.store.path(self.state.full_pack).stat().st_size if self.state.full_pack else 0,
+                "full_pack_bytes": self.store.path(s.full_pack).stat().st_size if s.full_pack else 0,
                 # what the planner admits devices by (CPU), for the report to set beside what they measured
                 "predicted_peak_bytes": estimate_memory(self.shape, self._step()).peak_bytes,
                 "heal": None
@@ -434,17 +472,67 @@ class Aggregator:
                 },
             }
         )
-        save_state(self.cfg.state_dir, self.state)
-        self.submodel = None
+        save_state(self.cfg.state_dir, s)
         logger.info(
             "stage %d of %d: %d layers, pack %s (%.1f MB)",
-            number,
-            len(self.schedule.capacities),
-            capacity,
-            self.state.pack[:12],
+            stage.number,
+            self.federation.stages,
+            len(groups),
+            s.pack[:12],
             pack_bytes / 1e6,
         )
-        self._publish_status()
+        return {"pack_bytes": pack_bytes}
+
+    def train(self, round_index: int, stage: StageView, tally: ClientRound) -> Iterator[tuple[LoraState, float]]:
+        """The open round's accepted updates, streamed from the store: the shared factors clipped
+        to the others' median change and weighted by robust sample counts; each device's private
+        factors (FedSA's B) kept for evaluation and export."""
+        from devft_edge.robust import clip_scales, clipped
+
+        s, round_ = self.state, self.state.open_round
+        assert round_ is not None and round_.index == round_index  # the loop closes the open round
+        accepted = list(round_.accepted.items())
+        weights = robust_weights([a.num_samples for _, a in accepted], self.cfg.max_weight_ratio)
+        scales = clip_scales([a.norm for _, a in accepted], self.cfg.max_norm_ratio)
+        c = self.loop.costs
+        tally.devices = sorted(round_.accepted)
+        tally.losses = [a.train_loss for _, a in accepted]
+        tally.client_seconds = [a.seconds for _, a in accepted]
+        tally.peak_rss_bytes = max((a.peak_rss_bytes for _, a in accepted), default=0)
+        tally.bytes_up, tally.bytes_down = s.bytes_up - c.bytes_up, s.bytes_down - c.bytes_down
+        tally.bytes_down_pack = s.bytes_down_pack - c.bytes_down_pack
+        tally.wall_seconds = now() - s.started
+        start = self._round_start()
+        for (device, a), weight, scale in zip(accepted, weights, scales, strict=True):
+            update = self._read(a.blob)
+            private = self._private(update)
+            if private:
+                full = stage.to_full(private)
+                s.private[device] = {"blob": self._put(full), "num_samples": a.num_samples}
+            yield clipped(self._shared(update), start, scale), weight
+
+    def aggregated(self, stage: StageView) -> None:
+        """Store the round's global state (the checkpoint that closes the round names it)."""
+        self.state.stage_lora = self._put(stage.server.lora)
+        if stage.server.delta:
+            self.state.stage_delta = self._put(stage.server.delta)
+
+    def handed_over(self, full: GlobalState) -> None:
+        """Store the full model's state the closed stage handed over."""
+        self.state.full_lora = self._put(full.lora)
+        self.state.full_delta = self._put(full.delta) if full.delta else ""
+
+    def memories(self) -> Iterator[ClientMemory]:
+        """What the devices keep, as far as the server holds it (FedSA: each device's last B), read one
+        at a time; weighted by their robust sample counts."""
+        kept = sorted(self.state.private.items())
+        weights = robust_weights([p["num_samples"] for _, p in kept], self.cfg.max_weight_ratio)
+        for (_, private), weight in zip(kept, weights, strict=True):
+            yield ClientMemory(num_samples=weight, private=self._read(private["blob"]))
+
+    def final_upload_bytes(self) -> int:
+        """Nothing: devices send their private factors with every update (the server evaluates each round)."""
+        return 0
 
     def _ship_weights(self, stage: Any, full_lora: dict[str, Any]) -> None:
         """Write what devices need for ``stage``'s weights: its own signed pack (``stage_packs``), or
@@ -472,7 +560,8 @@ class Aggregator:
         with tempfile.TemporaryDirectory(dir=self.cfg.state_dir) as tmp:
             if self.cfg.delivery == "stage_packs":
                 path = Path(tmp) / "stage.devpack"
-                write_pack(path, stage.model, stage.start, stage=stage.number, groups=stage.groups, **packs)
+                model = copy.deepcopy(stage.model)  # write_pack quantizes in place; the loop evaluates the fp32 stage
+                write_pack(path, model, stage.start, stage=stage.number, groups=stage.groups, **packs)
                 self.state.pack, self.state.plan = self.store.add_file(path, self.cfg.chunk_bytes).sha256, ""
                 return
             if not self.state.full_pack:
@@ -571,39 +660,17 @@ class Aggregator:
         )
 
     def _close_round(self) -> None:
-        from devft_edge.lora import set_lora_state
-        from devft_edge.robust import clip_scales, clipped
-        from devft_edge.submodel import add_weight_delta
-
+        """The loop closes the open round (aggregate, evaluate, maybe close the stage); record it,
+        open the next stage or finish, checkpoint."""
         round_ = self.state.open_round
         assert round_ is not None  # only called with a round open
-        start = self._round_start()
-        before = GlobalState(lora=dict(start), delta=self._read(self.state.stage_delta))
         state = self.state  # superseded by this round: FLoRA's dense update, the devices' old B
         superseded = {state.stage_delta, state.full_delta}
         superseded |= {state.private[d]["blob"] for d in round_.accepted if d in state.private}
-        model = self._ensure_submodel() if self.held_out else None  # before the stage delta moves on
-        accepted = list(round_.accepted.values())
-        weights = robust_weights([a.num_samples for a in accepted], self.cfg.max_weight_ratio)
-        scales = clip_scales([a.norm for a in accepted], self.cfg.max_norm_ratio)
-        updates = (
-            (clipped(self._shared(self._read(a.blob)), start, scale), weight)
-            for a, weight, scale in zip(accepted, weights, scales, strict=True)
-        )
-        server = self.federation.aggregate(before, updates, round_.index)
-        self.state.stage_lora = self._put(server.lora)
-        if server.delta:
-            self.state.stage_delta = self._put(server.delta)
-        for device, a in round_.accepted.items():  # what the rule keeps on devices (FedSA's B): for eval and export
-            private = self._private(self._read(a.blob))
-            if private:
-                full = self.builder.expand(private, self.state.groups)
-                self.state.private[device] = {"blob": self._put(full), "num_samples": a.num_samples}
+        row = self.loop.run_round()
         entry: dict[str, Any] = {
-            "round": round_.index,
-            "stage": self.state.stage,
-            "layers": len(self.state.groups),
-            "devices": sorted(round_.accepted),
+            **asdict(row),
+            "round": round_.index,  # 0-based over the run (metrics.jsonl's rows count from 1)
             "clients": {
                 d: {
                     "num_samples": a.num_samples,
@@ -613,72 +680,40 @@ class Aggregator:
                 }
                 for d, a in sorted(round_.accepted.items())
             },
-            "bytes_up": self.state.bytes_up,
-            "bytes_down": self.state.bytes_down,
-            "bytes_down_pack": self.state.bytes_down_pack,
-            # device compute in full-model-step equivalents (devft_edge.step_cost), cumulative
-            "compute": round(
-                (self.state.history[-1].get("compute", 0.0) if self.state.history else 0.0)
-                + len(round_.accepted) * self._steps() * self.step_cost(len(self.state.groups)),
-                4,
-            ),
-            "server_seconds": round(sum((s.get("heal") or {}).get("seconds", 0.0) for s in self.state.stages), 3),
             "time": now(),
-            "wall_seconds": round(now() - self.state.started, 3),
         }
-        if model is not None:
-            increment = {k: v - before.delta[k] if k in before.delta else v for k, v in server.delta.items()}
-            add_weight_delta(model, increment, self.lora.scaling)  # FLoRA: what the devices merge next round
-            set_lora_state(model, self.federation.eval_lora(server, self._memories(), self.state.groups))
-            entry.update(self._evaluate(model))
-        self.state.history.append(entry)
-        self.state.rounds_done += 1
-        self.state.stage_rounds_done += 1
-        self.state.open_round = None
+        state.history.append(entry)
+        progress = self.loop.progress
+        state.rounds_done, state.stage_rounds_done = progress.rounds_done, progress.stage_rounds_done
+        state.open_round = None
         logger.info(
             "round %d/%d closed (stage %d, %s): %s",
-            self.state.rounds_done,
+            state.rounds_done,
             self.cfg.rounds,
-            self.state.stage,
+            state.stage,
             ", ".join(entry["devices"]),
             _metrics_text(entry),
         )
-        write_history(self.cfg.out_dir, self.state.history)
-        if self._stage_ends(entry.get("eval_loss")):
-            self._close_stage(server)
-        save_state(self.cfg.state_dir, self.state)
+        if self.loop.stage is not None:
+            budget = self.loop.stage.opened.budget
+            state.stage_budget, state.plateau = budget.rounds, asdict(budget.plateau)
+        else:  # the stage ended: its unused rounds carry over
+            state.stage_budget, state.carry = state.stage_rounds_done, progress.carry
+            if entry.get("full_eval_loss") is not None:
+                logger.info("stage %d hands over: full model eval loss %.4f", state.stage, entry["full_eval_loss"])
+            if state.stage < self.federation.stages:
+                save_state(self.cfg.state_dir, state)
+                self._open_stage(state.stage + 1)
+            else:
+                self._finish()
+        save_state(self.cfg.state_dir, state)
         for sha in superseded - {""}:  # once the checkpoint no longer names them: the store does not grow per round
             self._discard(sha)
         self._publish_status()
 
-    def _stage_ends(self, eval_loss: float | None) -> bool:
-        """Whether the round just closed ends the stage (:meth:`StageBudget.ends`); rounds it leaves
-        unused carry over to the next stage."""
-        budget = StageBudget(self.state.stage_budget, Plateau(**self.state.plateau))
-        last = self.state.stage == len(self.schedule.capacities)
-        left = budget.ends(self.state.stage_rounds_done, eval_loss, last)
-        self.state.stage_budget, self.state.plateau = budget.rounds, asdict(budget.plateau)
-        if left:
-            logger.info("stage %d plateaued after %d rounds; %d carry over", self.state.stage, budget.rounds, left)
-            self.state.carry = left
-        return left is not None
-
-    def _close_stage(self, server: Any) -> None:
-        from devft_edge.export import export_adapter, export_merged
-
-        handed = self.federation.hand_over(server, self._memories(), self.state.groups)
-        full, full_delta = handed.lora, handed.delta
-        self.state.full_lora = self._put(full)
-        self.state.full_delta = self._put(full_delta) if full_delta else ""
-        self._record_handover(full, full_delta)
-        if self.state.stage < len(self.schedule.capacities):
-            save_state(self.cfg.state_dir, self.state)
-            self._open_stage(self.state.stage + 1)
-            return
-        out = export_adapter(self.base, self.lora, full, self.cfg.out_dir / "adapter", full_delta)
-        if self.cfg.export_merged:
-            export_merged(self.base, self.lora, full, self.cfg.out_dir / "merged", full_delta)
-            self.tokenizer.save_pretrained(self.cfg.out_dir / "merged")
+    def _finish(self) -> None:
+        """Export the adapter (and the merged model), the history and the summary."""
+        out = self.loop.export(self.cfg.export_merged)
         (self.cfg.out_dir / "history.json").write_text(json.dumps(self.state.history, indent=1))
         self.state.finished = True
         summary = write_summary(self.cfg, self.state, out)
@@ -690,43 +725,6 @@ class Aggregator:
             _fmt(summary["final_eval_loss"]),
             out,
         )
-
-    def _record_handover(self, full: dict[str, Any], full_delta: dict[str, Any]) -> None:
-        """Evaluate the full model with the transferred LoRA (what the stage hands over) into the
-        stage's last history entry; at full depth that is the round's own evaluation."""
-        entry = self.state.history[-1]
-        if not self.held_out or not self.cfg.full_eval:
-            return
-        if entry["layers"] == self.builder.total:
-            entry["full_eval_loss"], entry["full_eval_accuracy"] = entry["eval_loss"], entry["eval_accuracy"]
-        else:
-            from devft_edge.submodel import state_applied
-
-            with state_applied(self.base, self.lora, full, full_delta) as model:
-                result = self._evaluate(model)
-            entry["full_eval_loss"], entry["full_eval_accuracy"] = result["eval_loss"], result["eval_accuracy"]
-            entry["full_eval_accuracy_by_task"] = result["eval_accuracy_by_task"]
-        logger.info("stage %d hands over: full model eval loss %.4f", self.state.stage, entry["full_eval_loss"])
-        write_history(self.cfg.out_dir, self.state.history)
-
-    def _ensure_submodel(self) -> Any:
-        """The open stage's submodel with LoRA attached (and FLoRA's merged update), for evaluation."""
-        from devft_edge.lora import attach_lora
-        from devft_edge.submodel import add_weight_delta
-
-        if self.submodel is None:
-            model = self.builder.submodel(self.state.groups)[0]
-            add_weight_delta(model, self._read(self.state.stage_delta), self.lora.scaling)
-            self.submodel = attach_lora(model, self.lora)
-        return self.submodel
-
-    def _memories(self) -> Iterator[ClientMemory]:
-        """What the devices keep, as far as the server holds it (FedSA: each device's last B), read one
-        at a time; weighted by their robust sample counts."""
-        kept = sorted(self.state.private.items())
-        weights = robust_weights([p["num_samples"] for _, p in kept], self.cfg.max_weight_ratio)
-        for (_, private), weight in zip(kept, weights, strict=True):
-            yield ClientMemory(num_samples=weight, private=self._read(private["blob"]))
 
     def _shared(self, state: dict[str, Any]) -> dict[str, Any]:
         """The factors of ``state`` the rule aggregates (FedSA: A only)."""
@@ -749,19 +747,6 @@ class Aggregator:
         from devft_edge.weights import read_safetensors
 
         return read_safetensors(self.store.path(sha)) if sha else {}
-
-    def _evaluate(self, model: Any) -> dict[str, float]:
-        """``model`` on the held-out set (empty when evaluation is off)."""
-        if not self.held_out:
-            return {}
-        from devft_edge.training import evaluate
-
-        result = evaluate(model, self.tokenizer, self.held_out, self.cfg.train.seq)
-        return {
-            "eval_loss": result.loss,
-            "eval_accuracy": result.accuracy,
-            "eval_accuracy_by_task": result.accuracy_by_task,
-        }
 
     # ---- output ---------------------------------------------------------------------------------
 

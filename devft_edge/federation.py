@@ -91,10 +91,13 @@ class Federation:
         plateau = Plateau(self.adaptive.patience, self.adaptive.min_delta)
         return StageBudget(self.schedule.rounds_per_stage[number - 1] + carry, plateau)
 
-    def open_stage(self, number: int, full: GlobalState, carry: int = 0) -> OpenStage:
-        """Group, fuse (and heal) stage ``number`` from ``full``; its starting global state."""
+    def open_stage(
+        self, number: int, full: GlobalState, carry: int = 0, groups: list[list[int]] | None = None
+    ) -> OpenStage:
+        """Group, fuse (and heal) stage ``number`` from ``full``; its starting global state.
+        ``groups``: the stage's groups as already chosen (a service resuming the stage)."""
         capacity = self.schedule.capacities[number - 1]
-        built = self.builder.open(number, capacity, full.lora)
+        built = self.builder.open(number, capacity, full.lora, groups)
         delta = self.builder.contract(full.delta, built.groups) if full.delta else {}
         return OpenStage(
             built, GlobalState(lora=built.start, delta=delta), self.budget(number, carry), self.steps(capacity)

@@ -27,9 +27,8 @@ from peft import PeftModel
 
 from devft_edge.aggregation import ClientMemory, GlobalState
 from devft_edge.export import export_adapter, export_merged
-from devft_edge.federation import Federation, OpenStage
+from devft_edge.federation import Federation, OpenStage, StageBudget
 from devft_edge.lora import LoraSettings, LoraState, attach_lora, init_lora_state, lora_shapes, set_lora_state
-from devft_edge.peak_memory import peak_bytes
 from devft_edge.run_report import METRICS_FILE, RoundMetrics, write_metrics
 from devft_edge.stage import StageBuilder
 from devft_edge.submodel import add_weight_delta, state_applied
@@ -122,6 +121,10 @@ class ClientRound:
     bytes_down: int = 0
     bytes_down_pack: int = 0
     peak_rss_bytes: int = 0
+    """The largest peak memory of a process that trained the round."""
+    wall_seconds: float | None = None
+    """The run's wall time so far by the pool's own clock (a fleet: since the run started, across
+    restarts); None: the loop measures its work (the simulator's definition)."""
 
 
 class ClientPool(Protocol):
@@ -145,6 +148,14 @@ class ClientPool(Protocol):
         """Bytes clients upload once at the end so the server can export one model (FedSA's B)."""
         ...
 
+    def aggregated(self, stage: StageView) -> None:
+        """The round's global state is in ``stage.server`` (a service checkpoints it)."""
+        ...
+
+    def handed_over(self, full: GlobalState) -> None:
+        """The closed stage's state is in the full model's space (a service checkpoints it)."""
+        ...
+
 
 @dataclass
 class Costs:
@@ -157,6 +168,21 @@ class Costs:
     bytes_up: int = 0
     bytes_down: int = 0
     bytes_down_pack: int = 0
+
+    @classmethod
+    def of(cls, row: RoundMetrics | None) -> Costs:
+        """The costs as ``row`` recorded them (a resumed run goes on from its last row)."""
+        if row is None:
+            return cls()
+        return cls(
+            row.wall_seconds,
+            row.parallel_seconds,
+            row.compute,
+            row.server_seconds,
+            row.bytes_up,
+            row.bytes_down,
+            row.bytes_down_pack,
+        )
 
 
 class RoundLoop:
@@ -187,14 +213,8 @@ class RoundLoop:
 
     def run(self, stop_after: int | None = None, on_round: Any = None) -> RunProgress:
         """Every stage and round (or the stages up to ``stop_after``); ``on_round(row)`` after each
-        round. Writes ``metrics.jsonl`` as it goes and exports the adapter at the end."""
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        initial = self._evaluate(self.base, accuracy=True)
-        self.progress.initial_eval = {
-            "eval_loss": initial.loss,
-            "eval_accuracy": initial.accuracy,
-            "eval_accuracy_by_task": initial.accuracy_by_task,
-        }
+        round. Writes ``metrics.jsonl`` as it goes."""
+        self.start()
         for number in range(1, self.federation.stages + 1):
             self.open_stage(number)
             while self.stage is not None:
@@ -205,6 +225,42 @@ class RoundLoop:
                 break
         self.progress.finished = True
         return self.progress
+
+    def start(self) -> None:
+        """Evaluate the untuned base model: the reference every curve starts from."""
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if self.held_out:
+            initial = self._evaluate(self.base, accuracy=True)
+            self.progress.initial_eval = {
+                "eval_loss": initial.loss,
+                "eval_accuracy": initial.accuracy,
+                "eval_accuracy_by_task": initial.accuracy_by_task,
+            }
+
+    def resume(
+        self,
+        progress: RunProgress,
+        full: GlobalState,
+        stage: tuple[list[list[int]], GlobalState, StageBudget] | None,
+    ) -> None:
+        """Take up a checkpointed run: its progress, the full model's state and, when a stage is
+        open, its groups, global state and budget (the stage is rebuilt, not shipped again)."""
+        self.progress, self.full = progress, full
+        self.costs = Costs.of(progress.history[-1] if progress.history else None)
+        self.stage = None
+        if stage is None:
+            return
+        groups, server, budget = stage
+        opened = self.federation.open_stage(progress.stage, full, groups=groups)
+        opened.budget = budget
+        add_weight_delta(opened.built.model, server.delta, self.lora.scaling)
+        self.stage = StageView(
+            opened=opened,
+            model=attach_lora(opened.built.model, self.lora),
+            builder=self.federation.builder,
+            server=server,
+            cost=self.federation.step_cost(len(groups)),
+        )
 
     def open_stage(self, number: int) -> StageView:
         """Group, fuse (and heal) stage ``number`` from the full state; ship it to the pool."""
@@ -244,13 +300,17 @@ class RoundLoop:
         before = stage.server.delta
         updates = self.pool.train(p.rounds_done, stage, tally)
         stage.server = self.federation.aggregate(stage.server, updates, p.rounds_done)
+        self.pool.aggregated(stage)
         if stage.server.delta:  # FLoRA: clients merge the round's exact update into their base
             increment = {k: v - before[k] if k in before else v for k, v in stage.server.delta.items()}
             add_weight_delta(stage.model, increment, self.lora.scaling)
         elapsed = time.perf_counter() - t0
         c = self.costs
-        c.wall += elapsed
-        c.parallel += max(tally.client_seconds, default=0.0) + (elapsed - sum(tally.client_seconds))
+        if tally.wall_seconds is None:
+            c.wall += elapsed
+            c.parallel += max(tally.client_seconds, default=0.0) + (elapsed - sum(tally.client_seconds))
+        else:
+            c.wall = c.parallel = tally.wall_seconds
         c.compute += len(tally.losses) * stage.steps * stage.cost
         c.bytes_up += tally.bytes_up
         c.bytes_down += tally.bytes_down
@@ -283,6 +343,7 @@ class RoundLoop:
         assert stage is not None  # only called with a stage open
         t0 = time.perf_counter()
         self.full = self._handed_over(stage)
+        self.pool.handed_over(self.full)
         stage.model.unload()
         self.progress.carry = left
         self.stage = None
@@ -303,7 +364,7 @@ class RoundLoop:
     def _evaluate_stage(self, stage: StageView) -> EvalResult | None:
         """The stage submodel with the federation's LoRA, when this round is due an evaluation."""
         done = self.progress.rounds_done
-        if done != self.rounds and done % self.policy.every:
+        if not self.held_out or (done != self.rounds and done % self.policy.every):
             return None
         set_lora_state(stage.model, self.federation.eval_lora(stage.server, self.pool.memories(), stage.groups))
         return self._evaluate(stage.model, accuracy=self.policy.exact_match == "every_eval")
@@ -330,13 +391,15 @@ class RoundLoop:
             bytes_up=c.bytes_up,
             bytes_down=c.bytes_down,
             bytes_down_pack=c.bytes_down_pack,
-            peak_rss_bytes=max(tally.peak_rss_bytes, peak_bytes()),
+            peak_rss_bytes=tally.peak_rss_bytes,
             devices=tally.devices,
         )
 
     def _with_full_eval(self, row: RoundMetrics, state: GlobalState, after_transfer: bool) -> RoundMetrics:
         """``row`` with the full model's held-out metrics under ``state`` (when the policy asks)."""
-        if self.policy.full_eval == "off" or (self.policy.full_eval == "stage" and not after_transfer):
+        if not self.held_out or self.policy.full_eval == "off":
+            return row
+        if self.policy.full_eval == "stage" and not after_transfer:
             return row
         if row.layers == self.federation.builder.total and row.eval_loss is not None:  # the stage is the full model
             self._full_by_task = row.eval_accuracy_by_task

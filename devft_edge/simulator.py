@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from devft_edge.aggregation import RULES, ClientMemory
+from devft_edge.aggregation import RULES, ClientMemory, GlobalState
 from devft_edge.calibration import calibration_ids
 from devft_edge.data import Example, batches, load_jsonl, partition, partition_by_kind, train_eval_split
 from devft_edge.errors import ConfigError, raise_if
@@ -288,11 +288,18 @@ class InProcessPool:
             sent = self.rule.uplink(get_lora_state(stage.model), memory, stage.to_full)
             tally.bytes_up += state_bytes(sent)
             tally.client_seconds.append(time.perf_counter() - t0)
+            tally.peak_rss_bytes = peak_bytes()
             yield sent, float(memory.num_samples)
 
     def memories(self) -> list[ClientMemory]:
         """Each client's kept state (FedSA-LoRA's B) and sample count."""
         return self.memories_
+
+    def aggregated(self, stage: StageView) -> None:
+        """Nothing to keep: the simulation is not resumed."""
+
+    def handed_over(self, full: GlobalState) -> None:
+        """Nothing to keep: the simulation is not resumed."""
 
     def final_upload_bytes(self) -> int:
         """FedSA-LoRA clients upload their private B once so the server can export one model."""
