@@ -15,7 +15,7 @@ from typing import Any
 from cloud_aggregator.config import AggregatorConfig
 from cloud_aggregator.state import RunState
 from devft_edge.peak_memory import peak_bytes
-from devft_edge.run_report import METRICS_FILE, RoundMetrics, summarise, write_metrics, write_report
+from devft_edge.run_report import RoundMetrics, summarise, write_report
 
 logger = logging.getLogger(__name__)
 
@@ -48,11 +48,6 @@ def metrics_row(entry: dict[str, Any]) -> RoundMetrics:
         peak_rss_bytes=max((c["peak_rss_bytes"] for c in clients.values()), default=0),
         devices=list(entry["devices"]),
     )
-
-
-def write_history(out_dir: Path, history: list[dict[str, Any]]) -> None:
-    """Rewrite ``metrics.jsonl`` from the whole history (idempotent across restarts)."""
-    write_metrics(out_dir / METRICS_FILE, [metrics_row(e) for e in history])
 
 
 def device_totals(history: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:

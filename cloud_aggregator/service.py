@@ -2,11 +2,12 @@
 
 One worker thread drains the MQTT inbox and drives the run; every state change that matters is
 checkpointed (:mod:`cloud_aggregator.state`) before it is acted on, so ``kill -9`` at any moment
-and a restart resume the run. The stage/round logic is the simulator's, with the network in
-between: open a stage (group, fuse, pack, sign), per round select devices whose profile fits the
-stage, send tasks, pull and validate updates, close the round at quorum or deadline by streaming
-the accepted updates through the aggregation rule, and at the end of a stage transfer the LoRA
-to the full model. After the last stage the adapter is exported.
+and a restart resume the run. The stages and rounds are the simulator's round loop
+(:class:`devft_edge.run_loop.RoundLoop`) over this run's devices (:class:`cloud_aggregator.fleet.FleetPool`);
+the service adds what a network needs around it: the message handlers behind one error boundary,
+the round policy (:mod:`cloud_aggregator.rounds`: selection, quorum, deadline, reselection), tasks
+out, updates in (:mod:`cloud_aggregator.intake`), chunks served under a rate limit, and the
+retained status.
 """
 
 from __future__ import annotations
@@ -14,17 +15,13 @@ from __future__ import annotations
 import json
 import logging
 import queue
-import tempfile
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
-from safetensors.torch import save as safetensors_save
-
 from cloud_aggregator.config import AggregatorConfig
+from cloud_aggregator.fleet import FleetPool, RunBlobs
 from cloud_aggregator.intake import IntakeLimits, UpdateIntake
 from cloud_aggregator.report import metrics_row, write_summary
 from cloud_aggregator.rounds import Outcome, RoundPolicy, RoundRules
@@ -39,21 +36,19 @@ from cloud_aggregator.state import (
     save_state,
 )
 from cloud_aggregator.status import status_document
-from devft_edge.aggregation import ClientMemory, GlobalState
+from devft_edge.aggregation import GlobalState
 from devft_edge.blob_transfer import Download, send_chunks, wanted
 from devft_edge.blobs import WINDOW, BlobInfo, BlobReceiver, BlobStore
 from devft_edge.errors import ConfigError
-from devft_edge.federation import Federation, OpenStage, StageBudget
+from devft_edge.federation import Federation, StageBudget
 from devft_edge.identity import Enrolment
-from devft_edge.lora import LoraState
-from devft_edge.memory import StepConfig, estimate_memory
+from devft_edge.memory import StepConfig
 from devft_edge.messages import ChunkRequest, Hello, Payload, Presence, Refusal, UpdateOffer
 from devft_edge.methods import ClientMethod
 from devft_edge.mqtt import BrokerAddress, Connection, Incoming
 from devft_edge.protocol import AGGREGATOR, Envelope, Kind, ProtocolError, Reason, Topics, decode, seal, unseal
 from devft_edge.ratelimit import RateLimiter
-from devft_edge.robust import robust_weights
-from devft_edge.run_loop import ClientRound, EvalPolicy, RoundLoop, RunProgress, StageView
+from devft_edge.run_loop import EvalPolicy, RoundLoop, RunProgress
 from devft_edge.schedule import Plateau
 from devft_edge.selection import data_seed, training_seed
 from devft_edge.stage import StageBuilder
@@ -77,7 +72,7 @@ class Aggregator:
         from devft_edge.models import load_model, load_tokenizer
         from devft_edge.schedule import StageSchedule
         from devft_edge.signing import load_private_key
-        from devft_edge.stage import StageBuilder, StageRecipe
+        from devft_edge.stage import StageRecipe
         from devft_edge.step_cost import step_cost_model
         from devft_edge.tasks import train_eval_split
 
@@ -127,9 +122,25 @@ class Aggregator:
             self.state.stage_budget, self.state.plateau = budget.rounds, asdict(budget.plateau)
         self.held_out = train_eval_split(0, cfg.eval_examples, seed=cfg.seed)[1] if cfg.eval_examples else []
         policy = EvalPolicy(full_eval="stage" if cfg.full_eval else "off")
+        self.blobs = RunBlobs(self.store, cfg.chunk_bytes)
+        self.pool = FleetPool(
+            cfg,
+            self.state,
+            self.blobs,
+            self.rule,
+            self.base,
+            self.lora,
+            self.shape,
+            self.key,
+            self.federation.stages,
+            step=self._step,
+            round_start=self._round_start,
+            costs=lambda: self.loop.costs,
+            full=lambda: self.loop.full,
+        )
         self.loop = RoundLoop(
             self.federation,
-            self,
+            self.pool,
             self.base,
             self.tokenizer,
             self.lora,
@@ -140,7 +151,7 @@ class Aggregator:
             cfg.seed,
             cfg.out_dir,
         )
-        """The round loop; this service is its client pool (the fleet)."""
+        """The round loop, over this run's devices."""
         if self.state.stage:
             self._resume_loop()
         self.serving = RateLimiter(cfg.serve_rate_bytes_per_s, burst=2 * WINDOW * cfg.chunk_bytes)
@@ -152,7 +163,7 @@ class Aggregator:
             IntakeLimits(cfg.upload_quota_bytes, cfg.disk_reserve_bytes, cfg.max_update_norm),
             lora_bytes=lambda: 4 * self.shape.lora_params(len(self.state.groups), cfg.rank),
             start=self._round_start,
-            shared=self._shared,
+            shared=self.pool.shared,
             discard=self._discard,
             checkpoint=lambda: save_state(cfg.state_dir, self.state),
             send=self._send_payload,
@@ -410,7 +421,7 @@ class Aggregator:
         self.state.started = now()
         self.loop.start()
         self.state.initial_eval = self.loop.progress.initial_eval
-        self.state.full_lora = self._put(self.loop.full.lora)
+        self.state.full_lora = self.blobs.put(self.loop.full.lora)
         logger.info("run %s started; base model %s", self.state.run_id, _metrics_text(self.state.initial_eval))
         self._open_stage(1)
 
@@ -431,150 +442,12 @@ class Aggregator:
             history=[metrics_row(e) for e in s.history],
             finished=s.finished,
         )
-        full = GlobalState(lora=self._read(s.full_lora), delta=self._read(s.full_delta))
+        full = GlobalState(lora=self.blobs.read(s.full_lora), delta=self.blobs.read(s.full_delta))
         stage = None
         if not s.finished and s.stage_rounds_done < s.stage_budget:
-            server = GlobalState(lora=self._read(s.stage_lora), delta=self._read(s.stage_delta))
+            server = GlobalState(lora=self.blobs.read(s.stage_lora), delta=self.blobs.read(s.stage_delta))
             stage = (s.groups, server, StageBudget(s.stage_budget, Plateau(**s.plateau)))
         self.loop.resume(progress, full, stage)
-
-    # ---- the fleet as the round loop's client pool (devft_edge.run_loop.ClientPool) --------------
-
-    def ship(self, opened: OpenStage, builder: StageBuilder) -> dict[str, Any]:
-        """Write the stage's signed pack (or plan), checkpoint the opened stage; its pack size."""
-        stage, groups = opened.built, opened.built.groups
-        self._ship_weights(stage, self.loop.full.lora)
-        s = self.state
-        s.stage_lora = self._put(opened.server.lora)
-        s.stage_delta = self._put(opened.server.delta) if opened.server.delta else ""
-        s.groups, s.stage, s.stage_rounds_done = groups, stage.number, 0
-        s.stage_budget, s.plateau = opened.budget.rounds, asdict(opened.budget.plateau)
-        s.carry = 0
-        pack_bytes = self.store.path(s.plan or s.pack).stat().st_size
-        s.stages.append(
-            {
-                "stage": stage.number,
-                "layers": len(groups),
-                "groups": groups,
-                "pack": s.pack,
-                "plan": s.plan,
-                # what this stage adds to a device's downloads: its pack, or its plan (full_pack delivery)
-                "pack_bytes": pack_bytes,
-                "full_pack_bytes": self.store.path(s.full_pack).stat().st_size if s.full_pack else 0,
-                # what the planner admits devices by (CPU), for the report to set beside what they measured
-                "predicted_peak_bytes": estimate_memory(self.shape, self._step()).peak_bytes,
-                "heal": None
-                if stage.heal is None
-                else {
-                    "seconds": round(stage.heal.seconds, 3),
-                    "cached": stage.heal_cached,
-                    "kl_after": stage.heal.kl_after,
-                },
-            }
-        )
-        save_state(self.cfg.state_dir, s)
-        logger.info(
-            "stage %d of %d: %d layers, pack %s (%.1f MB)",
-            stage.number,
-            self.federation.stages,
-            len(groups),
-            s.pack[:12],
-            pack_bytes / 1e6,
-        )
-        return {"pack_bytes": pack_bytes}
-
-    def train(self, round_index: int, stage: StageView, tally: ClientRound) -> Iterator[tuple[LoraState, float]]:
-        """The open round's accepted updates, streamed from the store: the shared factors clipped
-        to the others' median change and weighted by robust sample counts; each device's private
-        factors (FedSA's B) kept for evaluation and export."""
-        from devft_edge.robust import clip_scales, clipped
-
-        s, round_ = self.state, self.state.open_round
-        assert round_ is not None and round_.index == round_index  # the loop closes the open round
-        accepted = list(round_.accepted.items())
-        weights = robust_weights([a.num_samples for _, a in accepted], self.cfg.max_weight_ratio)
-        scales = clip_scales([a.norm for _, a in accepted], self.cfg.max_norm_ratio)
-        c = self.loop.costs
-        tally.devices = sorted(round_.accepted)
-        tally.losses = [a.train_loss for _, a in accepted]
-        tally.client_seconds = [a.seconds for _, a in accepted]
-        tally.peak_rss_bytes = max((a.peak_rss_bytes for _, a in accepted), default=0)
-        tally.bytes_up, tally.bytes_down = s.bytes_up - c.bytes_up, s.bytes_down - c.bytes_down
-        tally.bytes_down_pack = s.bytes_down_pack - c.bytes_down_pack
-        tally.wall_seconds = now() - s.started
-        start = self._round_start()
-        for (device, a), weight, scale in zip(accepted, weights, scales, strict=True):
-            update = self._read(a.blob)
-            private = self._private(update)
-            if private:
-                full = stage.to_full(private)
-                s.private[device] = {"blob": self._put(full), "num_samples": a.num_samples}
-            yield clipped(self._shared(update), start, scale), weight
-
-    def aggregated(self, stage: StageView) -> None:
-        """Store the round's global state (the checkpoint that closes the round names it)."""
-        self.state.stage_lora = self._put(stage.server.lora)
-        if stage.server.delta:
-            self.state.stage_delta = self._put(stage.server.delta)
-
-    def handed_over(self, full: GlobalState) -> None:
-        """Store the full model's state the closed stage handed over."""
-        self.state.full_lora = self._put(full.lora)
-        self.state.full_delta = self._put(full.delta) if full.delta else ""
-
-    def memories(self) -> Iterator[ClientMemory]:
-        """What the devices keep, as far as the server holds it (FedSA: each device's last B), read one
-        at a time; weighted by their robust sample counts."""
-        kept = sorted(self.state.private.items())
-        weights = robust_weights([p["num_samples"] for _, p in kept], self.cfg.max_weight_ratio)
-        for (_, private), weight in zip(kept, weights, strict=True):
-            yield ClientMemory(num_samples=weight, private=self._read(private["blob"]))
-
-    def final_upload_bytes(self) -> int:
-        """Nothing: devices send their private factors with every update (the server evaluates each round)."""
-        return 0
-
-    def _ship_weights(self, stage: Any, full_lora: dict[str, Any]) -> None:
-        """Write what devices need for ``stage``'s weights: its own signed pack (``stage_packs``), or
-        the full pack once and the stage's signed plan (``full_pack``: devices fuse the stage)."""
-        import copy
-
-        from devft_edge.pack import write_pack
-        from devft_edge.quantization import QuantSpec
-        from devft_edge.stage_plan import write_stage_plan
-        from devft_edge.training import TrainSettings
-
-        t = self.cfg.train
-        common: dict[str, Any] = {
-            "model_name": self.cfg.model,
-            "stages": len(self.schedule.capacities),
-            "lora": self.lora,
-            "quant": QuantSpec(self.cfg.quant),
-            "training": TrainSettings(
-                steps=t.steps, batch_size=t.batch, seq_len=t.seq, lr=t.lr, checkpointing=t.checkpointing
-            ),
-            "created": _iso(time.time()),
-            "sign_key": self.key,
-        }
-        packs = {"tokenizer_dir": _tokenizer_dir(self.cfg.model), **common}
-        with tempfile.TemporaryDirectory(dir=self.cfg.state_dir) as tmp:
-            if self.cfg.delivery == "stage_packs":
-                path = Path(tmp) / "stage.devpack"
-                model = copy.deepcopy(stage.model)  # write_pack quantizes in place; the loop evaluates the fp32 stage
-                write_pack(path, model, stage.start, stage=stage.number, groups=stage.groups, **packs)
-                self.state.pack, self.state.plan = self.store.add_file(path, self.cfg.chunk_bytes).sha256, ""
-                return
-            if not self.state.full_pack:
-                path = Path(tmp) / "full.devpack"
-                singletons = [[j] for j in range(self.builder.total)]
-                write_pack(path, copy.deepcopy(self.base), full_lora, stage=0, groups=singletons, **packs)
-                self.state.full_pack = self.store.add_file(path, self.cfg.chunk_bytes).sha256
-            path = Path(tmp) / "stage.plan"
-            write_stage_plan(path, stage, self.builder.fusion, base_pack=self.state.full_pack, **common)
-            self.state.pack, self.state.plan = (
-                self.state.full_pack,
-                self.store.add_file(path, self.cfg.chunk_bytes).sha256,
-            )
 
     def _step(self) -> StepConfig:
         """One local training step of the current stage, as the planner models it."""
@@ -726,29 +599,9 @@ class Aggregator:
             out,
         )
 
-    def _shared(self, state: dict[str, Any]) -> dict[str, Any]:
-        """The factors of ``state`` the rule aggregates (FedSA: A only)."""
-        return {k: v for k, v in state.items() if k.endswith(self.rule.shared)}
-
-    def _private(self, state: dict[str, Any]) -> dict[str, Any]:
-        """The factors of ``state`` the rule leaves with the device (FedSA: B; the others: none)."""
-        return {k: v for k, v in state.items() if not k.endswith(self.rule.shared)}
-
     def _steps(self) -> int:
         """Local steps per round in the open stage."""
         return self.federation.steps(len(self.state.groups))
-
-    def _put(self, state: dict[str, Any]) -> str:
-        """Store a tensor state as a blob; its id."""
-        return self.store.add_bytes(safetensors_save(state), self.cfg.chunk_bytes).sha256
-
-    def _read(self, sha: str) -> dict[str, Any]:
-        """The tensor state stored as blob ``sha`` (empty for no blob)."""
-        from devft_edge.weights import read_safetensors
-
-        return read_safetensors(self.store.path(sha)) if sha else {}
-
-    # ---- output ---------------------------------------------------------------------------------
 
     def _message(self, kind: Kind, **fields: Any) -> Envelope:
         """A message from the aggregator about the current run, stage and round."""
@@ -773,16 +626,6 @@ class Aggregator:
 def _task_id(state: RunState, device: str) -> str:
     """Deterministic task id: a resent task after a restart is recognised as the same task."""
     return f"task-{state.run_id}-{state.stage}-{state.rounds_done}-{device}"
-
-
-def _tokenizer_dir(model: str) -> Path:
-    from devft_edge.models import model_dir
-
-    return model_dir(model)
-
-
-def _iso(stamp: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(stamp))
 
 
 def _fmt(value: float | None) -> str:
