@@ -4,6 +4,8 @@ A run of two rounds is resumed in a second loop from its progress, full state, o
 global state and budget (as the aggregator checkpoints them); the next round then gives exactly
 the numbers the uninterrupted loop gives. The simulator's in-process clients play the pool; their
 data streams are advanced to where the first run left them (the devices keep that position).
+FLoRA (its merged update must come back into the rebuilt stage model) runs in ``make test``;
+FedIT, which the aggregator's kill test covers over the network, in ``make test-long``.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from devft_edge.training import TrainSettings
 CFG = dict(model="tiny", clients=3, per_round=2, stages=1, rounds=4, eval_examples=8, examples_per_client=8)
 
 
-@pytest.mark.parametrize("method", ["fedit", "flora"])
+@pytest.mark.parametrize("method", [pytest.param("fedit", marks=pytest.mark.long), "flora"])
 def test_a_resumed_loop_goes_on_as_if_never_stopped(tmp_path: Path, method: str) -> None:
     cfg = SimulationConfig(method=method, train=TrainSettings(steps=2, batch_size=2, seq_len=32), **CFG)
     first = Simulation(cfg, tmp_path / "a").loop
