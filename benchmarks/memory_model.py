@@ -1,17 +1,23 @@
-"""Calibrate and validate the memory model against measured peaks of real training steps.
+"""Calibrate and test the memory model against measured peaks of real training steps.
 
-Each configuration (stage depth, batch, seq, quantization, gradient checkpointing) of SmolLM2-135M
-is measured in a fresh process (:mod:`devft_edge.memcheck`: load the stage submodel, take two
-LoRA training steps the way the device agent does, read the kernel's peak-RSS mark). The coefficients of
-:mod:`devft_edge.memory` (runtime, activation, heap-activation and logit terms) are fitted by
-non-negative least squares on the *calibration* configurations only; the *validation*
-configurations (other depths, shapes and quantizations) then show how far predictions are off.
+Each configuration (stage depth, batch, seq, LoRA rank, quantization, gradient checkpointing) of
+SmolLM2-135M is measured in a fresh process (:mod:`devft_edge.memcheck`: load the stage submodel,
+take two LoRA training steps the way the device agent does, read the kernel's peak-RSS mark). The
+coefficients of :mod:`devft_edge.memory` (runtime, activation, logit, heap-activation and
+dequantization-hole terms) are fitted by non-negative least squares on the *calibration*
+configurations only; the *held-out* configurations (never fitted: a grid of batch 1-16, seq
+64-512, rank 4-32, fp32/int8/int4, with and without checkpointing) then show how far predictions
+are off, against the goal :data:`GOAL`. The peak itself moves between two runs of the same
+configuration (``spread``), which is the floor under any model's error.
 
-    python benchmarks/memory_model.py measure            # ~10 min on 2 cores, writes results JSON
+    python benchmarks/memory_model.py measure            # ~25 min on 2 cores, writes results JSON
+    python benchmarks/memory_model.py measure --missing  # only the cases not measured yet
+    python benchmarks/memory_model.py spread             # a few cases three times each
     python benchmarks/memory_model.py fit                # fitted coefficients (paste into memory.py)
     python benchmarks/memory_model.py report --markdown docs/memory_model.md
 
-Run it on an otherwise idle machine: step times are reported too.
+Run it on an otherwise idle machine: step times are reported too (``--loaded`` marks a session
+whose step times are not to be fitted; peak memory does not depend on the load).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -33,6 +40,13 @@ from devft_edge.memory import FLOAT, StepConfig, estimate_memory, model_shape, s
 RESULTS = Path(__file__).resolve().parent / "results-memory" / "measurements.json"
 DEFAULT_HEAP_RESULTS = RESULTS.with_name("measurements-default-heap.json")
 """The same cases with glibc's default (dynamic) mmap threshold, for the allocator comparison."""
+SPREAD_RESULTS = RESULTS.with_name("spread.json")
+"""The same configuration measured several times: how far apart two runs' peaks are."""
+GOAL = (-2.0, 5.0)
+"""Issue 16 item 3: every held-out prediction within -2% / +5% (%) of its measured peak."""
+
+
+Role = Literal["calibration", "held-out"]
 
 
 @dataclass(frozen=True)
@@ -44,16 +58,32 @@ class Case:
     seq: int
     quant: str = "none"
     checkpointing: bool = False
-    role: str = "calibration"
+    role: Role = "calibration"
+    rank: int = 8
 
     def step(self) -> StepConfig:
         return StepConfig(
-            layers=self.layers, batch=self.batch, seq=self.seq, quant=self.quant, checkpointing=self.checkpointing
+            layers=self.layers,
+            batch=self.batch,
+            seq=self.seq,
+            rank=self.rank,
+            quant=self.quant,
+            checkpointing=self.checkpointing,
         )
+
+    @property
+    def key(self) -> tuple[int, int, int, str, bool, int]:
+        """What identifies the configuration (the role is the design's, not the measurement's)."""
+        return (self.layers, self.batch, self.seq, self.quant, self.checkpointing, self.rank)
+
+
+def _held(layers: int, batch: int, seq: int, quant: str = "none", checkpointing: bool = False, rank: int = 8) -> Case:
+    return Case(layers, batch, seq, quant, checkpointing, "held-out", rank)
 
 
 CASES = [
-    # calibration: fp32 weights, varying depth, tokens and sequence length
+    # calibration (the fit sees only these): every depth, 64 to 4,096 tokens per step (below and
+    # above the mmap threshold of every block output), ranks 4-32, each quantization, checkpointing
     Case(4, 4, 64),
     Case(4, 16, 256),
     Case(8, 8, 128),
@@ -64,18 +94,50 @@ CASES = [
     Case(30, 8, 256, checkpointing=True),
     Case(15, 4, 128, "int4"),
     Case(30, 8, 64, "int8"),
-    # validation: other shapes, quantized weights, checkpointing
-    Case(4, 8, 128, role="validation"),
-    Case(8, 4, 64, role="validation"),
-    Case(15, 8, 128, role="validation"),
-    Case(30, 8, 128, role="validation"),
-    Case(8, 4, 512, role="validation"),
-    Case(15, 4, 64, "int8", role="validation"),
-    Case(30, 8, 128, "int8", role="validation"),
-    Case(8, 8, 256, "int4", role="validation"),
-    Case(30, 4, 64, "int4", role="validation"),
-    Case(15, 16, 128, "int4", checkpointing=True, role="validation"),
-    Case(30, 16, 128, checkpointing=True, role="validation"),
+    Case(4, 1, 64),
+    Case(30, 1, 64),
+    Case(15, 2, 64),
+    Case(8, 1, 256, rank=32),
+    Case(30, 2, 128, rank=4),
+    Case(15, 1, 512, "int4", rank=16),
+    Case(30, 1, 128, "int8", checkpointing=True),
+    Case(8, 4, 256, "int8", checkpointing=True, rank=32),
+    Case(15, 8, 128, "int8"),
+    Case(4, 8, 512, checkpointing=True, rank=16),
+    # held out (never fitted): the grid batch 1-8 x seq 64-512 x rank 4-32 x none/int8/int4 x
+    # checkpointing, its corners first; the first four are `plan --check --batch 1 --seq 128`
+    _held(4, 1, 128),
+    _held(8, 1, 128),
+    _held(15, 1, 128),
+    _held(30, 1, 128),
+    _held(30, 1, 64, rank=32),
+    _held(4, 1, 512, rank=4),
+    _held(30, 1, 512, "int4", checkpointing=True),
+    _held(8, 1, 64, "int4", checkpointing=True, rank=32),
+    _held(15, 2, 256, "int8", rank=32),
+    _held(4, 2, 128, "int4", rank=32),
+    _held(30, 2, 256, "int8", checkpointing=True),
+    _held(15, 4, 512, "int8", rank=4),
+    _held(30, 4, 512, "int4", rank=32),
+    _held(8, 8, 512, "int4", checkpointing=True, rank=4),
+    _held(15, 8, 64, checkpointing=True, rank=32),
+    _held(30, 8, 512, checkpointing=True, rank=16),
+    # added after the model was fixed: checkpointing at 256 tokens, where the model predicts every
+    # block's heap holes pinned under heap-sized block inputs (its largest extrapolation)
+    _held(30, 2, 128, "int4", checkpointing=True),
+    _held(15, 4, 64, checkpointing=True, rank=16),
+    # held out since the first calibration (then called validation)
+    _held(4, 8, 128),
+    _held(8, 4, 64),
+    _held(15, 8, 128),
+    _held(30, 8, 128),
+    _held(8, 4, 512),
+    _held(15, 4, 64, "int8"),
+    _held(30, 8, 128, "int8"),
+    _held(8, 8, 256, "int4"),
+    _held(30, 4, 64, "int4"),
+    _held(15, 16, 128, "int4", checkpointing=True),
+    _held(30, 16, 128, checkpointing=True),
 ]
 
 
@@ -93,152 +155,246 @@ def cmd_measure(args: argparse.Namespace) -> int:
     results = DEFAULT_HEAP_RESULTS if args.default_heap else RESULTS
     if args.default_heap:
         os.environ[HEAP_ENV] = "default"
+    date = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    command = " ".join(sys.argv)
+    kept = json.loads(results.read_text()) if args.missing and results.exists() else None
+    done = {_case(r).key for r in kept["rows"]} if kept else set()
+    todo = [case for case in CASES if case.key not in done]
+    rows = list(kept["rows"]) if kept else []
+    for case, (m,) in _probe_all(todo, args.threads):
+        rows.append({**asdict(case), **asdict(m), "measured": date, "idle": not args.loaded})
+    if kept:  # the matmul probe belongs to the idle session whose step times the efficiency is fitted on
+        header = {k: kept[k] for k in ("date", "machine", "matmul_gflops", "command")}
+        header["added"] = [*kept.get("added", []), {"date": date, "command": command, "idle": not args.loaded}]
+    else:
+        from devft_edge.device_probe import matmul_gflops
+
+        header = {
+            "date": date,
+            "machine": f"{platform.machine()}, {len(os.sched_getaffinity(0))} cores",
+            "matmul_gflops": round(matmul_gflops(seconds=3.0), 1),
+            "command": command,
+        }
+    order = {case.key: i for i, case in enumerate(CASES)}
+    for row in rows:  # the role is the design's: a row measured before keeps up with it
+        row["role"] = CASES[order[_case(row).key]].role if _case(row).key in order else row["role"]
+    rows.sort(key=lambda r: order.get(_case(r).key, len(order)))
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.write_text(json.dumps({**header, "rows": rows}, indent=2) + "\n")
+    print(f"wrote {results}")
+    return 0
+
+
+SPREAD_CASES = [
+    Case(15, 1, 128, role="held-out"),
+    Case(30, 4, 64),
+    Case(30, 2, 128, rank=4),
+    Case(30, 4, 64, "int4", role="held-out"),
+]
+"""Re-measured by ``spread``: batch-1 and the same 256 tokens as 4 x 64 and 2 x 128, fp32 and int4."""
+
+
+def _probe_all(cases: list[Case], threads: int | None, times: int = 1) -> list[tuple[Case, list]]:
+    """Measure each case ``times`` times, each in a fresh process (submodels built once per depth and quantization)."""
     from devft_edge.memcheck import measure, stage_submodel
     from devft_edge.models import load_model
     from devft_edge.quantization import QuantSpec
     from devft_edge.weights import save_base
 
     base = load_model("smollm2")
-    rows = []
+    out = []
     with tempfile.TemporaryDirectory(prefix="devft-memory-") as tmp:
         built: dict[tuple[int, str], Path] = {}
-        for number, case in enumerate(CASES, start=1):
+        for number, case in enumerate(cases, start=1):
             key = (case.layers, case.quant)
             if key not in built:
                 _, sub = stage_submodel(base, case.layers)
                 built[key] = save_base(sub, QuantSpec(case.quant), Path(tmp) / f"{case.layers}-{case.quant}")
-            start = time.perf_counter()
-            m = measure(
-                built[key], "smollm2", case.batch, case.seq, checkpointing=case.checkpointing, threads=args.threads
-            )
-            rows.append({**asdict(case), **asdict(m)})
-            print(
-                f"[{number}/{len(CASES)}] {case}: train peak {m.train_peak_bytes / 2**20:.0f} MiB, "
-                f"load peak {m.load_peak_bytes / 2**20:.0f} MiB, step {m.step_seconds:.2f} s "
-                f"({time.perf_counter() - start:.0f} s)",
-                flush=True,
-            )
-    from devft_edge.device_probe import matmul_gflops
+            results = []
+            for _ in range(times):
+                start = time.perf_counter()
+                m = measure(
+                    built[key],
+                    "smollm2",
+                    case.batch,
+                    case.seq,
+                    rank=case.rank,
+                    checkpointing=case.checkpointing,
+                    threads=threads,
+                )
+                results.append(m)
+                print(
+                    f"[{number}/{len(cases)}] {case}: train peak {m.train_peak_bytes / 2**20:.0f} MiB, "
+                    f"load peak {m.load_peak_bytes / 2**20:.0f} MiB, step {m.step_seconds:.2f} s "
+                    f"({time.perf_counter() - start:.0f} s)",
+                    flush=True,
+                )
+            out.append((case, results))
+    return out
 
-    results.parent.mkdir(parents=True, exist_ok=True)
-    results.write_text(
+
+def cmd_spread(args: argparse.Namespace) -> int:
+    rows = [
+        {**asdict(case), "train_peak_bytes": [m.train_peak_bytes for m in results]}
+        for case, results in _probe_all(SPREAD_CASES, args.threads, args.times)
+    ]
+    SPREAD_RESULTS.write_text(
         json.dumps(
-            {
-                "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "machine": f"{platform.machine()}, {len(__import__('os').sched_getaffinity(0))} cores",
-                "matmul_gflops": round(matmul_gflops(seconds=3.0), 1),
-                "command": " ".join(sys.argv),
-                "rows": rows,
-            },
+            {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "command": " ".join(sys.argv), "rows": rows},
             indent=2,
         )
         + "\n"
     )
-    print(f"wrote {results}")
+    print(f"wrote {SPREAD_RESULTS}")
     return 0
 
 
 def _features(shape: memory.ModelShape, case: Case) -> tuple[np.ndarray, float]:
-    """Regressors (runtime, activations, logits, heap activations) and the fixed part, in bytes."""
+    """Regressors (runtime, activations, logits, heap activations, dequantization holes) and the
+    fixed part, in bytes."""
     step = case.step()
-    tokens = step.batch * step.seq
-    blocks = 1 if step.checkpointing else step.layers
-    act = blocks * tokens * shape.act_width * FLOAT
-    heap = blocks * tokens * memory.heap_width(shape, tokens) * FLOAT
+    counts = memory.step_counts(shape, step)
     parts = estimate_memory(shape, step).parts
-    fixed = parts["weights"] + parts["lora"] + parts["dequant"]
-    if step.checkpointing:
-        fixed += step.layers * tokens * shape.hidden * FLOAT
-    return np.array([1.0, act, tokens * shape.vocab * FLOAT, heap]), float(fixed)
+    fixed = parts["weights"] + parts["lora"] + parts["delta"] + memory.dequant_chunk_bytes(shape, step)
+    regressors = [1.0, counts.saved, counts.logits, counts.heap, counts.dequant_holes]
+    return np.array([1.0, *(FLOAT * x for x in regressors[1:])]), float(fixed + FLOAT * counts.boundaries)
 
 
 def fit_efficiency(rows: list[dict], shape: memory.ModelShape, gflops: float) -> float:
-    """Median fraction of the matmul probe's throughput the calibration steps achieved."""
-    cal = [r for r in rows if r["role"] == "calibration"]
+    """Median fraction of the matmul probe's throughput the calibration steps achieved (timed on
+    the idle machine the probe ran on)."""
+    cal = [r for r in rows if r["role"] == "calibration" and r.get("idle", True)]
     return float(np.median([step_flops(shape, _case(r).step()) / (r["step_seconds"] * gflops * 1e9) for r in cal]))
 
 
 def fit(rows: list[dict], shape: memory.ModelShape) -> dict[str, float]:
-    """Non-negative least squares of the model's coefficients on the calibration rows."""
+    """Non-negative least squares of the model's coefficients on the calibration rows.
+
+    Relative errors (every configuration counts the same, whatever its size), aimed at the middle
+    of :data:`GOAL` rather than at zero: the goal is lopsided (2% under, 5% over) and one
+    measurement of a peak moves by a few percent between runs (``spread``), so a fit centred on
+    zero would leave half its scatter on the side with the smaller margin.
+    """
     from scipy.optimize import nnls
 
-    cal = [r for r in rows if r["role"] == "calibration"]
-    features, targets = [], []
+    aim = 1.0 + (GOAL[0] + GOAL[1]) / 200.0
+    cal = [r for r in rows if _case(r).role == "calibration"]
+    features, targets, measured = [], [], []
     for r in cal:
         x, fixed = _features(shape, _case(r))
         features.append(x)
-        targets.append(r["train_peak_bytes"] - fixed)
-    # Relative least squares: every configuration counts the same, whatever its size.
-    a = np.array(features) / np.array(targets)[:, None]
-    coef, _ = nnls(a, np.ones(len(targets)))
-    names = ("RUNTIME_BYTES", "ACT_COEF", "LOGIT_COEF", "HEAP_COEF")
+        targets.append(aim * r["train_peak_bytes"] - fixed)
+        measured.append(r["train_peak_bytes"])
+    scale = np.array(measured, dtype=float)
+    coef, _ = nnls(np.array(features) / scale[:, None], np.array(targets) / scale)
+    names = ("RUNTIME_BYTES", "ACT_COEF", "LOGIT_COEF", "HEAP_COEF", "DEQUANT_HOLE_COEF")
     return dict(zip(names, coef, strict=True))
 
 
 def _case(row: dict) -> Case:
-    return Case(**{k: row[k] for k in ("layers", "batch", "seq", "quant", "checkpointing", "role")})
+    role = "held-out" if row["role"] == "validation" else row["role"]
+    fields = {k: row[k] for k in ("layers", "batch", "seq", "quant", "checkpointing")}
+    return Case(**fields, role=role, rank=row.get("rank", 8))
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
     data = json.loads(RESULTS.read_text())
     coef = fit(data["rows"], _shape())
     print(f"RUNTIME_BYTES = {coef['RUNTIME_BYTES'] / 2**20:.0f} * 2**20")
-    for name in ("ACT_COEF", "LOGIT_COEF", "HEAP_COEF"):
+    for name in ("ACT_COEF", "LOGIT_COEF", "HEAP_COEF", "DEQUANT_HOLE_COEF"):
         print(f"{name} = {coef[name]:.3f}")
     print(f"STEP_EFFICIENCY = {fit_efficiency(data['rows'], _shape(), data['matmul_gflops']):.3f}")
     return 0
+
+
+_COEFFICIENTS = {
+    "RUNTIME_BYTES": "runtime",
+    "ACT_COEF": "activations",
+    "LOGIT_COEF": "logits",
+    "HEAP_COEF": "heap activations",
+    "DEQUANT_HOLE_COEF": "dequantization holes",
+}
+
+
+def _coefficients(values: dict[str, float]) -> str:
+    return ", ".join(
+        f"{label} {values[name] / 2**20:.0f} MiB" if name == "RUNTIME_BYTES" else f"{label} {values[name]:.3f}"
+        for name, label in _COEFFICIENTS.items()
+    )
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     data = json.loads(RESULTS.read_text())
     shape = _shape()
     fitted = fit(data["rows"], shape)
+    in_use = {name: getattr(memory, name) for name in _COEFFICIENTS}
+    low, high = GOAL
+    added = "".join(
+        f"; rows added {a['date']} by `{a['command']}`" + ("" if a["idle"] else " on a loaded machine")
+        for a in data.get("added", [])
+    )
     lines = [
         "# Memory model calibration",
         "",
         f"Measurements of {data['date']} on {data['machine']} (matmul probe {data['matmul_gflops']} GFLOP/s) by "
-        f"`{data['command']}`; this table by `python benchmarks/memory_model.py report --markdown ...`.",
+        f"`{data['command']}`{added}; this page by `python benchmarks/memory_model.py report --markdown ...`.",
         "",
-        "Coefficients in `devft_edge/memory.py` (fit on the calibration rows of these measurements: "
-        f"runtime {fitted['RUNTIME_BYTES'] / 2**20:.0f} MiB, "
-        f"activations {fitted['ACT_COEF']:.3f}, logits {fitted['LOGIT_COEF']:.3f}, "
-        f"heap activations {fitted['HEAP_COEF']:.3f}, "
-        f"step efficiency {fit_efficiency(data['rows'], shape, data['matmul_gflops']):.3f}) and in use: "
-        f"runtime {memory.RUNTIME_BYTES / 2**20:.0f} MiB, "
-        f"activations {memory.ACT_COEF}, logits {memory.LOGIT_COEF}, "
-        f"heap activations {memory.HEAP_COEF}, step efficiency {memory.STEP_EFFICIENCY}.",
+        f"Coefficients in `devft_edge/memory.py`, fitted on the calibration rows only: {_coefficients(fitted)}, "
+        f"step efficiency {fit_efficiency(data['rows'], shape, data['matmul_gflops']):.3f}; in use: "
+        f"{_coefficients(in_use)}, step efficiency {memory.STEP_EFFICIENCY}.",
         "",
-        "| role | layers | batch | seq | quant | ckpt | predicted MiB | measured MiB | error % | load peak MiB "
-        "| step s | predicted step s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"Goal (issue 16 item 3): every held-out prediction within {low:+.0f}% / {high:+.0f}% of the measured "
+        "peak (over-prediction turns away devices that fit; under-prediction lets one run out of memory).",
+        "",
+        "| role | layers | batch | seq | rank | quant | ckpt | predicted MiB | measured MiB | error % "
+        "| load peak MiB | step s | predicted step s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    errors: dict[str, list[float]] = {"calibration": [], "validation": []}
+    errors: dict[str, list[tuple[float, Case]]] = {"calibration": [], "held-out": []}
     step_errors: list[float] = []
     for row in data["rows"]:
         case = _case(row)
         predicted = estimate_memory(shape, case.step()).peak_bytes
         error = 100.0 * (predicted - row["train_peak_bytes"]) / row["train_peak_bytes"]
-        errors[case.role].append(error)
+        errors[case.role].append((error, case))
         step_s = step_flops(shape, case.step()) / (data["matmul_gflops"] * 1e9 * memory.STEP_EFFICIENCY)
-        step_errors.append(100.0 * (step_s - row["step_seconds"]) / row["step_seconds"])
+        idle = row.get("idle", True)
+        if idle:
+            step_errors.append(100.0 * (step_s - row["step_seconds"]) / row["step_seconds"])
+        flag = "" if low <= error <= high or case.role == "calibration" else " **"
         lines.append(
-            f"| {case.role} | {case.layers} | {case.batch} | {case.seq} | {case.quant} | "
+            f"| {case.role} | {case.layers} | {case.batch} | {case.seq} | {case.rank} | {case.quant} | "
             f"{'yes' if case.checkpointing else 'no'} | {predicted / 2**20:.0f} | "
-            f"{row['train_peak_bytes'] / 2**20:.0f} | "
-            f"{error:+.1f} | {row['load_peak_bytes'] / 2**20:.0f} | {row['step_seconds']:.2f} | {step_s:.2f} |"
+            f"{row['train_peak_bytes'] / 2**20:.0f} | {error:+.1f}{flag} | {row['load_peak_bytes'] / 2**20:.0f} | "
+            f"{row['step_seconds']:.2f}{'' if idle else ' (loaded)'} | {step_s:.2f} |"
         )
     lines.append("")
-    for role, errs in errors.items():
-        if errs:
-            within = sum(abs(e) <= 10 for e in errs)
-            lines.append(
-                f"- {role}: {within}/{len(errs)} within ±10%, max |error| {max(map(abs, errs)):.1f}%, "
-                f"mean |error| {np.mean(np.abs(errs)):.1f}%."
-            )
+    for role, pairs in errors.items():
+        errs = [e for e, _ in pairs]
+        within = sum(low <= e <= high for e in errs)
+        lines.append(
+            f"- {role}: {within}/{len(errs)} within {low:+.0f}% / {high:+.0f}%, largest over-prediction "
+            f"{max(errs):+.1f}%, largest under-prediction {min(errs):+.1f}%, mean |error| "
+            f"{np.mean(np.abs(errs)):.1f}%."
+        )
+    misses = [(e, c) for e, c in errors["held-out"] if not low <= e <= high]
+    verdict = "met" if not misses else f"not met at {len(misses)} of {len(errors['held-out'])} held-out points"
+    lines.append(f"- goal: {verdict}" + ("." if not misses else ": marked ** above."))
+    if misses and SPREAD_RESULTS.exists():
+        spread = max_spread(json.loads(SPREAD_RESULTS.read_text()), data["rows"])
+        inside = sum(abs(e) <= spread for e, _ in misses)
+        lines.append(
+            f"- {inside} of those {len(misses)} misses are within the largest run-to-run spread of one "
+            f"configuration's measured peak ({spread:.1f}%, below): one measurement per point cannot tell "
+            "them from the model's own error."
+        )
     lines.append(
-        f"- step time (all rows): mean |error| {np.mean(np.abs(step_errors)):.1f}%, "
-        f"max |error| {max(map(abs, step_errors)):.1f}%."
+        f"- step time (rows timed on the idle machine): mean |error| {np.mean(np.abs(step_errors)):.1f}%, "
+        f"max |error| {max(map(abs, step_errors)):.1f}%; step times marked (loaded) were taken while other "
+        "work shared the machine and are not fitted."
     )
+    if SPREAD_RESULTS.exists():
+        lines += _spread(json.loads(SPREAD_RESULTS.read_text()), data["rows"])
     if DEFAULT_HEAP_RESULTS.exists():
         lines += _heap_comparison(data["rows"], json.loads(DEFAULT_HEAP_RESULTS.read_text()))
     text = "\n".join(lines) + "\n"
@@ -246,6 +402,44 @@ def cmd_report(args: argparse.Namespace) -> int:
         Path(args.markdown).write_text(text)
     print(text)
     return 0
+
+
+def _all_peaks(spread: dict, rows: list[dict]) -> list[tuple[dict, list[int], int | None]]:
+    """Each repeated configuration: its spread row, every peak measured of it, its main-table peak."""
+    measured = {_case(r).key: r["train_peak_bytes"] for r in rows}
+    out = []
+    for row in spread["rows"]:
+        before = measured.get(_case(row).key)
+        out.append((row, [*row["train_peak_bytes"], *([before] if before else [])], before))
+    return out
+
+
+def max_spread(spread: dict, rows: list[dict]) -> float:
+    """Largest (max - min) / min of one configuration's peaks (the repeats and the main table's), in %."""
+    return max(100.0 * (max(peaks) - min(peaks)) / min(peaks) for _, peaks, _ in _all_peaks(spread, rows))
+
+
+def _spread(spread: dict, rows: list[dict]) -> list[str]:
+    """The run-to-run spread of the same configuration's peak."""
+    lines = [
+        "",
+        "## Run-to-run spread",
+        "",
+        f"The same configuration measured again, each in a fresh process, on {spread['date']} by "
+        f"`{spread['command']}`: the floor under any model's error.",
+        "",
+        "| layers | batch | seq | rank | quant | ckpt | peaks MiB | in the table above MiB | spread of all % |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row, peaks, before in _all_peaks(spread, rows):
+        lines.append(
+            f"| {row['layers']} | {row['batch']} | {row['seq']} | {row['rank']} | {row['quant']} | "
+            f"{'yes' if row['checkpointing'] else 'no'} | "
+            f"{', '.join(f'{p / 2**20:.0f}' for p in row['train_peak_bytes'])} | "
+            f"{'' if before is None else f'{before / 2**20:.0f}'} | "
+            f"{100.0 * (max(peaks) - min(peaks)) / min(peaks):.1f} |"
+        )
+    return lines
 
 
 def _heap_comparison(bounded: list[dict], default: dict) -> list[str]:
@@ -263,7 +457,7 @@ def _heap_comparison(bounded: list[dict], default: dict) -> list[str]:
     keys = ("layers", "batch", "seq", "quant", "checkpointing")
     by_key = {tuple(r[k] for k in keys): r for r in default["rows"]}
     for row in bounded:
-        other = by_key.get(tuple(row[k] for k in keys))
+        other = by_key.get(tuple(row[k] for k in keys)) if row.get("rank", 8) == 8 else None
         if other is None:
             continue
         lines.append(
@@ -281,7 +475,15 @@ def main(argv: list[str] | None = None) -> int:
     m = sub.add_parser("measure", help="measure every configuration (fresh process each)")
     m.add_argument("--threads", type=int, default=None, help="torch threads per probe")
     m.add_argument("--default-heap", action="store_true", help="keep glibc's dynamic mmap threshold (comparison)")
+    m.add_argument("--missing", action="store_true", help="measure only cases not yet in the results; keep the rest")
+    m.add_argument(
+        "--loaded", action="store_true", help="the machine is not idle: step times are kept out of the efficiency fit"
+    )
     m.set_defaults(func=cmd_measure)
+    s = sub.add_parser("spread", help="measure a few cases several times (run-to-run spread of the peak)")
+    s.add_argument("--threads", type=int, default=None, help="torch threads per probe")
+    s.add_argument("--times", type=int, default=3, help="measurements per case")
+    s.set_defaults(func=cmd_spread)
     sub.add_parser("fit", help="print fitted coefficients").set_defaults(func=cmd_fit)
     r = sub.add_parser("report", help="predicted vs measured table")
     r.add_argument("--markdown", default=None, help="also write the table here")

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import itertools
+import json
+import sys
+from pathlib import Path
 
 import pytest
 
+from devft_edge.allocator import MMAP_THRESHOLD_BYTES
 from devft_edge.errors import ConfigError
 from devft_edge.lora import LoraSettings, attach_lora
 from devft_edge.memory import (
@@ -18,10 +22,14 @@ from devft_edge.memory import (
     max_batch,
     max_layers,
     model_shape,
+    step_counts,
 )
 from devft_edge.models import TINY_FAMILIES, load_config, load_model
 from devft_edge.quantization import QuantSpec
 from devft_edge.weights import save_base
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import memory_model  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +68,9 @@ def test_weight_bytes_match_saved_file(tmp_path, scheme):
 
 
 def test_prediction_never_decreases_with_depth_batch_or_seq(smollm2_shape):
+    """Except with checkpointing where the kept block inputs leave the heap (1 x 256 -> 2 x 256
+    tokens: 576 KiB inputs on the heap -> 1,152 KiB mapped), which measured steps show too (30
+    layers: 1,184 MiB at 2 x 128 tokens with int4, 1,039 MiB at 2 x 256 with int8)."""
     grid = itertools.product(
         [1, 4, 8, 15, 30], [1, 2, 8], [16, 64, 256], ["none", "int8", "int4", "nf4"], [False, True]
     )
@@ -67,13 +78,21 @@ def test_prediction_never_decreases_with_depth_batch_or_seq(smollm2_shape):
     for layers, batch, seq, quant, ckpt in grid:
         step = StepConfig(layers=layers, batch=batch, seq=seq, quant=quant, checkpointing=ckpt)
         peaks[(layers, batch, seq, quant, ckpt)] = estimate_memory(smollm2_shape, step).peak_bytes
+
+    def inputs_on_heap(batch: int, seq: int) -> bool:
+        return batch * seq * smollm2_shape.hidden * 4 < MMAP_THRESHOLD_BYTES
+
+    dips = set()
     for (layers, batch, seq, quant, ckpt), peak in peaks.items():
         for bigger in [(layers + 1, batch, seq), (layers, batch * 2, seq), (layers, batch, seq * 2)]:
             key = (*bigger, quant, ckpt)
-            if key in peaks:
-                assert peaks[key] >= peak, (key, peak)
+            if key not in peaks or peaks[key] >= peak:
+                continue
+            assert ckpt and inputs_on_heap(batch, seq) and not inputs_on_heap(*bigger[1:]), (key, peak)
+            dips.add(bigger[1:])
         if layers >= 2:  # one block: checkpointing keeps its input *and* recomputes it
             assert peaks[(layers, batch, seq, quant, True)] <= peaks[(layers, batch, seq, quant, False)]
+    assert dips == {(2, 256)}
     for layers, batch, seq, ckpt in itertools.product([1, 4, 30], [1, 8], [16, 256], [False, True]):
         by_quant = [peaks[(layers, batch, seq, q, ckpt)] for q in ("none", "int8", "int4")]
         assert by_quant == sorted(by_quant, reverse=True)
@@ -107,8 +126,10 @@ def test_bad_step_configs_list_every_problem(smollm2_shape):
         estimate_memory(smollm2_shape, StepConfig(layers=31))
 
 
-def test_heap_width_counts_the_outputs_below_the_mmap_threshold(smollm2_shape) -> None:
+def test_heap_width_counts_the_narrow_outputs_below_the_mmap_threshold(smollm2_shape) -> None:
     # SmolLM2 block outputs: q 576, k 192, v 192, o 576, gate 1536, up 1536, down 576 (fp32).
+    assert heap_width(smollm2_shape, 64) == 576 + 192 + 192 + 576 + 576  # gate/up below it too, not counted
+    assert heap_width(smollm2_shape, 128) == 576 + 192 + 192 + 576 + 576
     assert heap_width(smollm2_shape, 256) == 576 + 192 + 192 + 576 + 576  # < 1 MiB at 256 tokens
     assert heap_width(smollm2_shape, 512) == 192 + 192
     assert heap_width(smollm2_shape, 1024) == 192 + 192  # 768 KiB each
@@ -130,3 +151,53 @@ def test_flora_update_beside_a_quantized_pack_is_in_the_peak(smollm2_shape):
         estimate_memory(smollm2_shape, fp32).peak_bytes
         == estimate_memory(smollm2_shape, StepConfig(layers=8)).peak_bytes
     )
+
+
+def test_rank_widens_the_saved_activations(smollm2_shape):
+    # each of the 7 LoRA targets keeps its rank-wide A x for B's backward
+    assert smollm2_shape.saved_width(32) - smollm2_shape.saved_width(4) == 7 * 28
+    low = estimate_memory(smollm2_shape, StepConfig(layers=8, rank=4)).parts["activations"]
+    high = estimate_memory(smollm2_shape, StepConfig(layers=8, rank=32)).parts["activations"]
+    assert high > low
+
+
+def test_checkpointing_pins_every_blocks_heap_holes_only_below_the_threshold(smollm2_shape):
+    """Kept block inputs on the heap (128 x 576 fp32 = 288 KiB) pin each block's holes; mapped ones
+    (1,024 tokens) leave only the recomputed block's."""
+    small = step_counts(smollm2_shape, StepConfig(layers=30, batch=1, seq=128, checkpointing=True))
+    assert small.heap == 30 * 128 * heap_width(smollm2_shape, 128)
+    assert small.saved == 128 * smollm2_shape.saved_width(8) and small.boundaries == 30 * 128 * 576
+    big = step_counts(smollm2_shape, StepConfig(layers=30, batch=8, seq=128, checkpointing=True))
+    assert big.heap == 1024 * heap_width(smollm2_shape, 1024)
+
+
+KNOWN_MISSES: dict[tuple[int, int, int, str, bool, int], str] = {
+    (30, 1, 128, "none", False, 8): "-2.3%: 1,500 MiB here; plan --check measured 1.46-1.47 GiB of it",
+    (8, 1, 64, "int4", True, 32): "+7.4%: rank 32 on a quantized base, over-predicted; cause not found",
+    (15, 2, 256, "int8", False, 32): "+5.9%: rank 32 on a quantized base, over-predicted; cause not found",
+    (4, 2, 128, "int4", False, 32): "+10.2%: rank 32 on a quantized base, over-predicted; cause not found",
+    (30, 2, 128, "int4", True, 8): "-3.9%: checkpointing at 256 tokens, the pinned-holes term's extrapolation",
+    (30, 4, 64, "int4", False, 8): "+5.2%: 1,530 MiB here, 1,288-1,522 MiB in three repeats (spread.json)",
+}
+"""Held-out configurations (layers, batch, seq, quant, checkpointing, rank) outside the goal with
+the coefficients in use, and why (docs/memory_model.md)."""
+
+
+def test_held_out_measurements_are_within_the_goal(smollm2_shape):
+    """Every held-out row of the calibration benchmark's measurements (never fitted), predicted with
+    the coefficients in use, is within the goal of issue 16 item 3 (``memory_model.GOAL``: at most
+    2% under and 5% over its measured peak), except the listed misses, each no further off than
+    the run-to-run spread of one configuration's measured peak (``memory_model.spread``)."""
+    rows = json.loads(memory_model.RESULTS.read_text())["rows"]
+    held = [(memory_model._case(row), row["train_peak_bytes"]) for row in rows]
+    held = [(case, measured) for case, measured in held if case.role == "held-out"]
+    assert len(held) >= 20
+    low, high = memory_model.GOAL
+    errors = {
+        case.key: 100.0 * (estimate_memory(smollm2_shape, case.step()).peak_bytes - measured) / measured
+        for case, measured in held
+    }
+    misses = {key: round(e, 1) for key, e in errors.items() if not low <= e <= high}
+    assert set(misses) == set(KNOWN_MISSES), misses
+    spread = memory_model.max_spread(json.loads(memory_model.SPREAD_RESULTS.read_text()), rows)
+    assert all(abs(e) <= spread for e in misses.values()), (misses, spread)
