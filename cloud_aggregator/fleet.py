@@ -187,6 +187,7 @@ class FleetPool:
     def _write_weights(self, stage: Stage, builder: StageBuilder) -> None:
         """What devices need for ``stage``'s weights: its own signed pack (``stage_packs``), or the
         full pack once and the stage's signed plan (``full_pack``: devices fuse the stage)."""
+        from devft_edge.models import model_dir
         from devft_edge.pack import write_pack
         from devft_edge.quantization import QuantSpec
         from devft_edge.stage_plan import write_stage_plan
@@ -205,7 +206,7 @@ class FleetPool:
             "created": _iso(time.time()),
             "sign_key": self.sign_key,
         }
-        packs = {"tokenizer_dir": _tokenizer_dir(cfg.model), **common}
+        packs = {"tokenizer_dir": model_dir(cfg.model), **common}
         with tempfile.TemporaryDirectory(dir=cfg.state_dir) as tmp:
             if cfg.delivery == "stage_packs":
                 path = Path(tmp) / "stage.devpack"
@@ -221,13 +222,6 @@ class FleetPool:
             path = Path(tmp) / "stage.plan"
             write_stage_plan(path, stage, builder.fusion, base_pack=s.full_pack, **common)
             s.pack, s.plan = s.full_pack, store.add_file(path, cfg.chunk_bytes).sha256
-
-
-def _tokenizer_dir(model: str) -> Path:
-    """Where the model's tokenizer files are (packed with every stage)."""
-    from devft_edge.models import model_dir
-
-    return model_dir(model)
 
 
 def _iso(stamp: float) -> str:

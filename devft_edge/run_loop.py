@@ -37,7 +37,11 @@ from devft_edge.training import EvalResult, evaluate
 logger = logging.getLogger(__name__)
 
 FullEval = Literal["stage", "round", "off"]
+"""When the full model with the transferred LoRA is evaluated: after each stage's transfer, after
+every round (the running hand-over), or never."""
 ExactMatch = Literal["every_eval", "stage_end"]
+"""When greedy exact match is measured (most of an evaluation's time): at every evaluation, or
+only on each stage's last round (the eval loss is measured at every evaluation either way)."""
 
 
 @dataclass(frozen=True)

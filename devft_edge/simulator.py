@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import get_args
 
 import torch
 from torch import Tensor
@@ -45,7 +46,7 @@ from devft_edge.models import cache_dir, load_model, load_tokenizer, model_dir
 from devft_edge.pack_size import DELIVERIES, pack_file_bytes, plan_file_bytes
 from devft_edge.peak_memory import peak_bytes
 from devft_edge.quantization import QuantSpec, dequantize_model, quantize_model
-from devft_edge.run_loop import ClientRound, EvalPolicy, RoundLoop, StageView
+from devft_edge.run_loop import ClientRound, EvalPolicy, ExactMatch, FullEval, RoundLoop, StageView
 from devft_edge.run_report import RoundMetrics, summarise, write_report
 from devft_edge.schedule import DEFAULT_MIN_DELTA, Plateau, StageSchedule
 from devft_edge.selection import data_seed, select_clients, training_seed
@@ -55,12 +56,10 @@ from devft_edge.training import TrainSettings, train_local
 
 logger = logging.getLogger(__name__)
 
-FULL_EVALS = ("stage", "round", "off")
-"""When the full model with the transferred LoRA is evaluated: after each stage's transfer, after
-every round (the running hand-over), or never."""
-EXACT_MATCH = ("every_eval", "stage_end")
-"""When greedy exact match is measured (most of an evaluation's time): at every evaluation, or
-only on each stage's last round (the eval loss is measured at every evaluation either way)."""
+FULL_EVALS: tuple[str, ...] = get_args(FullEval)
+"""When the full model with the transferred LoRA is evaluated (:data:`devft_edge.run_loop.FullEval`)."""
+EXACT_MATCH: tuple[str, ...] = get_args(ExactMatch)
+"""When greedy exact match is measured (:data:`devft_edge.run_loop.ExactMatch`)."""
 DATA_SPLITS = ("dirichlet", "by_profile")
 """How training examples are split over clients: Dirichlet(alpha) over task families, or first
 by client profile (each profile's clients hold families no other profile has), then Dirichlet."""
