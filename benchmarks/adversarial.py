@@ -240,7 +240,7 @@ def configure(run_dir: Path, where: Broker, rounds: int, train_steps: int) -> tu
         round_timeout_s=3600,  # mallory holds each round open until it is done with it
         selection_wait_s=3600,  # every round has all three devices, however slowly the agents start
         round_split="equal",
-        train={"steps": train_steps, "batch": 2, "seq": 48, "lr": 1e-3},
+        train={"steps": train_steps, "batch_size": 2, "seq_len": 48, "lr": 1e-3},
         serve_rate_bytes_per_s=SERVE_RATE,
         upload_quota_bytes=UPLOAD_QUOTA,
     )

@@ -52,14 +52,15 @@ def _flags(command_line: str) -> dict[str, str]:
 
 FULL_SETTINGS = _flags(
     "--model smollm2 --clients 10 --per-round 2 --stages 4 --rounds 12 --local-steps 8 --batch 4 --seq 64 --lr 3e-4 "
-    "--eval-examples 48 --eval-every 1 --examples-per-client 48 --data-alpha 0.5 --round-split equal"
+    "--eval-examples 48 --eval-every 1 --examples-per-client 48 --data-alpha 0.5 --round-split equal --quant none"
 )
 """SmolLM2-135M with the demo's federation: the setting the results are reported for. The paper's
-equal round split is pinned: it is the protocol every run here used; the simulator's default
-became the depth split because of this benchmark's ``round_split=depth`` ablation."""
+equal round split and fp32 weights are pinned: they are the protocol every run here used (the
+simulator's default became the depth split because of this benchmark's ``round_split=depth``
+ablation, and int4 packs, the deployment's, when the run configuration was unified)."""
 QUICK_SETTINGS = _flags(
     "--model tiny --clients 4 --per-round 2 --stages 2 --rounds 4 --local-steps 2 --batch 2 --seq 48 --lr 1e-2 "
-    "--eval-examples 8 --eval-every 2 --examples-per-client 8 --data-alpha 0.5 --round-split equal"
+    "--eval-examples 8 --eval-every 2 --examples-per-client 8 --data-alpha 0.5 --round-split equal --quant none"
 )
 """A random tiny model: seconds per run, to check the pipeline (CI), not to measure anything."""
 
@@ -86,20 +87,15 @@ def _settings(quick: bool) -> dict[str, str]:
 
 @cache
 def _simulate_defaults() -> dict[str, str]:
-    """The simulate command's own defaults, read from its parser and, for the options a preset
-    decides (their parser default is None), from the default preset, so they are never restated here."""
-    from devft_edge.cli import build_parser
-    from devft_edge.presets import method_settings
+    """The simulate command's own defaults (option name with underscores -> value), read from the
+    simulator's config fields, so they are never restated here."""
+    from devft_edge.cli.config_options import config_options
+    from devft_edge.simulator import SimulationConfig
 
-    method = method_settings("default")
-    preset = {
-        **{k: getattr(method.recipe, k) for k in ("similarity", "grouping", "fusion", "beta", "transfer", "keep_ends")},
-        "heal": "off" if method.recipe.heal is None else method.recipe.heal.mode,
-        "round_split": method.round_split,
-        "stage_steps": method.stage_steps,
-    }
-    parsed = vars(build_parser().parse_args(["simulate"]))
-    return {key: str(preset.get(key, value) if value is None else value) for key, value in parsed.items()}
+    def text(value: object) -> str:
+        return "off" if value is None else ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+    return {o.flag.removeprefix("--").replace("-", "_"): text(o.default) for o in config_options(SimulationConfig)}
 
 
 def _spec(suite: str, method: str, seed: int, overrides: Mapping[str, str], quick: bool) -> RunSpec:

@@ -177,7 +177,7 @@ def write_fleet(work: Path, broker: str, rounds: int) -> tuple[Path, Path]:
         "selection_wait_s": 1800,
         "round_timeout_s": 1800,
         "quant": "int8",
-        "train": {"steps": 2, "batch": 2, "seq": 48, "lr": 1e-3},
+        "train": {"steps": 2, "batch_size": 2, "seq_len": 48, "lr": 1e-3},
         "sign_key": str(private),
         "device_keys": str(work / "keys" / "devices"),
         "state_dir": str(work / "aggregator" / "state"),

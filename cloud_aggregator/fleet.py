@@ -191,18 +191,14 @@ class FleetPool:
         from devft_edge.pack import write_pack
         from devft_edge.quantization import QuantSpec
         from devft_edge.stage_plan import write_stage_plan
-        from devft_edge.training import TrainSettings
 
         cfg, s, store = self.cfg, self.state, self.blobs.store
-        t = cfg.train
         common: dict[str, Any] = {
             "model_name": cfg.model,
             "stages": self.stages,
             "lora": self.lora,
             "quant": QuantSpec(cfg.quant),
-            "training": TrainSettings(
-                steps=t.steps, batch_size=t.batch, seq_len=t.seq, lr=t.lr, checkpointing=t.checkpointing
-            ),
+            "training": cfg.train,
             "created": _iso(time.time()),
             "sign_key": self.sign_key,
         }

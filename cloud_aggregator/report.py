@@ -99,6 +99,7 @@ def write_summary(cfg: AggregatorConfig, state: RunState, adapter_dir: Path) -> 
         "aggregator_peak_rss_bytes": peak_bytes(),
         "devices": device_totals(history),
         "rejected": dict(sorted(state.rejected.items())),
+        "refusals": dict(sorted(state.refusals.items())),
     }
     write_report(cfg.out_dir, summary, rows)
     return summary

@@ -17,7 +17,7 @@ import logging
 import queue
 import time
 import uuid
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 from cloud_aggregator.config import AggregatorConfig
@@ -43,12 +43,12 @@ from devft_edge.errors import ConfigError
 from devft_edge.federation import Federation, StageBudget
 from devft_edge.identity import Enrolment
 from devft_edge.memory import StepConfig
-from devft_edge.messages import ChunkRequest, Hello, Payload, Presence, Refusal, UpdateOffer
+from devft_edge.messages import ChunkRequest, Hello, Payload, Presence, Refusal, Task, UpdateOffer
 from devft_edge.methods import ClientMethod
 from devft_edge.mqtt import BrokerAddress, Connection, Incoming
 from devft_edge.protocol import AGGREGATOR, Envelope, Kind, ProtocolError, Reason, Topics, decode, seal, unseal
 from devft_edge.ratelimit import RateLimiter
-from devft_edge.run_loop import EvalPolicy, RoundLoop, RunProgress
+from devft_edge.run_loop import RoundLoop, RunProgress
 from devft_edge.schedule import Plateau
 from devft_edge.selection import data_seed, training_seed
 from devft_edge.stage import StageBuilder
@@ -64,15 +64,10 @@ class Aggregator:
 
         from devft_edge.aggregation import RULES
         from devft_edge.calibration import calibration_ids
-        from devft_edge.healing import HealSettings
         from devft_edge.layers import num_layers
-        from devft_edge.lora import LoraSettings
         from devft_edge.memory import model_shape
-        from devft_edge.methods import rule_of, uses_devft
         from devft_edge.models import load_model, load_tokenizer
-        from devft_edge.schedule import StageSchedule
         from devft_edge.signing import load_private_key
-        from devft_edge.stage import StageRecipe
         from devft_edge.step_cost import step_cost_model
         from devft_edge.tasks import train_eval_split
 
@@ -87,41 +82,29 @@ class Aggregator:
         self.base = load_model(cfg.model, seed=cfg.seed)
         self.tokenizer = load_tokenizer(cfg.model)
         self.shape = model_shape(self.base.config)
-        self.lora = LoraSettings(rank=cfg.rank, alpha=cfg.alpha)
-        total = num_layers(self.base.config)
-        capacities = tuple(cfg.capacities) if cfg.capacities and uses_devft(cfg.method) else None
-        self.schedule = StageSchedule(total, cfg.stage_count, cfg.rounds, capacities, round_split=cfg.round_split)
-        recipe = StageRecipe(
-            similarity=cfg.similarity,
-            grouping=cfg.grouping,
-            fusion=cfg.fusion,
-            beta=cfg.beta,
-            transfer=cfg.transfer,
-            keep_ends=cfg.keep_ends,
-            heal=None if cfg.heal is None else HealSettings(**cfg.heal.model_dump()),
-        )
+        self.lora = cfg.lora
+        self.schedule = cfg.schedule(num_layers(self.base.config))
+        t = cfg.train
+        self.step_cost = step_cost_model(cfg.model, self.shape, t.batch_size, t.seq_len, cfg.lora.rank)
         # healed blocks are cached in the state directory: a restart rebuilds a stage without healing again
-        self.step_cost = step_cost_model(cfg.model, self.shape, cfg.train.batch, cfg.train.seq, cfg.rank)
         self.builder = StageBuilder(
             self.base,
             self.tokenizer,
             self.lora,
-            recipe,
+            cfg.recipe,
             calibration_ids(self.tokenizer),
             cfg.model,
             cfg.seed,
             cache_dir=cfg.state_dir / "heal",
         )
-        self.rule = RULES.get(rule_of(cfg.method))
-        adaptive = Plateau(cfg.adaptive_patience, cfg.adaptive_min_delta)
+        self.rule = RULES.get(cfg.rule)
         self.federation = Federation(
-            self.builder, self.schedule, self.rule, cfg.seed, cfg.train.steps, cfg.stage_steps, self.step_cost, adaptive
+            self.builder, self.schedule, self.rule, cfg.seed, t.steps, cfg.stage_steps, self.step_cost, cfg.plateau()
         )
         if self.state.stage and not self.state.stage_budget:  # a state written before budgets were kept
             budget = self.federation.budget(self.state.stage, 0)
             self.state.stage_budget, self.state.plateau = budget.rounds, asdict(budget.plateau)
         self.held_out = train_eval_split(0, cfg.eval_examples, seed=cfg.seed)[1] if cfg.eval_examples else []
-        policy = EvalPolicy(full_eval="stage" if cfg.full_eval else "off")
         self.blobs = RunBlobs(self.store, cfg.chunk_bytes)
         self.pool = FleetPool(
             cfg,
@@ -145,8 +128,8 @@ class Aggregator:
             self.tokenizer,
             self.lora,
             self.held_out,
-            cfg.train.seq,
-            policy,
+            t.seq_len,
+            cfg.eval_policy(),
             cfg.rounds,
             cfg.seed,
             cfg.out_dir,
@@ -161,7 +144,7 @@ class Aggregator:
             self.store,
             self.state,
             IntakeLimits(cfg.upload_quota_bytes, cfg.disk_reserve_bytes, cfg.max_update_norm),
-            lora_bytes=lambda: 4 * self.shape.lora_params(len(self.state.groups), cfg.rank),
+            lora_bytes=lambda: 4 * self.shape.lora_params(len(self.state.groups), cfg.lora.rank),
             start=self._round_start,
             shared=self.pool.shared,
             discard=self._discard,
@@ -318,10 +301,13 @@ class Aggregator:
     def _on_refusal(self, device: str, message: Envelope) -> None:
         round_ = self._check_current(device, message)  # a late refusal must not drop the device from a later round
         refusal = Refusal.from_data(message.data)
-        logger.warning("device %s refused its task: %s (%s)", device, message.reason, refusal.detail)
+        reason = message.reason.value if message.reason else "unknown"
+        logger.warning("device %s refused its task: %s (%s)", device, reason, refusal.detail)
         if device not in round_.accepted:
             round_.selected.remove(device)
             round_.tasks.pop(device, None)
+            round_.refused[device] = {"reason": reason, "detail": refusal.detail}
+            self.state.refusals[reason] = self.state.refusals.get(reason, 0) + 1
             save_state(self.cfg.state_dir, self.state)
 
     # ---- updates --------------------------------------------------------------------------------
@@ -454,9 +440,9 @@ class Aggregator:
         t = self.cfg.train
         return StepConfig(
             layers=len(self.state.groups),
-            batch=t.batch,
-            seq=t.seq,
-            rank=self.cfg.rank,
+            batch=t.batch_size,
+            seq=t.seq_len,
+            rank=self.cfg.lora.rank,
             quant=self.cfg.quant,
             checkpointing=t.checkpointing,
             merged_delta=self.rule.merges_into_base,
@@ -511,26 +497,29 @@ class Aggregator:
         round_ = self.state.open_round
         assert round_ is not None and device in round_.tasks  # callers only send tasks of the open round
         s, client = self.state, self.enrolment.index(device)
-        blobs = {"pack": s.pack, "plan": s.plan, "lora": s.stage_lora, "delta": s.stage_delta}  # plan, delta: if any
-        data = {
-            **{key: self.store.info(sha, self.cfg.chunk_bytes).to_json() for key, sha in blobs.items() if sha},
-            "method": ClientMethod(
+
+        def optional(sha: str) -> BlobInfo | None:  # a stage plan, FLoRA's delta: if the run has one
+            return self.store.info(sha, self.cfg.chunk_bytes) if sha else None
+
+        task = Task(
+            pack=self.store.info(s.pack, self.cfg.chunk_bytes),
+            lora=self.store.info(s.stage_lora, self.cfg.chunk_bytes),
+            plan=optional(s.plan),
+            delta=optional(s.stage_delta),
+            method=ClientMethod(
                 rule=self.rule.name,
                 groups=tuple(tuple(g) for g in self.state.groups),
-                fusion=self.cfg.fusion,
-                beta=self.cfg.beta,
-                transfer=self.cfg.transfer,
-            ).to_json(),
-            "train": {**self.cfg.train.model_dump(), "steps": self._steps()},
-            "deadline": round_.deadline,
+                fusion=self.cfg.recipe.fusion,
+                beta=self.cfg.recipe.beta,
+                transfer=self.cfg.recipe.transfer,
+            ),
+            train=replace(self.cfg.train, steps=self._steps()),
+            deadline=round_.deadline,
             # the simulator's seeds for client c: its training RNG per round, and its data stream
-            "seed": training_seed(self.cfg.seed, round_.index, client),
-            "data_seed": data_seed(self.cfg.seed, client),
-        }
-        self._send(
-            device,
-            self._message(Kind.TASK, round=round_.index, data=data, id=round_.tasks[device]),
+            seed=training_seed(self.cfg.seed, round_.index, client),
+            data_seed=data_seed(self.cfg.seed, client),
         )
+        self._send(device, self._message(Kind.TASK, round=round_.index, data=task.to_data(), id=round_.tasks[device]))
 
     def _close_round(self) -> None:
         """The loop closes the open round (aggregate, evaluate, maybe close the stage); record it,
@@ -553,6 +542,7 @@ class Aggregator:
                 }
                 for d, a in sorted(round_.accepted.items())
             },
+            "refused": dict(sorted(round_.refused.items())),
             "time": now(),
         }
         state.history.append(entry)
@@ -618,7 +608,7 @@ class Aggregator:
         return self._send(device, self._message(payload.KIND, data=payload.to_data(), reason=reason, body=body))
 
     def _publish_status(self) -> None:
-        data = status_document(self.state, self.boot, len(self.schedule.capacities), self.cfg.rounds)
+        data = status_document(self.state, self.boot, len(self.schedule.capacities), self.cfg.rounds).to_data()
         status = self._message(Kind.STATUS, data=data)
         self.connection.publish(self.topics.status, seal(status.encode(), self.topics.status, self.key), retain=True)
 

@@ -245,6 +245,8 @@ class OpenRound:
     """device -> task message id."""
     deadline: float
     accepted: dict[str, Accepted] = field(default_factory=dict)
+    refused: dict[str, dict[str, str]] = field(default_factory=dict)
+    """device -> ``{"reason": code, "detail": text}`` of a task it refused (e.g. ``memory``)."""
 
 
 @dataclass
@@ -298,6 +300,8 @@ class RunState:
     finished: bool = False
     rejected: dict[str, int] = field(default_factory=dict)
     """Reason code -> messages and updates rejected with it (``duplicate`` counts replays)."""
+    refusals: dict[str, int] = field(default_factory=dict)
+    """Reason code -> tasks devices refused with it (``memory``: the stage did not fit the device)."""
     seen: SeenIds = field(default_factory=SeenIds, repr=False, compare=False, metadata={"state_file": False})
     """Recent message ids, so a redelivered message is recognised after a restart; not in
     ``state.json`` but in ``seen.log`` (:class:`SeenIds`), which :func:`save_state` starts."""

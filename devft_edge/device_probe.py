@@ -9,10 +9,15 @@ training step (:mod:`devft_edge.memcheck`), which the planner can be checked aga
 What cannot be measured quickly is estimated and the ``sources`` section says so: reserved
 memory is what the OS and other processes use right now (total - available) plus a margin, and
 link speeds are placeholders until the agent measures a transfer.
+
+What the process may really use can be less than the machine has: :func:`memory_limit_bytes`
+reads the memory cgroup limit (v1 or v2) it runs under, and :func:`capped_profile` lowers a
+profile's usable memory to it (what a device agent declares in its hello).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import time
@@ -22,6 +27,9 @@ from devft_edge.profiles import GB, DeviceProfile, parse_profile
 
 RESERVE_MARGIN_GB = 0.25
 """Headroom added to what is in use now, for the agent's own services and page cache."""
+UNLIMITED_BYTES = 1 << 60
+"""At or above this a cgroup v1 limit means none: v1 prints "unlimited" as about 2**63 (rounded
+down to a page); cgroup v2 prints ``max``."""
 
 
 def _meminfo() -> dict[str, int]:
@@ -30,6 +38,84 @@ def _meminfo() -> dict[str, int]:
         key, _, rest = line.partition(":")
         values[key] = int(rest.split()[0]) * 1024
     return values
+
+
+def memory_limit_bytes(
+    proc_cgroup: str | Path = "/proc/self/cgroup", root: str | Path = "/sys/fs/cgroup"
+) -> int | None:
+    """The memory limit of this process's cgroup in bytes, or None when nothing limits it.
+
+    cgroup v1 (the ``memory`` controller's line of ``/proc/self/cgroup``): the group's
+    ``memory.limit_in_bytes`` and, lower when an ancestor limits it, ``hierarchical_memory_limit``
+    from its ``memory.stat``. cgroup v2 (the ``0::`` line): the lowest ``memory.max`` of the group
+    and its ancestors. Where both are mounted the lower limit found counts (the controller is on one
+    of them only). A group path the mount does not show (a container whose own group is mounted
+    as the root) is read at the mount's root. ``proc_cgroup`` and ``root`` are for tests.
+    """
+    root = Path(root)
+    try:
+        lines = Path(proc_cgroup).read_text().splitlines()
+    except OSError:
+        return None
+    groups = {}  # controller list -> group path
+    for line in lines:
+        _, _, rest = line.partition(":")
+        controllers, _, path = rest.partition(":")
+        groups[controllers] = path.strip("/")
+    limits: list[int] = []
+    v1 = next((path for controllers, path in groups.items() if "memory" in controllers.split(",")), None)
+    if v1 is not None:
+        mount = root / "memory"
+        group = mount / v1 if (mount / v1).is_dir() else mount
+        limits.append(_number(_read_text(group / "memory.limit_in_bytes")))
+        for line in _read_text(group / "memory.stat").splitlines():
+            if line.startswith("hierarchical_memory_limit "):
+                limits.append(_number(line.split()[1]))
+    if "" in groups:
+        path = Path(groups[""])
+        group = root / path if (root / path).is_dir() else root
+        while True:  # the group and each ancestor below the root (the root has no memory.max)
+            limits.append(_number(_read_text(group / "memory.max")))
+            if group == root:
+                break
+            group = group.parent
+    found = [limit for limit in limits if 0 < limit < UNLIMITED_BYTES]
+    return min(found) if found else None
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
+
+
+def _number(text: str) -> int:
+    """A limit as written in a cgroup file; 0 (no limit) for ``max``, an absent file or anything else."""
+    text = text.strip()
+    return int(text) if text.isdigit() else 0
+
+
+def capped_profile(profile: DeviceProfile, limit_bytes: int | None) -> DeviceProfile:
+    """``profile`` with its usable memory (``total_gb - reserved_gb``, what the planner admits a
+    stage by) no more than ``limit_bytes``, the memory cgroup limit of the process that trains.
+
+    ``reserved_gb`` is raised (the machine's total stays what it is) and ``sources.reserved`` says
+    why; a profile within the limit, or no limit (None), is returned unchanged.
+    """
+    if limit_bytes is None or profile.budget_bytes <= limit_bytes:
+        return profile
+    total = profile.memory.total_gb
+    reserved = total - limit_bytes / GB
+    while int((total - reserved) * GB) > limit_bytes:  # float rounding must not leave it a byte over
+        reserved = math.nextafter(reserved, total)
+    note = f"raised to leave {limit_bytes / 2**20:.0f} MiB usable: the agent's memory cgroup limit"
+    return profile.model_copy(
+        update={
+            "memory": profile.memory.model_copy(update={"reserved_gb": reserved}),
+            "sources": {**profile.sources, "reserved": f"{profile.sources.get('reserved', '')}; {note}".lstrip("; ")},
+        }
+    )
 
 
 def _cpu_model() -> str:

@@ -74,7 +74,7 @@ class Fusion:
 FUSIONS: Registry[Fusion] = Registry("fusion")
 
 
-@FUSIONS.register("dblf", beta=0.1)
+@FUSIONS.register("dblf", params=("beta",), beta=0.1)
 class DBLF(Fusion):
     """Differential-based layer fusion: ``theta_anchor + beta * sum_j (theta_j - theta_anchor)``.
 

@@ -17,7 +17,7 @@ size against the LoRA) are the receiver's checks, not the parser's.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
 from devft_edge.blobs import MAX_CHUNKS, BlobInfo
@@ -96,6 +96,34 @@ class _Fields:
             self._bad(key, "a list of integers")
             return ()
         return tuple(value)
+
+    def blob_at(self, key: str) -> BlobInfo | None:
+        """The blob described by the object at ``key`` (None when absent)."""
+        value = self.data.get(key)
+        if value is None:
+            return None
+        if not isinstance(value, dict):
+            self._bad(key, "a blob object")
+            return None
+        try:
+            return BlobInfo.from_json(value)
+        except ProtocolError as error:
+            self.problems.append(f"{key}: " + str(error).removeprefix(f"{Reason.MALFORMED.value}: "))
+            return None
+
+    def counts(self, key: str) -> dict[str, int]:
+        """Names -> non-negative integers (absent: none)."""
+        value = self.data.get(key, {})
+        if not isinstance(value, dict) or not all(
+            isinstance(k, str) and type(v) is int and v >= 0 for k, v in value.items()
+        ):
+            self._bad(key, "an object of counts")
+            return {}
+        return dict(value)
+
+    def optional_number(self, key: str) -> float | None:
+        """A bounded number or NaN, or None when absent or null."""
+        return None if self.data.get(key) is None else self.number(key, 0.0, nan=True)
 
     def mapping(self, key: str) -> dict[str, Any]:
         value = self.data.get(key)
@@ -284,3 +312,185 @@ class Verdict(Payload):
 
     def to_data(self) -> dict[str, Any]:
         return {"re": self.re, "accepted": self.accepted, "note": self.note}
+
+
+TRAIN_KEYS = {
+    "steps": "steps",
+    "batch": "batch_size",
+    "seq": "seq_len",
+    "lr": "lr",
+    "weight_decay": "weight_decay",
+    "max_grad_norm": "max_grad_norm",
+    "checkpointing": "checkpointing",
+}
+"""A task's ``train`` keys -> :class:`~devft_edge.training.TrainSettings` fields (the wire's short names)."""
+_TRAIN_REQUIRED = ("steps", "batch", "seq", "lr")
+
+
+@dataclass(frozen=True)
+class Task(Payload):
+    """The aggregator asks a device to train one round.
+
+    The blobs to fetch: the stage's pack (with ``full_pack`` delivery the full pack, plus the
+    stage's signed ``plan`` to fuse it), the stage's global LoRA, and FLoRA's dense ``delta``; how
+    to train (every :class:`~devft_edge.training.TrainSettings` field, so a device trains exactly
+    as the simulator's clients do); the rule's client half and the stage's layer map
+    (:class:`~devft_edge.methods.ClientMethod`); the simulator's training and data seeds of this
+    client; the round's deadline.
+    """
+
+    KIND: ClassVar[Kind] = Kind.TASK
+    pack: BlobInfo
+    lora: BlobInfo
+    method: Any
+    """:class:`~devft_edge.methods.ClientMethod` (imported when parsed: it needs torch)."""
+    train: Any
+    """:class:`~devft_edge.training.TrainSettings`."""
+    seed: int
+    data_seed: int
+    deadline: float = 0.0
+    plan: BlobInfo | None = None
+    delta: BlobInfo | None = None
+
+    @property
+    def blobs(self) -> list[BlobInfo]:
+        """Every blob the task needs, pack first."""
+        return [b for b in (self.pack, self.lora, self.plan, self.delta) if b is not None]
+
+    @classmethod
+    def from_data(cls, data: dict[str, Any]) -> Task:
+        from devft_edge.errors import ConfigError
+        from devft_edge.methods import ClientMethod
+        from devft_edge.training import TrainSettings
+
+        f = _Fields(cls.KIND, data)
+        pack, lora, plan, delta = (f.blob_at(key) for key in ("pack", "lora", "plan", "delta"))
+        f.problems += [f"{key} is missing" for key in ("pack", "lora") if key not in data]
+        method = train = None
+        try:
+            method = ClientMethod.from_json(data.get("method"))
+        except ConfigError as error:
+            f.problems.append(str(error))
+        given = data.get("train")
+        if not isinstance(given, dict):
+            f.problems.append("train must be an object")
+        else:
+            t = _Fields(cls.KIND, given)
+            values: dict[str, Any] = {}
+            for key, name in TRAIN_KEYS.items():
+                if key in _TRAIN_REQUIRED and key not in given:
+                    t.problems.append(f"{key} is missing")
+                elif key == "checkpointing":
+                    values[name] = t.flag(key) if key in given else False
+                elif key in ("steps", "batch", "seq"):
+                    values[name] = t.integer(key, 1, 2**31)
+                elif key in given:
+                    values[name] = t.number(key, 0.0)
+            f.problems += [f"train.{problem}" for problem in t.problems]
+            if not t.problems:
+                try:
+                    train = TrainSettings(**values)
+                except ConfigError as error:
+                    f.problems.append(f"train: {error}")
+        seed, data_seed = (f.integer(key, -(2**63), 2**63 - 1) for key in ("seed", "data_seed"))
+        deadline = f.number("deadline", 0.0)
+        f.check()
+        assert pack is not None and lora is not None  # f.check() raised otherwise
+        return cls(pack, lora, method, train, seed, data_seed, deadline, plan, delta)
+
+    def to_data(self) -> dict[str, Any]:
+        settings = asdict(self.train)
+        blobs = {"pack": self.pack, "lora": self.lora, "plan": self.plan, "delta": self.delta}
+        return {
+            **{key: blob.to_json() for key, blob in blobs.items() if blob is not None},
+            "method": self.method.to_json(),
+            "train": {key: settings[name] for key, name in TRAIN_KEYS.items()},
+            "deadline": self.deadline,
+            "seed": self.seed,
+            "data_seed": self.data_seed,
+        }
+
+
+STATUS_DEVICES = 64
+"""Device ids a status lists by name (the rest are counted): agents refuse messages over 64 KiB,
+and a status that grew with the fleet (1,000 ghost hellos pushed it past that once) would cut
+every device off."""
+
+
+@dataclass(frozen=True)
+class RoundStatus:
+    """The open round as a status shows it."""
+
+    index: int
+    selected: tuple[str, ...]
+    accepted: tuple[str, ...]
+    deadline: float
+
+
+@dataclass(frozen=True)
+class Status(Payload):
+    """The aggregator's retained status: what ``devft-edge status``, the demo's progress bar and
+    every agent (which announces itself again on a new ``boot``) read. Bounded whatever the
+    fleet's size (:data:`STATUS_DEVICES`)."""
+
+    KIND: ClassVar[Kind] = Kind.STATUS
+    run: str
+    boot: str
+    """Changes on every aggregator start and reconnect."""
+    stage: int
+    stages: int
+    round: int
+    rounds: int
+    finished: bool = False
+    devices_online: tuple[str, ...] = ()
+    devices_online_count: int = 0
+    devices_known: int = 0
+    round_open: RoundStatus | None = None
+    bytes_up: int = 0
+    bytes_down: int = 0
+    eval_loss: float | None = None
+    eval_accuracy: float | None = None
+    rejected: dict[str, int] = field(default_factory=dict)
+    """Reason code -> messages and updates the aggregator rejected with it."""
+    refusals: dict[str, int] = field(default_factory=dict)
+    """Reason code -> tasks devices refused with it."""
+
+    @classmethod
+    def from_data(cls, data: dict[str, Any]) -> Status:
+        f = _Fields(cls.KIND, data)
+        round_open = None
+        if data.get("round_open") is not None:
+            r = _Fields(cls.KIND, f.mapping("round_open"))
+            round_open = RoundStatus(
+                r.integer("index", 0, 2**31),
+                r.strings("selected", ()),
+                r.strings("accepted", ()),
+                r.number("deadline", 0.0),
+            )
+            f.problems += [f"round_open.{problem}" for problem in r.problems]
+        status = cls(
+            run=f.text("run"),
+            boot=f.text("boot"),
+            stage=f.integer("stage", 0, 2**31),
+            stages=f.integer("stages", 0, 2**31),
+            round=f.integer("round", 0, 2**31),
+            rounds=f.integer("rounds", 0, 2**31),
+            finished=f.flag("finished") if "finished" in data else False,
+            devices_online=f.strings("devices_online", ())[:STATUS_DEVICES],
+            devices_online_count=f.integer("devices_online_count", 0, 2**31, default=0),
+            devices_known=f.integer("devices_known", 0, 2**31, default=0),
+            round_open=round_open,
+            bytes_up=f.integer("bytes_up", 0, 2**63, default=0),
+            bytes_down=f.integer("bytes_down", 0, 2**63, default=0),
+            eval_loss=f.optional_number("eval_loss"),
+            eval_accuracy=f.optional_number("eval_accuracy"),
+            rejected=f.counts("rejected"),
+            refusals=f.counts("refusals"),
+        )
+        f.check()
+        return status
+
+    def to_data(self) -> dict[str, Any]:
+        data = asdict(self)  # tuples stay tuples: JSON writes them as lists
+        data["rejected"], data["refusals"] = dict(sorted(self.rejected.items())), dict(sorted(self.refusals.items()))
+        return data

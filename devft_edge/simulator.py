@@ -16,23 +16,23 @@ import logging
 import random
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import get_args
+from typing import Literal, Self
 
 import torch
+from pydantic import Field, model_validator
 from torch import Tensor
 from tqdm import tqdm
 
 from devft_edge.aggregation import RULES, ClientMemory, GlobalState
 from devft_edge.calibration import calibration_ids
 from devft_edge.data import Example, batches, load_jsonl, partition, partition_by_kind, train_eval_split
-from devft_edge.errors import ConfigError, raise_if
+from devft_edge.errors import ConfigError
 from devft_edge.federation import Federation, OpenStage
 from devft_edge.handover import cost_warning, early_rounds
 from devft_edge.layers import num_layers
 from devft_edge.lora import (
-    LoraSettings,
     LoraState,
     get_lora_state,
     init_lora_state,
@@ -41,157 +41,53 @@ from devft_edge.lora import (
     state_bytes,
 )
 from devft_edge.memory import model_shape
-from devft_edge.methods import METHODS, rule_of, uses_devft
 from devft_edge.models import cache_dir, load_model, load_tokenizer, model_dir
-from devft_edge.pack_size import DELIVERIES, pack_file_bytes, plan_file_bytes
+from devft_edge.pack_size import pack_file_bytes, plan_file_bytes
 from devft_edge.peak_memory import peak_bytes
 from devft_edge.quantization import QuantSpec, dequantize_model, quantize_model
-from devft_edge.run_loop import ClientRound, EvalPolicy, ExactMatch, FullEval, RoundLoop, StageView
+from devft_edge.run_config import RunConfig
+from devft_edge.run_loop import ClientRound, RoundLoop, StageView
 from devft_edge.run_report import RoundMetrics, summarise, write_report
-from devft_edge.schedule import DEFAULT_MIN_DELTA, Plateau, StageSchedule
 from devft_edge.selection import data_seed, select_clients, training_seed
-from devft_edge.stage import StageBuilder, StageRecipe
+from devft_edge.stage import StageBuilder
 from devft_edge.step_cost import StepCostModel, step_cost_model
-from devft_edge.training import TrainSettings, train_local
+from devft_edge.training import train_local
 
 logger = logging.getLogger(__name__)
 
-FULL_EVALS: tuple[str, ...] = get_args(FullEval)
-"""When the full model with the transferred LoRA is evaluated (:data:`devft_edge.run_loop.FullEval`)."""
-EXACT_MATCH: tuple[str, ...] = get_args(ExactMatch)
-"""When greedy exact match is measured (:data:`devft_edge.run_loop.ExactMatch`)."""
-DATA_SPLITS = ("dirichlet", "by_profile")
-"""How training examples are split over clients: Dirichlet(alpha) over task families, or first
-by client profile (each profile's clients hold families no other profile has), then Dirichlet."""
-STAGE_STEPS = ("fixed", "compute")
-"""Local steps per round in each stage: the same everywhere, or in inverse proportion to the
-stage's step cost so that a round of every stage costs what a full-depth round costs."""
 
+class SimulationConfig(RunConfig):
+    """A run in one process: the run configuration plus the simulated clients and their data."""
 
-@dataclass(frozen=True)
-class SimulationConfig:
-    """Everything one simulated federated run depends on; equal configs give equal numbers."""
-
-    model: str = "smollm2"
-    """``smollm2``, ``tiny[-family]`` or a local model directory."""
-    method: str = "devft"
-    """``devft`` (= devft+fedit), ``fedit``, ``fedsa``, ``flora`` or ``devft+<rule>``."""
-    clients: int = 10
+    clients: int = Field(10, ge=1)
     """Number of simulated clients N."""
-    per_round: int = 3
-    """Clients sampled per round K."""
-    stages: int = 4
-    """DevFT stages S (ignored, i.e. 1, for methods without devft)."""
-    rounds: int = 12
-    """Total round budget, split over the stages per ``round_split``."""
-    train: TrainSettings = field(default_factory=TrainSettings)
-    """Local training of one client round."""
-    lora: LoraSettings = field(default_factory=LoraSettings)
-    """LoRA rank, alpha, targets."""
-    recipe: StageRecipe = field(default_factory=StageRecipe)
-    """How each stage is built: similarity, grouping, fusion, transfer rule, kept ends, healing."""
-    seed: int = 0
-    """Seeds data, client sampling, LoRA init and training."""
     data: str | None = None
     """JSONL training data (instruction/input/output); None uses the synthetic multi-task set."""
-    examples_per_client: int = 48
-    """Synthetic training examples per client (before the non-IID split)."""
-    data_alpha: float | None = 0.5
-    """Dirichlet alpha over task families for the non-IID split; None = IID."""
-    eval_examples: int = 48
-    """Held-out examples for eval loss and exact match."""
-    eval_every: int = 1
-    """Evaluate every this many rounds (and always after the last)."""
-    export_merged: bool = False
-    """Also save the merged full model next to the adapter."""
-    adaptive_patience: int = 0
-    """Adaptive schedule: leave a stage once its eval loss has not improved by ``adaptive_min_delta``
-    for this many evaluations; its unused rounds carry over to the next stage. 0 = fixed rounds."""
-    adaptive_min_delta: float = DEFAULT_MIN_DELTA
-    """Smallest eval-loss decrease that counts as progress for the adaptive schedule."""
-    round_split: str = "depth"
-    """How the round budget is shared out over the stages: ``depth`` (default: in proportion to stage
-    depth) or the paper's ``equal``. On SmolLM2-135M the depth split ended 0.19 +- 0.05 lower in eval
-    loss over 3 seeds at the same budget (docs/results.md, issue 3)."""
-    capacities: tuple[int, ...] | None = None
-    """Stage depths instead of the doubling rule (e.g. ``(8, 15, 30)``); sets the number of stages."""
-    stage_steps: str = "fixed"
-    """``fixed`` local steps in every stage, or ``compute``: ``steps / cost(depth)`` per round."""
-    quant: str = "none"
-    """Pack quantization: what devices download (bytes) and the base weights they train on."""
-    delivery: str = "stage_packs"
-    """How weights reach devices (:data:`devft_edge.pack_size.DELIVERIES`): a pack per stage, or the
-    full pack once plus a signed stage plan per stage (devices fuse the stage themselves)."""
-    full_eval: str = "stage"
-    """Evaluate the full model with the transferred LoRA after each ``stage``, every ``round``, or ``off``."""
-    exact_match: str = "every_eval"
-    """Measure exact match at ``every_eval`` or only at each stage's end (``stage_end``)."""
     client_profiles: tuple[str, ...] | None = None
     """Device profile of each client (cycled over the clients); a client is only selected for a
     stage the planner says its profile can train. None: every client can train every stage."""
-    data_split: str = "dirichlet"
-    """``dirichlet`` over task families, or ``by_profile`` (see :data:`DATA_SPLITS`)."""
-    stop_after: int | None = None
+    data_split: Literal["dirichlet", "by_profile"] = "dirichlet"
+    """How training examples are split over clients: Dirichlet(alpha) over task families, or first
+    by client profile (each profile's clients hold families no other profile has), then Dirichlet."""
+    stop_after: int | None = Field(None, ge=1)
     """End the run after this stage's transfer (screening what early stages hand over); None: all."""
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _clients(self) -> Self:
         problems = []
-        if self.method not in METHODS:
-            problems.append(f"unknown method {self.method!r}; known: {', '.join(METHODS)}")
-        if self.clients < 1:
-            problems.append(f"clients must be >= 1, got {self.clients}")
-        if not 1 <= self.per_round <= self.clients:
-            problems.append(f"per-round must be in 1..clients ({self.clients}), got {self.per_round}")
-        if self.stages < 1:
-            problems.append(f"stages must be >= 1, got {self.stages}")
-        if self.rounds < 1:
-            problems.append(f"rounds must be >= 1, got {self.rounds}")
-        if self.eval_examples < 1 or self.eval_every < 1:
-            problems.append("eval-examples and eval-every must be >= 1")
-        if self.adaptive_patience < 0 or self.adaptive_min_delta < 0:
-            problems.append("adaptive patience and min delta must be >= 0")
-        if self.stop_after is not None and self.stop_after < 1:
-            problems.append(f"stop_after must be a stage number >= 1, got {self.stop_after}")
+        if self.per_round > self.clients:
+            problems.append(f"per_round must be in 1..clients ({self.clients}), got {self.per_round}")
+        if self.eval_examples < 1:
+            problems.append("eval_examples must be >= 1")
         if self.data_split == "by_profile" and not self.client_profiles:
             problems.append("data_split by_profile needs client_profiles")
-        for name, value, allowed in (
-            ("stage_steps", self.stage_steps, STAGE_STEPS),
-            ("full_eval", self.full_eval, FULL_EVALS),
-            ("exact_match", self.exact_match, EXACT_MATCH),
-            ("data_split", self.data_split, DATA_SPLITS),
-            ("delivery", self.delivery, DELIVERIES),
-        ):
-            if value not in allowed:
-                problems.append(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
-        try:
-            QuantSpec(self.quant)
-        except ConfigError as err:
-            problems.extend(err.problems)
-        raise_if(problems)
-
-    @property
-    def devft(self) -> bool:
-        """Whether the DevFT stage schedule is on (else one full-depth stage)."""
-        return uses_devft(self.method)
-
-    @property
-    def rule(self) -> str:
-        """The in-stage aggregation rule's name."""
-        return rule_of(self.method)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
     def profile_of(self, client: int) -> str | None:
         """Client ``client``'s device profile (None: no fleet given)."""
         return None if not self.client_profiles else self.client_profiles[client % len(self.client_profiles)]
-
-    def schedule(self, total_layers: int) -> StageSchedule:
-        """The stage schedule of this run for a ``total_layers``-layer model."""
-        if not self.devft:
-            return StageSchedule(total_layers, 1, self.rounds)
-        if self.capacities is not None:
-            return StageSchedule(
-                total_layers, len(self.capacities), self.rounds, self.capacities, round_split=self.round_split
-            )
-        return StageSchedule(total_layers, self.stages, self.rounds, round_split=self.round_split)
 
 
 def _load_data(cfg: SimulationConfig) -> tuple[list[list[Example]], list[Example]]:
@@ -358,16 +254,14 @@ class Simulation:
         self.step_cost: StepCostModel = step_cost_model(
             cfg.model, self.shape, cfg.train.batch_size, cfg.train.seq_len, cfg.lora.rank
         )
-        adaptive = Plateau(cfg.adaptive_patience, cfg.adaptive_min_delta)
         federation = Federation(
-            builder, self.schedule, self.rule, cfg.seed, cfg.train.steps, cfg.stage_steps, self.step_cost, adaptive
+            builder, self.schedule, self.rule, cfg.seed, cfg.train.steps, cfg.stage_steps, self.step_cost, cfg.plateau()
         )
         self.warning = self._cost_warning()
         if self.warning:
             logger.warning("%s", self.warning)
         client_data, held_out = _load_data(cfg)
         self.pool = InProcessPool(cfg, self, client_data)
-        policy = EvalPolicy(cfg.eval_every, cfg.exact_match, cfg.full_eval)  # type: ignore[arg-type]
         self.loop = RoundLoop(
             federation,
             self.pool,
@@ -376,7 +270,7 @@ class Simulation:
             cfg.lora,
             held_out,
             cfg.train.seq_len,
-            policy,
+            cfg.eval_policy(),
             cfg.rounds,
             cfg.seed,
             out_dir,
@@ -409,7 +303,13 @@ class Simulation:
         adapter_dir = self.loop.export(cfg.export_merged)
         rows = progress.history
         summary = summarise(
-            cfg.method, cfg.model, rows, progress.initial_eval, progress.stages, adapter_dir, asdict(cfg)
+            cfg.method,
+            cfg.model,
+            rows,
+            progress.initial_eval,
+            progress.stages,
+            adapter_dir,
+            cfg.model_dump(mode="json"),
         )
         summary |= {
             "step_cost": {"source": self.step_cost.source, "intercept": round(self.step_cost.intercept, 4)},

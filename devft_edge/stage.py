@@ -21,7 +21,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from safetensors import safe_open
@@ -54,7 +54,7 @@ class StageRecipe:
     """Grouping algorithm (``contiguous``, ``contiguous_ratiocut``, ``spectral``, ``random``, ``even``)."""
     fusion: str = "dblf"
     """Layer fusion (``dblf``, ``one``, ``sum``, ``mean``)."""
-    beta: float | str = 0.1
+    beta: float | Literal["auto"] = FUSIONS.params("dblf")["beta"]
     """DBLF beta in (0, 1], or ``auto`` = min(0.1, 1/n)."""
     transfer: str = "copy"
     """Knowledge-transfer rule (``copy``: the paper; ``inv_n``: the group applies the change once)."""
@@ -83,8 +83,8 @@ class StageRecipe:
         raise_if(problems)
 
     def build_fusion(self) -> Fusion:
-        """The fusion variant (``beta`` applies to DBLF only)."""
-        return FUSIONS.get(self.fusion, **({"beta": self.beta} if self.fusion == "dblf" else {}))
+        """The fusion variant, with the parameters it declares taken from this recipe (DBLF's ``beta``)."""
+        return FUSIONS.get(self.fusion, **{name: getattr(self, name) for name in FUSIONS.params(self.fusion)})
 
 
 PAPER_RECIPE = StageRecipe()

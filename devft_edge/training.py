@@ -22,7 +22,7 @@ from devft_edge.errors import raise_if
 class TrainSettings:
     """Local training hyper-parameters of one client round."""
 
-    steps: int = 10
+    steps: int = 8
     """Optimizer steps per round (the paper's 'local steps')."""
     batch_size: int = 4
     """Examples per step."""

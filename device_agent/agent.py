@@ -4,7 +4,8 @@ It connects (reconnecting with backoff), announces itself with its profile, and 
 pulls the stage pack and the starting LoRA (only the chunks it lacks: blobs are cached by
 sha256, so a pack is never downloaded twice), verifies the pack's signature against the
 provisioned public key (an unverified pack is never trained on: the task is refused with the
-pack's reason), checks that the stage fits its memory budget, trains with the configured backend
+pack's reason), checks that the stage fits its memory budget (the profile's, capped by the memory
+cgroup limit the process really has, which its hello declares too), trains with the configured backend
 on its local data, and offers the update for the aggregator to pull. Finished tasks are remembered
 on disk, so a redelivered task (after an aggregator or agent restart) re-offers the same update
 instead of training again.
@@ -22,9 +23,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from devft_edge.blob_transfer import Download, send_chunks, wanted
-from devft_edge.blobs import BlobInfo, BlobStore, StorageFull
-from devft_edge.errors import ConfigError
-from devft_edge.messages import Chunk, ChunkRequest, Hello, Presence, Refusal, UpdateOffer, Verdict
+from devft_edge.blobs import BlobStore, StorageFull
+from devft_edge.device_probe import capped_profile, memory_limit_bytes
+from devft_edge.messages import Chunk, ChunkRequest, Hello, Presence, Refusal, Status, Task, UpdateOffer, Verdict
 from devft_edge.mqtt import BrokerAddress, Connection, Incoming
 from devft_edge.peak_memory import peak_bytes, reset_peak
 from devft_edge.protocol import AGGREGATOR, Envelope, Kind, ProtocolError, Reason, Topics, decode, seal, unseal
@@ -32,9 +33,7 @@ from device_agent.config import AgentConfig
 
 if TYPE_CHECKING:
     from devft_edge.backends import Stream
-    from devft_edge.methods import ClientMethod
     from devft_edge.pack import VerifiedPack
-    from devft_edge.training import TrainSettings
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +68,8 @@ class Agent:
         self.topics = Topics(cfg.prefix)
         self.done: dict[str, dict[str, Any]] = _read_json(self.cache / TASKS_FILE)
         self.task: Envelope | None = None
+        self.order: Task | None = None
+        """The payload of :attr:`task`, parsed."""
         self.downloads: dict[str, Download] = {}
         self.aggregator_boot = ""
         presence = self.topics.presence(cfg.device_id)
@@ -112,8 +113,9 @@ class Agent:
         me = self.cfg.device_id
         online = Envelope(kind=Kind.PRESENCE, sender=me, data=Presence(online=True).to_data())
         self._send(online, self.topics.presence(me), retain=True)
+        declared = capped_profile(self.profile, memory_limit_bytes())  # the limit may have changed since start
         hello = Hello(
-            profile=self.profile.model_dump(mode="json", exclude={"name"}),
+            profile=declared.model_dump(mode="json", exclude={"name"}),
             backends=(self.cfg.backend,),
             cached=tuple(self.store.recent(self.cfg.hello_cached_max)),
         )
@@ -149,16 +151,14 @@ class Agent:
         if self.task is not None and self.task.id == task.id:
             return
         try:
-            task_settings(task)
-            task_method(task)
-            task_seeds(task)
+            order = Task.from_data(task.data)
         except ProtocolError as error:  # refuse at once: the round need not wait for its deadline
             logger.error("task %s refused: %s", task.id, error)
             refusal = Refusal(str(error)).to_data()
             self._send(task.reply(Kind.REFUSAL, self.cfg.device_id, reason=error.reason, data=refusal))
             return
-        self.task, self.downloads = task, {}
-        needed = [BlobInfo.from_json(task.data[key]) for key in ("pack", "lora", "plan", "delta") if key in task.data]
+        self.task, self.order, self.downloads = task, order, {}
+        needed = order.blobs
         keep = {info.sha256 for info in needed}
         self._make_room(keep)
         for info in needed:
@@ -211,7 +211,7 @@ class Agent:
 
     def _on_status(self, message: Envelope) -> None:
         """A (re)started aggregator may have missed our hello: announce again once per aggregator boot."""
-        boot = str(message.data.get("boot", ""))
+        boot = Status.from_data(message.data).boot
         if boot and boot != self.aggregator_boot:
             self.aggregator_boot = boot
             self._announce()
@@ -239,7 +239,7 @@ class Agent:
         assert task is not None  # only called while a task is held
         logger.error("task %s refused: %s", task.id, detail)
         self._send(task.reply(Kind.REFUSAL, self.cfg.device_id, reason=reason, data=Refusal(detail).to_data()))
-        self.task, self.downloads = None, {}
+        self.task, self.order, self.downloads = None, None, {}
 
     def _request(self, download: Download) -> None:
         request = download.next_request(time.monotonic())
@@ -253,15 +253,20 @@ class Agent:
         from devft_edge.pack import PackError
         from devft_edge.weights import read_safetensors
 
-        task = self.task
-        assert task is not None  # only called once a task's blobs are in
-        lora_sha = task.data["lora"]["blob"]
+        task, order = self.task, self.order
+        assert task is not None and order is not None  # only called once a task's blobs are in
+        lora_sha = order.lora.sha256
         reset_peak()  # the update reports this task's peak (unpacking, loading, training), not the process's
         start = {k: v.clone() for k, v in read_safetensors(self.store.path(lora_sha)).items()}
         try:
-            pack = self._verified(task.data["pack"]["blob"])
-            if "plan" in task.data:  # full_pack delivery: fuse this stage from the full pack ourselves
-                pack = self._derived(pack, task.data["plan"]["blob"], start)
+            pack = self._verified(order.pack.sha256)
+            over = self._over_budget(order, pack)  # before a full pack is fused, which takes memory too
+            if over:
+                self._refuse(Reason.MEMORY, over)
+                self._announce()  # the aggregator plans with the budget this process has now
+                return
+            if order.plan is not None:  # full_pack delivery: fuse this stage from the full pack ourselves
+                pack = self._derived(pack, order.plan.sha256, start)
         except PackError as error:
             logger.error("task %s refused: %s", task.id, error)
             self._send(
@@ -269,18 +274,18 @@ class Agent:
                     Kind.REFUSAL, self.cfg.device_id, reason=Reason.PACK, data=Refusal(error.reason.value).to_data()
                 )
             )
-            self.task = None
+            self.task, self.order = None, None
             return
-        settings, method, (seed, data_seed) = task_settings(task), task_method(task), task_seeds(task)
+        settings, method = order.train, order.method
         rule = RULES.get(method.rule)
         memory = ClientMemory(num_samples=len(self.examples), private=self._private(task.run))
-        delta = read_safetensors(self.store.path(task.data["delta"]["blob"])) if "delta" in task.data else None
-        stream = self._stream(task.run, data_seed)
+        delta = read_safetensors(self.store.path(order.delta.sha256)) if order.delta is not None else None
+        stream = self._stream(task.run, order.data_seed)
         began = time.monotonic()
         try:
             start = rule.client_start(start, GlobalState(lora=start), memory, method.to_stage)
             result = self.trainer.train(
-                pack, self.examples, settings, seed=seed, start=start, delta=delta, stream=stream
+                pack, self.examples, settings, seed=order.seed, start=start, delta=delta, stream=stream
             )
             rule.uplink(result.lora, memory, method.to_full)  # keeps what the rule keeps private (FedSA's B)
             self._keep_run_state(task.run, memory.private, replace(stream, taken=stream.taken + settings.steps))
@@ -288,10 +293,10 @@ class Agent:
             logger.exception("training failed")
             detail = Refusal(str(error)[:500]).to_data()
             self._send(task.reply(Kind.REFUSAL, self.cfg.device_id, reason=Reason.INTERNAL, data=detail))
-            self.task = None
+            self.task, self.order = None, None
             return
         info = self.store.add_bytes(
-            safetensors_save({k: v.contiguous() for k, v in result.lora.items()}), int(task.data["lora"]["chunk_bytes"])
+            safetensors_save({k: v.contiguous() for k, v in result.lora.items()}), order.lora.chunk_bytes
         )
         offer = UpdateOffer(
             info, result.num_samples, result.train_loss, round(time.monotonic() - began, 3), peak_bytes()
@@ -310,7 +315,40 @@ class Agent:
             ", gradient checkpointing" if settings.checkpointing else "",
         )
         self._send(task.reply(Kind.UPDATE, self.cfg.device_id, data=data))
-        self.task = None
+        self.task, self.order = None, None
+
+    def _over_budget(self, order: Task, pack: VerifiedPack) -> str | None:
+        """Why task ``order`` does not fit this process's memory (None when it fits): the planner's
+        predicted peak of its training step against the profile's budget capped by the memory
+        cgroup limit read now (lowered since the hello, or a profile claiming more than it)."""
+        from transformers import AutoConfig
+
+        from devft_edge.aggregation import RULES
+        from devft_edge.memory import StepConfig, estimate_memory, model_shape
+
+        settings, method, quant = order.train, order.method, pack.manifest["quant"]
+        step = StepConfig(
+            layers=len(method.groups),
+            batch=settings.batch_size,
+            seq=settings.seq_len,
+            rank=int(pack.manifest["lora"]["rank"]),
+            quant=quant["scheme"],
+            quant_embeddings=quant["embeddings"],
+            checkpointing=settings.checkpointing,
+            backend=self.profile.compute.backend,
+            merged_delta=RULES.get(method.rule).merges_into_base,
+        )
+        peak = estimate_memory(model_shape(AutoConfig.from_pretrained(pack.directory)), step).peak_bytes
+        limit = memory_limit_bytes()
+        budget = capped_profile(self.profile, limit).budget_bytes
+        if peak <= budget:
+            return None
+        mib = 2**20
+        return (
+            f"stage of {step.layers} layers (batch {step.batch} x {step.seq}): predicted peak {peak / mib:.0f} MiB "
+            f"> budget {budget / mib:.0f} MiB (profile {self.profile.budget_bytes / mib:.0f} MiB, memory cgroup "
+            f"limit {'none' if limit is None else f'{limit / mib:.0f} MiB'})"
+        )
 
     def _run_dir(self, run: str) -> Path:
         """Where this device keeps what it carries between the rounds of ``run`` (one run at a time)."""
@@ -389,64 +427,6 @@ class Agent:
         """Seal ``message`` with this device's key and publish it (on the uplink by default)."""
         topic = topic or self.topics.up(self.cfg.device_id)
         self.connection.publish(topic, seal(message.encode(), topic, self.identity), retain=retain)
-
-
-def task_settings(task: Envelope) -> TrainSettings:
-    """The local training ``task`` asks for.
-
-    Raises:
-        ProtocolError: ``malformed``, naming every bad field of the task's ``train`` object.
-    """
-    from devft_edge.training import TrainSettings
-
-    train = task.data.get("train")
-    if not isinstance(train, dict):
-        raise ProtocolError(Reason.MALFORMED, "the task has no 'train' object")
-    problems = [
-        f"train.{name} must be a number, got {train.get(name)!r}"
-        for name in ("steps", "batch", "seq", "lr")
-        if isinstance(train.get(name), bool) or not isinstance(train.get(name), int if name != "lr" else (int, float))
-    ]
-    if not isinstance(train.get("checkpointing", False), bool):
-        problems.append(f"train.checkpointing must be true or false, got {train['checkpointing']!r}")
-    if problems:
-        raise ProtocolError(Reason.MALFORMED, "; ".join(problems))
-    try:
-        return TrainSettings(
-            steps=train["steps"],
-            batch_size=train["batch"],
-            seq_len=train["seq"],
-            lr=float(train["lr"]),
-            checkpointing=train.get("checkpointing", False),
-        )
-    except ConfigError as error:
-        raise ProtocolError(Reason.MALFORMED, str(error)) from error
-
-
-def task_seeds(task: Envelope) -> tuple[int, int]:
-    """The task's training seed and data-stream seed.
-
-    Raises:
-        ProtocolError: ``malformed`` unless both are integers.
-    """
-    seeds = task.data.get("seed"), task.data.get("data_seed")
-    if any(type(s) is not int for s in seeds):
-        raise ProtocolError(Reason.MALFORMED, f"seed and data_seed must be integers, got {str(seeds)[:80]}")
-    return seeds[0], seeds[1]
-
-
-def task_method(task: Envelope) -> ClientMethod:
-    """The federated method ``task`` runs: its rule's client half, and the stage's layer map.
-
-    Raises:
-        ProtocolError: ``malformed``, naming what is wrong with (or the lack of) the task's ``method``.
-    """
-    from devft_edge.methods import ClientMethod
-
-    try:
-        return ClientMethod.from_json(task.data.get("method"))
-    except ConfigError as error:
-        raise ProtocolError(Reason.MALFORMED, str(error)) from None
 
 
 def _load_profile(cfg: AgentConfig) -> Any:

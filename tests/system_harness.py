@@ -100,7 +100,7 @@ def write_configs(
         "quorum": 1,
         "round_timeout_s": 120,
         "quant": "int8",
-        "train": {"steps": 2, "batch": 2, "seq": 48, "lr": 1e-3},
+        "train": {"steps": 2, "batch_size": 2, "seq_len": 48, "lr": 1e-3},
         "sign_key": str(private),
         "device_keys": str(tmp_path / "keys" / "devices"),
         "state_dir": str(tmp_path / "agg" / "state"),

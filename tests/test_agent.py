@@ -1,43 +1,60 @@
-"""The device agent's reading of a task: a malformed ``train`` object is refused with its reason."""
+"""The device agent's reading of a task (:class:`devft_edge.messages.Task`): a malformed task is
+refused naming every bad field; and its chunk server."""
 
 from __future__ import annotations
 
 import pytest
 
+from devft_edge.messages import Task
 from devft_edge.protocol import Envelope, Kind, ProtocolError, Reason
-from device_agent.agent import task_method, task_seeds, task_settings
 
 GOOD = {"steps": 8, "batch": 4, "seq": 64, "lr": 3e-4}
 METHOD = {"rule": "fedit", "groups": [[0, 1], [2]], "fusion": "dblf", "beta": 0.1, "transfer": "copy"}
+BLOB = {"blob": "a" * 64, "size": 10, "chunk_bytes": 10}
+TASK = {"pack": BLOB, "lora": BLOB, "method": METHOD, "train": GOOD, "seed": 1, "data_seed": 2, "deadline": 5.0}
 
 
-def _task(train: object) -> Envelope:
-    return Envelope(kind=Kind.TASK, sender="aggregator", run="r", stage=1, round=0, data={"train": train})
-
-
-def test_a_well_formed_task_gives_its_settings() -> None:
-    settings = task_settings(_task({**GOOD, "checkpointing": True}))
+def test_a_well_formed_task_gives_its_settings_and_round_trips() -> None:
+    task = Task.from_data({**TASK, "train": {**GOOD, "checkpointing": True, "weight_decay": 0.01}})
+    settings = task.train
     assert (settings.steps, settings.batch_size, settings.seq_len, settings.lr) == (8, 4, 64, 3e-4)
-    assert settings.checkpointing is True
-    assert task_settings(_task(GOOD)).checkpointing is False  # older aggregators do not send it
+    assert settings.checkpointing is True and settings.weight_decay == 0.01
+    assert Task.from_data(TASK).train.checkpointing is False  # optional fields take their defaults
+    assert (task.seed, task.data_seed, task.plan, task.delta) == (1, 2, None, None) and len(task.blobs) == 2
+    assert Task.from_data(task.to_data()) == task
 
 
 @pytest.mark.parametrize(
-    ("train", "named"),
+    ("changes", "named"),
     [
-        (None, "no 'train' object"),
-        ({**GOOD, "steps": "8"}, "train.steps"),
-        ({k: v for k, v in GOOD.items() if k != "seq"}, "train.seq"),
-        ({**GOOD, "batch": True}, "train.batch"),
-        ({**GOOD, "checkpointing": "yes"}, "train.checkpointing"),
-        ({**GOOD, "steps": 0}, "local steps must be >= 1"),
-        ({**GOOD, "lr": float("nan")}, "lr must be a positive number"),
+        ({"train": None}, "train must be an object"),
+        ({"train": {**GOOD, "steps": "8"}}, "train.steps"),
+        ({"train": {k: v for k, v in GOOD.items() if k != "seq"}}, "train.seq is missing"),
+        ({"train": {**GOOD, "batch": True}}, "train.batch"),
+        ({"train": {**GOOD, "checkpointing": "yes"}}, "train.checkpointing"),
+        ({"train": {**GOOD, "steps": 0}}, "train.steps"),
+        ({"train": {**GOOD, "lr": float("nan")}}, "train.lr must be a number"),
+        ({"train": {**GOOD, "lr": -1.0}}, "lr must be a positive number"),
+        ({"method": {**METHOD, "rule": "fedavg"}}, "method.rule"),
+        ({"method": None}, "'method' must be an object"),
+        ({"seed": "1"}, "seed must be an integer"),
+        ({"data_seed": True}, "data_seed must be an integer"),
+        ({"pack": None}, "pack is missing"),
+        ({"lora": {"blob": "x", "size": 1, "chunk_bytes": 1}}, "lora: "),
+        ({"plan": [1]}, "plan must be a blob object"),
     ],
 )
-def test_a_malformed_train_object_is_refused_naming_the_field(train: object, named: str) -> None:
+def test_a_malformed_task_is_refused_naming_the_field(changes: dict, named: str) -> None:
+    data = {k: v for k, v in {**TASK, **changes}.items() if v is not None}
     with pytest.raises(ProtocolError) as error:
-        task_settings(_task(train))
+        Task.from_data(data)
     assert error.value.reason is Reason.MALFORMED and named in str(error.value)
+
+
+def test_every_problem_of_a_task_is_named_at_once() -> None:
+    with pytest.raises(ProtocolError) as error:
+        Task.from_data({**TASK, "seed": "x", "train": {**GOOD, "batch": 0}, "method": {**METHOD, "fusion": 3}})
+    assert all(word in str(error.value) for word in ("seed", "train.batch", "method.fusion"))
 
 
 def test_chunks_are_served_as_the_update_was_offered(tmp_path) -> None:
@@ -132,21 +149,3 @@ def test_a_task_that_cannot_fit_the_disk_is_given_back_with_a_storage_reason(tmp
     (refusal,) = agent.sent
     assert refusal.kind is Kind.REFUSAL and refusal.reason is Reason.STORAGE
     assert agent.task is None and agent.downloads == {}
-
-
-@pytest.mark.parametrize(
-    ("data", "named"),
-    [
-        ({"method": {**METHOD, "rule": "fedavg"}, "seed": 1, "data_seed": 2}, "method.rule"),
-        ({"seed": 1, "data_seed": 2}, "object"),
-        ({"method": METHOD, "seed": "1", "data_seed": 2}, "seed and data_seed"),
-        ({"method": METHOD, "seed": 1}, "seed and data_seed"),
-        ({"method": METHOD, "seed": 1, "data_seed": True}, "seed and data_seed"),
-    ],
-)
-def test_a_task_without_a_usable_method_or_seeds_is_refused(data, named) -> None:
-    task = Envelope(kind=Kind.TASK, sender="aggregator", run="r", stage=1, round=0, data={"train": GOOD, **data})
-    with pytest.raises(ProtocolError, match=named) as refused:
-        task_method(task)
-        task_seeds(task)
-    assert refused.value.reason is Reason.MALFORMED

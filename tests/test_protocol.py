@@ -227,7 +227,7 @@ def test_service_configs_report_file_and_field(tmp_path):
     with pytest.raises(ConfigError) as error:
         AggregatorConfig.from_file(bad)
     text = "; ".join(error.value.problems)
-    assert "aggregator.yaml: train.steps" in text and "aggregator.yaml: colour" in text
+    assert "aggregator.yaml: train: local steps must be >= 1" in text and "aggregator.yaml: colour" in text
     agent = tmp_path / "agent.yaml"
     agent.write_text("device_id: 'bad id'\npublic_key: p.pem\n")
     with pytest.raises(ConfigError, match="agent.yaml: device_id"):

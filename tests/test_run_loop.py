@@ -21,7 +21,9 @@ from devft_edge.schedule import Plateau
 from devft_edge.simulator import Simulation, SimulationConfig
 from devft_edge.training import TrainSettings
 
-CFG = dict(model="tiny", clients=3, per_round=2, stages=1, rounds=4, eval_examples=8, examples_per_client=8)
+CFG = dict(
+    model="tiny", clients=3, per_round=2, stages=1, rounds=4, eval_examples=8, examples_per_client=8, quant="none"
+)
 
 
 @pytest.mark.parametrize("method", [pytest.param("fedit", marks=pytest.mark.long), "flora"])

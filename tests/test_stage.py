@@ -10,8 +10,7 @@ from devft_edge.calibration import calibration_ids
 from devft_edge.errors import ConfigError
 from devft_edge.healing import HealSettings
 from devft_edge.lora import LoraSettings, init_lora_state, lora_shapes
-from devft_edge.presets import method_settings
-from devft_edge.stage import PAPER_RECIPE, StageBuilder, StageRecipe
+from devft_edge.stage import StageBuilder, StageRecipe
 
 LORA = LoraSettings(rank=4)
 HEAL = HealSettings(steps=5, prompts=8, new_tokens=4, batch=2)
@@ -79,19 +78,3 @@ def test_recipe_validation_collects_problems():
     with pytest.raises(ConfigError) as err:
         StageRecipe(similarity="x", transfer="y", keep_ends=-1, beta=3.0)
     assert len(err.value.problems) == 4
-
-
-def test_presets():
-    paper = method_settings("paper")
-    assert paper.recipe == PAPER_RECIPE and paper.round_split == "equal" and paper.recipe.transfer == "copy"
-    assert paper.recipe.heal is None and paper.recipe.keep_ends == 0 and paper.capacities is None
-    changed = method_settings("paper", transfer="inv_n", heal="adapter", heal_steps=7, capacities="8,15,30")
-    assert changed.recipe.transfer == "inv_n" and changed.round_split == "equal"
-    assert changed.recipe.heal == HealSettings(mode="adapter", steps=7) and changed.capacities == (8, 15, 30)
-    assert method_settings("default", heal="off").recipe.heal is None
-    with pytest.raises(ConfigError, match="unknown preset"):
-        method_settings("x")
-    with pytest.raises(ConfigError, match="need healing on"):
-        method_settings("paper", heal_steps=3)
-    with pytest.raises(ConfigError, match="comma-separated"):
-        method_settings("paper", capacities="8,x")

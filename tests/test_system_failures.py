@@ -317,7 +317,9 @@ def test_a_kill_between_closing_a_stage_and_opening_the_next_resumes_with_the_ne
     (server-side healing makes that take seconds); restarted, it opens stage 2, never a further
     round of stage 1 (it once re-opened one: history 1, 1, 2 and more rounds than configured)."""
     heal = {"mode": "bake", "steps": 400, "prompts": 8, "new_tokens": 8, "batch": 2}
-    agg_config, agent_configs = write_configs(tmp_path, broker, devices=1, rounds=3, stages=3, per_round=1, heal=heal)
+    agg_config, agent_configs = write_configs(
+        tmp_path, broker, devices=1, rounds=3, stages=3, per_round=1, recipe={"heal": heal}
+    )
     server = services.serve(agg_config, log="serve-killed.log")
     for config in agent_configs:
         services.agent(config)

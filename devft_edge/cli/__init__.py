@@ -24,22 +24,26 @@ from devft_edge.cli import fleet, pack, plan, run, services
 from devft_edge.errors import DevFTError
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of every sub-command."""
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser of every sub-command.
+
+    The run commands' options are made from the run configuration, whose import loads torch (seconds);
+    given the ``command`` being run, only its options are built (None: all of them).
+    """
     parser = argparse.ArgumentParser(
         prog="devft-edge", description="Developmental federated LoRA tuning for edge devices."
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", required=True)
     # The order here is the order ``devft-edge --help`` lists the sub-commands in.
-    run.add_simulate(sub)
-    run.add_demo(sub)
+    run.add_simulate(sub, full=command in (None, "simulate"))
+    run.add_demo(sub, full=command in (None, "demo"))
     plan.add_plan(sub)
     fleet.add_keygen(sub)
     fleet.add_enroll(sub)
     fleet.add_broker_config(sub)
     fleet.add_flash(sub)
-    pack.add_pack(sub)
+    pack.add_pack(sub, full=command in (None, "pack"))
     services.add_serve(sub)
     services.add_status(sub)
     services.add_agent(sub)
@@ -53,7 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     # its optional hub-downloaded CPU kernel is missing; we never download at run time and its
     # built-in CPU path is what we use.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((word for word in argv if not word.startswith("-")), "")
+    args = build_parser(command).parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

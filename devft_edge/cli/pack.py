@@ -8,9 +8,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from devft_edge.cli.options import beta, recipe_options
 from devft_edge.errors import DevFTError
-from devft_edge.profiles import QUANTIZATIONS
 
 if TYPE_CHECKING:
     from devft_edge.cli.options import Subparsers
@@ -37,48 +35,48 @@ def _run_pack(args: argparse.Namespace) -> int:
     if missing:
         raise DevFTError(f"devft-edge pack needs {' and '.join(missing)} (or: pack inspect FILE, pack verify FILE)")
     from devft_edge.calibration import calibration_ids
+    from devft_edge.cli.config_options import config_data
     from devft_edge.layers import num_layers
-    from devft_edge.lora import LoraSettings, init_lora_state, lora_shapes
+    from devft_edge.lora import init_lora_state, lora_shapes
     from devft_edge.models import load_model, load_tokenizer, model_dir
     from devft_edge.pack import write_pack
     from devft_edge.quantization import QuantSpec
-    from devft_edge.schedule import StageSchedule
+    from devft_edge.run_config import RunConfig
     from devft_edge.signing import load_private_key
-    from devft_edge.stage import StageBuilder, StageRecipe
-    from devft_edge.training import TrainSettings
+    from devft_edge.stage import StageBuilder
 
-    quant = QuantSpec(args.quant, group_size=args.group_size, embeddings=not args.fp32_embeddings)
-    lora = LoraSettings(rank=args.rank, alpha=args.alpha)
-    training = TrainSettings(steps=args.local_steps, batch_size=args.batch, seq_len=args.seq, lr=args.lr)
+    data = config_data(args, RunConfig)
+    cfg = RunConfig(**data | {"rounds": max(RunConfig().rounds, data.get("stages", 0))})  # rounds: unused here
+    stages = cfg.stage_count
+    quant = QuantSpec(cfg.quant, group_size=args.group_size, embeddings=not args.fp32_embeddings)
     key = load_private_key(args.sign_key) if args.sign_key else None
-    recipe = StageRecipe(**recipe_options(args))
-    base = load_model(args.model, seed=args.seed)
-    schedule = StageSchedule(num_layers=num_layers(base.config), num_stages=args.stages, total_rounds=args.stages)
-    if not 1 <= args.stage <= args.stages:
-        raise DevFTError(f"--stage {args.stage} outside 1..{args.stages}")
-    tokenizer = load_tokenizer(args.model)
-    builder = StageBuilder(base, tokenizer, lora, recipe, calibration_ids(tokenizer), args.model, args.seed)
-    full_lora = init_lora_state(lora_shapes(base, lora), lora.rank, args.seed)
+    base = load_model(cfg.model, seed=cfg.seed)
+    schedule = cfg.schedule(num_layers(base.config))
+    if not 1 <= args.stage <= stages:
+        raise DevFTError(f"--stage {args.stage} outside 1..{stages}")
+    tokenizer = load_tokenizer(cfg.model)
+    builder = StageBuilder(base, tokenizer, cfg.lora, cfg.recipe, calibration_ids(tokenizer), cfg.model, cfg.seed)
+    full_lora = init_lora_state(lora_shapes(base, cfg.lora), cfg.lora.rank, cfg.seed)
     stage = builder.open(args.stage, schedule.capacities[args.stage - 1], full_lora)  # the aggregator's own pipeline
     groups = stage.groups
     manifest = write_pack(
         args.out,
         stage.model,
         stage.start,
-        model_name=args.model,
+        model_name=cfg.model,
         stage=args.stage,
-        stages=args.stages,
+        stages=stages,
         groups=groups,
-        lora=lora,
+        lora=cfg.lora,
         quant=quant,
-        training=training,
-        tokenizer_dir=model_dir(args.model),
+        training=cfg.train,
+        tokenizer_dir=model_dir(cfg.model),
         created=_created(args.created),
         sign_key=key,
     )
     size = args.out.stat().st_size
     print(
-        f"wrote {args.out}: stage {args.stage}/{args.stages}, {len(groups)} layers, {args.quant}, "
+        f"wrote {args.out}: stage {args.stage}/{stages}, {len(groups)} layers, {cfg.quant}, "
         f"{size / 2**20:.1f} MiB ({size / manifest['fp32_bytes']:.3f} of fp32 weights), "
         f"{'signed' if key else 'UNSIGNED'}"
     )
@@ -151,31 +149,25 @@ def _run_pack_verify(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_pack(sub: Subparsers) -> None:
-    """``pack`` and its ``inspect`` and ``verify`` sub-commands."""
+PACK_FIELDS = ("model", "method", "seed", "stages", "capacities", "quant", "train", "lora", "recipe")
+"""The run-configuration fields a pack depends on (its ``--`` options are theirs)."""
+
+
+def add_pack(sub: Subparsers, full: bool = True) -> None:
+    """``pack`` and its ``inspect`` and ``verify`` sub-commands (the build options only when ``full``:
+    they come from the run configuration, whose import loads torch)."""
     pk = sub.add_parser("pack", help="build a stage pack (or: pack inspect FILE, pack verify FILE)")
-    pk.add_argument("--model", default="smollm2", help="smollm2 | tiny[-family] | PATH")
     pk.add_argument("--stage", type=int, default=None, help="stage number, 1-based")
-    pk.add_argument("--stages", type=int, default=4, help="DevFT stages S")
-    pk.add_argument("--quant", choices=QUANTIZATIONS, default="int4", help="base-weight storage")
     pk.add_argument("--group-size", type=int, default=64, help="int4 group size")
     pk.add_argument("--fp32-embeddings", action="store_true", help="do not quantize the embedding/head")
-    pk.add_argument("--rank", type=int, default=8, help="LoRA rank")
-    pk.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha")
-    pk.add_argument("--similarity", default="cka", help="layer similarity for grouping")
-    pk.add_argument("--grouping", default="contiguous", help="grouping variant")
-    pk.add_argument("--fusion", default="dblf", help="fusion variant")
-    pk.add_argument("--beta", type=beta, default=0.1, help="DBLF beta")
-    pk.add_argument("--transfer", choices=["copy", "inv_n"], default="copy", help="knowledge-transfer rule")
-    pk.add_argument("--keep-ends", type=int, default=0, help="keep the first and last k layers unfused")
-    pk.add_argument("--local-steps", type=int, default=8, help="training default: steps per round")
-    pk.add_argument("--batch", type=int, default=4, help="training default: batch")
-    pk.add_argument("--seq", type=int, default=64, help="training default: tokens per example")
-    pk.add_argument("--lr", type=float, default=3e-4, help="training default: learning rate")
-    pk.add_argument("--seed", type=int, default=0, help="seed of the initial LoRA and grouping")
     pk.add_argument("--sign-key", type=Path, default=None, help="ed25519 private key PEM (devft-edge keygen)")
     pk.add_argument("--created", default=None, help="creation time (default: $SOURCE_DATE_EPOCH or now)")
     pk.add_argument("--out", type=Path, default=None, help="pack file to write")
+    if full:
+        from devft_edge.cli.config_options import add_config_options
+        from devft_edge.run_config import RunConfig
+
+        add_config_options(pk, RunConfig, only=PACK_FIELDS, skip=("recipe.heal",))
     pk_sub = pk.add_subparsers(dest="pack_command", required=False)
     ins = pk_sub.add_parser("inspect", help="print a pack's manifest, sizes and quantization error")
     ins.add_argument("file", help="pack file")

@@ -66,6 +66,7 @@ def _run_status(args: argparse.Namespace) -> int:
     import queue
     import time
 
+    from devft_edge.messages import Status
     from devft_edge.mqtt import BrokerAddress, Connection
     from devft_edge.protocol import Kind, ProtocolError, Topics, decode, unseal
     from devft_edge.signing import load_public_key
@@ -93,20 +94,19 @@ def _run_status(args: argparse.Namespace) -> int:
         raise DevFTError(f"no aggregator status on {topic} within {args.timeout:.0f} s{refused}") from None
     finally:
         connection.stop()
+    status = Status.from_data(data)
     if args.json:
-        print(json.dumps(data, indent=2))
+        print(json.dumps(status.to_data(), indent=2))
         return 0
-    round_open = data.get("round_open") or {}
-    loss = data.get("eval_loss")
+    r, loss = status.round_open, status.eval_loss
     print(
-        f"run {data['run']}: stage {data['stage']}/{data['stages']}, round {data['round']}/{data['rounds']}"
-        f"{' (finished)' if data.get('finished') else ''}\n"
-        f"  devices online: {', '.join(data.get('devices_online', [])) or '-'}"
-        f" ({data.get('devices_online_count', 0)} online, {data.get('devices_known', 0)} known)\n"
-        f"  open round: {round_open.get('index', '-')}, updates {len(round_open.get('accepted', []))}"
-        f"/{len(round_open.get('selected', []))}\n"
-        f"  bytes up {data['bytes_up'] / 1e6:.1f} MB, down {data['bytes_down'] / 1e6:.1f} MB; "
-        f"last eval loss {'-' if loss is None else f'{loss:.4f}'}"
+        f"run {status.run}: stage {status.stage}/{status.stages}, round {status.round}/{status.rounds}"
+        f"{' (finished)' if status.finished else ''}\n"
+        f"  devices online: {', '.join(status.devices_online) or '-'}"
+        f" ({status.devices_online_count} online, {status.devices_known} known)\n"
+        f"  open round: {'-' if r is None else f'{r.index}, updates {len(r.accepted)}/{len(r.selected)}'}\n"
+        f"  bytes up {status.bytes_up / 1e6:.1f} MB, down {status.bytes_down / 1e6:.1f} MB; "
+        f"last eval loss {'-' if loss is None else f'{loss:.4f}'}; refused tasks: {sum(status.refusals.values())}"
     )
     return 0
 

@@ -22,13 +22,14 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
-from devft_edge.errors import DevFTError, raise_if
-from devft_edge.methods import METHODS
-from devft_edge.schedule import DEFAULT_MIN_DELTA
+from pydantic import Field, model_validator
+
+from devft_edge.errors import DevFTError
+from devft_edge.run_config import RunConfig
 
 logger = logging.getLogger(__name__)
 
@@ -38,72 +39,23 @@ RUN_ID = "demo"
 FLEET = "demo"
 
 
-@dataclass(frozen=True)
-class DemoConfig:
-    """A demo fleet and the DevFT run it does."""
+class DemoConfig(RunConfig):
+    """A demo fleet and the run it does: the run configuration plus the devices and the broker."""
 
-    model: str = "smollm2"
-    method: str = "devft"
-    devices: int = 4
-    per_round: int = 2
-    stages: int = 4
-    rounds: int = 12
-    round_split: str = "depth"
-    local_steps: int = 8
-    batch: int = 4
-    seq: int = 64
-    checkpointing: bool = False
-    """Gradient checkpointing on the devices."""
-    lr: float = 3e-4
-    rank: int = 8
-    alpha: float = 16.0
-    quant: str = "int4"
-    examples_per_client: int = 48
-    data_alpha: float | None = 0.5
-    eval_examples: int = 48
-    seed: int = 0
+    devices: int = Field(4, ge=1)
+    """Device agents to start."""
+    profiles: tuple[str, ...] = Field(DEMO_PROFILES, min_length=1)
+    """Profiles the devices declare, in turn."""
     broker: str | None = None
     """``mqtt://host:port`` of a running broker; None starts the embedded one."""
-    round_timeout_s: float = 600.0
-    profiles: tuple[str, ...] = DEMO_PROFILES
-    transfer: str = "copy"
-    """Knowledge transfer between stages (``copy`` or ``inv_n``)."""
-    keep_ends: int = 0
-    """Keep the first and last ``k`` layers unfused."""
-    beta: float | str = 0.1
-    """DBLF beta in (0, 1], or ``auto``."""
-    stage_steps: str = "fixed"
-    """Local steps per stage round: ``fixed``, or ``compute`` (scaled by the stage's step cost)."""
-    adaptive_patience: int = 0
-    """Leave a stage after this many evaluations without progress (0: fixed rounds)."""
-    adaptive_min_delta: float = DEFAULT_MIN_DELTA
-    """Smallest eval-loss decrease that counts as progress."""
-    heal: str = "off"
-    """Heal fused submodels on the aggregator: ``off``, ``bake`` or ``adapter``."""
-    heal_steps: int = 300
-    """Distillation steps per healed stage submodel."""
-    heal_prompts: int = 256
-    """Server-text sequences the aggregator generates to heal on."""
-    delivery: str = "stage_packs"
-    """``stage_packs``, or ``full_pack``: devices download the full pack once and fuse each stage."""
+    round_timeout_s: float = Field(600.0, gt=0)
+    """A round closes at this deadline with the updates it has (at least one)."""
 
-    def __post_init__(self) -> None:
-        raise_if(
-            [f"{name} must be >= 1, got {value}" for name, value in self._counts() if value < 1]
-            + ([f"per_round {self.per_round} exceeds devices {self.devices}"] if self.per_round > self.devices else [])
-            + ([f"unknown method {self.method!r}; known: {', '.join(METHODS)}"] if self.method not in METHODS else [])
-            + ([] if self.profiles else ["profiles must name at least one profile"])
-        )
-
-    def _counts(self) -> list[tuple[str, int]]:
-        return [
-            ("devices", self.devices),
-            ("per_round", self.per_round),
-            ("stages", self.stages),
-            ("rounds", self.rounds),
-            ("local_steps", self.local_steps),
-            ("examples_per_client", self.examples_per_client),
-        ]
+    @model_validator(mode="after")
+    def _fleet(self) -> Self:
+        if self.per_round > self.devices:
+            raise ValueError(f"per_round {self.per_round} exceeds devices {self.devices}")
+        return self
 
     def device_ids(self) -> list[str]:
         """The demo devices' ids, named after the profile each declares."""
@@ -144,7 +96,7 @@ def run_demo(cfg: DemoConfig, out: Path, progress: bool | None = None) -> dict[s
         "broker": "embedded (amqtt)" if cfg.broker is None else "external",
         "device_profiles": dict(zip(cfg.device_ids(), _profiles(cfg), strict=True)),
         "agent_threads": threads,
-        "config": asdict(cfg),
+        "config": cfg.model_dump(mode="json"),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
@@ -182,41 +134,16 @@ def write_fleet(cfg: DemoConfig, out: Path) -> tuple[Path, list[Path]]:
         path.write_text(yaml.safe_dump(agent, sort_keys=False))
         agents.append(path)
     aggregator = {
+        **cfg.run_fields(),
         "run_id": RUN_ID,
         "fleet": FLEET,
-        "model": cfg.model,
-        "method": cfg.method,
-        "stages": cfg.stages,
-        "rounds": cfg.rounds,
-        "round_split": cfg.round_split,
-        "per_round": cfg.per_round,
         "quorum": 1,
         "round_timeout_s": cfg.round_timeout_s,
         "selection_wait_s": 60.0,
-        "train": {
-            "steps": cfg.local_steps,
-            "batch": cfg.batch,
-            "seq": cfg.seq,
-            "lr": cfg.lr,
-            "checkpointing": cfg.checkpointing,
-        },
-        "rank": cfg.rank,
-        "alpha": cfg.alpha,
-        "quant": cfg.quant,
-        "seed": cfg.seed,
         "sign_key": str(private),
         "device_keys": str(out / "keys" / "devices"),
         "state_dir": str(out / "aggregator-state"),
         "out_dir": str(out),
-        "eval_examples": cfg.eval_examples,
-        "transfer": cfg.transfer,
-        "keep_ends": cfg.keep_ends,
-        "beta": cfg.beta,
-        "stage_steps": cfg.stage_steps,
-        "adaptive_patience": cfg.adaptive_patience,
-        "adaptive_min_delta": cfg.adaptive_min_delta,
-        "heal": None if cfg.heal == "off" else {"mode": cfg.heal, "steps": cfg.heal_steps, "prompts": cfg.heal_prompts},
-        "delivery": cfg.delivery,
     }
     path = out / "config" / "aggregator.yaml"
     path.write_text(yaml.safe_dump(aggregator, sort_keys=False))
@@ -255,6 +182,7 @@ def _follow(cfg: DemoConfig, out: Path, broker: str, server: subprocess.Popen[by
     """Show the run's progress from the aggregator's retained status until the aggregator exits."""
     from tqdm import tqdm
 
+    from devft_edge.messages import Status
     from devft_edge.mqtt import BrokerAddress, Connection
     from devft_edge.protocol import Kind, ProtocolError, Topics, decode, unseal
     from devft_edge.signing import load_public_key
@@ -273,14 +201,16 @@ def _follow(cfg: DemoConfig, out: Path, broker: str, server: subprocess.Popen[by
                 continue
             if status.kind is not Kind.STATUS:
                 continue
-            data = status.data
-            bar.update(int(data.get("round", 0)) - bar.n)
-            loss = data.get("eval_loss")
-            open_round = data.get("round_open") or {}
+            try:
+                data = Status.from_data(status.data)
+            except ProtocolError:
+                continue
+            bar.update(data.round - bar.n)
+            r, loss = data.round_open, data.eval_loss
             bar.set_postfix(
-                stage=f"{data.get('stage')}/{data.get('stages')}",
-                online=data.get("devices_online_count", 0),
-                updates=f"{len(open_round.get('accepted', []))}/{len(open_round.get('selected', []))}",
+                stage=f"{data.stage}/{data.stages}",
+                online=data.devices_online_count,
+                updates="-" if r is None else f"{len(r.accepted)}/{len(r.selected)}",
                 eval_loss="-" if loss is None else f"{loss:.3f}",
             )
     finally:
