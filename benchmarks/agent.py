@@ -88,14 +88,13 @@ def run_agent(args: argparse.Namespace, clock: Clock) -> None:
     import devft_edge.data
     from devft_edge.backends import get_trainer
     from devft_edge.pack import VerifiedPack
+    from devft_edge.pack_manifest import PackManifest
     from devft_edge.tasks import generate_synthetic
     from devft_edge.training import TrainSettings
     from devft_edge.weights import read_safetensors
 
     directory = Path(args.pack)
-    pack = VerifiedPack(
-        directory=directory, manifest=json.loads((directory / "manifest.json").read_text()), signed=True
-    )
+    pack = VerifiedPack(directory=directory, manifest=PackManifest.read(directory), signed=True)
     settings = TrainSettings(steps=args.steps, batch_size=args.batch, seq_len=args.seq)
     start = {k: v.clone() for k, v in read_safetensors(directory / "lora.safetensors").items()}
     examples = generate_synthetic(EXAMPLES, seed=0)

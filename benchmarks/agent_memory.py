@@ -59,6 +59,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     import devft_edge.data
     from devft_edge.backends import get_trainer
     from devft_edge.pack import VerifiedPack
+    from devft_edge.pack_manifest import PackManifest
     from devft_edge.peak_memory import peak_bytes, reset_peak, status_bytes
     from devft_edge.tasks import generate_synthetic
     from devft_edge.training import TrainSettings
@@ -66,9 +67,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.threads)
     directory = Path(args.pack)
-    pack = VerifiedPack(
-        directory=directory, manifest=json.loads((directory / "manifest.json").read_text()), signed=True
-    )
+    pack = VerifiedPack(directory=directory, manifest=PackManifest.read(directory), signed=True)
     examples = generate_synthetic(EXAMPLES, seed=0)
     settings = TrainSettings(steps=args.steps, batch_size=args.batch, seq_len=args.seq)
     marks: dict[str, int] = {"idle_rss": status_bytes("VmRSS")}

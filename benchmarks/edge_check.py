@@ -13,11 +13,14 @@ What a Raspberry Pi owner's first run does, on this machine, under qemu-user emu
 4. a broker (mosquitto) on loopback and an aggregator on the host; the installed agent starts
    inside the rootfs (the chroot shares the host's loopback) in a cgroup v1 memory group limited
    to its profile's budget (``rpi5-8gb``: total minus reserved), and one x86 agent on the host;
-   a 2-stage tiny DevFT run with both devices in every round (``per_round`` = ``quorum`` = 2);
-5. checks: every round holds an accepted update from the aarch64 device, no message was
-   rejected, the run exported an adapter; then writes what it measured (bundle size and build
-   time, install time, emulated step time, the agent's peak in the cgroup against the planner's
-   prediction) to ``--results`` (JSON) and ``docs/edge.md``.
+   a 2-stage tiny DevFT run with both devices in every round (``per_round`` = ``quorum`` = 2),
+   then, with the same devices, the first stage of SmolLM2-135M (``stop_after`` 1);
+5. ``devft-edge profile`` inside the rootfs; ``plan`` on the host must accept what it wrote;
+6. checks: in each run every round holds an accepted update from the aarch64 device, no message
+   was rejected, the run exported an adapter, the agent stayed under its cgroup limit; then
+   writes what it measured (bundle size and build time, install time, emulated step time, the
+   agent's peak in the cgroup against the planner's prediction) to ``--results`` (JSON) and
+   ``docs/edge.md``.
 
 Everything timed here runs under qemu on a shared machine: emulated step times are not a Pi's
 speed (qemu-user translates every aarch64 instruction; NEON runs as scalar code), only evidence
@@ -84,9 +87,19 @@ def main(argv: list[str] | None = None) -> int:
     with ExitStack() as stack:
         stack.enter_context(chroot_mounts(args.rootfs))
         results["install"] = install(args.rootfs, bundle, results["bundle"]["key_sha256"])
-        results["run"] = run(args, stack, port, aggregator_yaml, x86_yaml)
+        start_fleet(args, stack, port, x86_yaml)
+        results["run"] = run(args, aggregator_yaml)
+        results["smollm2"] = run(args, args.work / "aggregator-smollm2.yaml")
+        results["profile"] = profile_check(args.rootfs, args.work)
     results["load_after"] = _loadavg()
-    results["checks"] = checks(results["run"], args.work)
+    results["checks"] = {
+        **checks(results["run"], args.work / "aggregator" / "out"),
+        **{
+            f"SmolLM2 stage 1: {k}": v
+            for k, v in checks(results["smollm2"], args.work / "aggregator-smollm2" / "out").items()
+        },
+        "profile measured in the rootfs is aarch64 and accepted by plan": results["profile"]["accepted"],
+    }
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.write_text(json.dumps(results, indent=2) + "\n")
     write_doc(args.doc, results)
@@ -147,7 +160,8 @@ def rootfs(path: Path) -> dict[str, Any]:
 
 
 def write_fleet(work: Path, broker: str, rounds: int) -> tuple[Path, Path]:
-    """Fleet key, the x86 agent's identity and config, the aggregator's config (tiny 2-stage run)."""
+    """Fleet key, the x86 agent's identity and config, the aggregator's configs: the tiny 2-stage
+    run, and SmolLM2's first stage (``aggregator-smollm2.yaml``: 4 stages, ``stop_after`` 1)."""
     from devft_edge.identity import enroll
     from devft_edge.signing import generate_keypair
 
@@ -184,8 +198,19 @@ def write_fleet(work: Path, broker: str, rounds: int) -> tuple[Path, Path]:
         "out_dir": str(work / "aggregator" / "out"),
         "eval_examples": 4,
     }
+    smollm2 = {
+        **aggregator,
+        "run_id": "edge-check-smollm2",
+        "model": "smollm2",
+        "stages": 4,
+        "rounds": 4,
+        "stop_after": 1,
+        "state_dir": str(work / "aggregator-smollm2" / "state"),
+        "out_dir": str(work / "aggregator-smollm2" / "out"),
+    }
     (work / "x86.yaml").write_text(yaml.safe_dump(x86, sort_keys=False))
     (work / "aggregator.yaml").write_text(yaml.safe_dump(aggregator, sort_keys=False))
+    (work / "aggregator-smollm2.yaml").write_text(yaml.safe_dump(smollm2, sort_keys=False))
     return work / "aggregator.yaml", work / "x86.yaml"
 
 
@@ -286,8 +311,9 @@ def install(rootfs_path: Path, bundle: Path, key_sha256: str) -> dict[str, Any]:
 # ---- 4: the run --------------------------------------------------------------------------------
 
 
-def run(args: argparse.Namespace, stack: ExitStack, port: int, aggregator_yaml: Path, x86_yaml: Path) -> dict[str, Any]:
-    """Broker, aggregator and x86 agent on the host; the aarch64 agent in the rootfs in a memory cgroup."""
+def start_fleet(args: argparse.Namespace, stack: ExitStack, port: int, x86_yaml: Path) -> None:
+    """Broker and x86 agent on the host; the aarch64 agent in the rootfs in a memory cgroup limited
+    to its profile's budget. They serve every run that follows (a new aggregator is a new run)."""
     from devft_edge.profiles import load_profile
 
     work, logs = args.work, args.work / "logs"
@@ -298,15 +324,11 @@ def run(args: argparse.Namespace, stack: ExitStack, port: int, aggregator_yaml: 
         _stop, _spawn([shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c", str(conf)], logs / "mosquitto.log")
     )
     _wait_port(port)
-    budget = load_profile(PROFILE).budget_bytes
     if CGROUP.exists():
         CGROUP.rmdir()
     CGROUP.mkdir()
     stack.callback(_remove_cgroup)
-    (CGROUP / "memory.limit_in_bytes").write_text(str(budget))
-    began = time.monotonic()
-    server = _spawn([str(BIN / "devft-edge"), "-v", "serve", "--config", str(aggregator_yaml)], logs / "aggregator.log")
-    stack.callback(_stop, server)
+    (CGROUP / "memory.limit_in_bytes").write_text(str(load_profile(PROFILE).budget_bytes))
     x86 = _spawn([str(BIN / "devft-edge"), "-v", "agent", "--config", str(x86_yaml)], logs / "x86-agent.log", threads=1)
     stack.callback(_stop, x86)
     agent_cmd = (
@@ -315,26 +337,40 @@ def run(args: argparse.Namespace, stack: ExitStack, port: int, aggregator_yaml: 
     )
     edge = _spawn(["sh", "-c", agent_cmd], logs / "aarch64-agent.log")
     stack.callback(_stop, edge)
+
+
+def run(args: argparse.Namespace, aggregator_yaml: Path) -> dict[str, Any]:
+    """One aggregator run over the fleet; what it and the aarch64 agent's cgroup measured."""
+    cfg = yaml.safe_load(aggregator_yaml.read_text())
+    (CGROUP / "memory.max_usage_in_bytes").write_text("0")  # this run's peak, not the last one's
+    failed_before = int((CGROUP / "memory.failcnt").read_text())
+    began = time.monotonic()
+    server = _spawn(
+        [str(BIN / "devft-edge"), "-v", "serve", "--config", str(aggregator_yaml)],
+        args.work / "logs" / f"{aggregator_yaml.stem}.log",
+    )
     try:
         code = server.wait(timeout=args.timeout)
     except subprocess.TimeoutExpired:
         code = None
+    finally:
+        _stop(server)
     wall = time.monotonic() - began
-    peak = int((CGROUP / "memory.max_usage_in_bytes").read_text())
-    failcnt = int((CGROUP / "memory.failcnt").read_text())
-    out = work / "aggregator" / "out"
+    out = Path(cfg["out_dir"])
     summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else {}
     device = summary.get("devices", {}).get(DEVICE, {})
-    steps = aggregator_cfg_steps(aggregator_yaml)
+    steps = int(cfg["train"]["steps"])
     return {
+        "model": cfg["model"],
+        "stages_run": len(summary.get("stages", [])),
         "aggregator_exit": code,
         "wall_seconds": round(wall, 1),
         "rounds": summary.get("rounds"),
-        "cgroup_limit_bytes": budget,
-        "cgroup_peak_bytes": peak,
-        "cgroup_failcnt": failcnt,
+        "cgroup_limit_bytes": int((CGROUP / "memory.limit_in_bytes").read_text()),
+        "cgroup_peak_bytes": int((CGROUP / "memory.max_usage_in_bytes").read_text()),
+        "cgroup_failcnt": int((CGROUP / "memory.failcnt").read_text()) - failed_before,
         "agent_reported_peak_rss_bytes": device.get("peak_rss_bytes"),
-        "predicted_peak_bytes": [s.get("predicted_peak_bytes") for s in summary.get("stages", [])],
+        "predicted_peak_bytes": [st.get("predicted_peak_bytes") for st in summary.get("stages", [])],
         "local_steps": steps,
         "aarch64_updates": device.get("updates", 0),
         "aarch64_train_seconds": device.get("train_seconds"),
@@ -348,15 +384,41 @@ def run(args: argparse.Namespace, stack: ExitStack, port: int, aggregator_yaml: 
     }
 
 
-def aggregator_cfg_steps(path: Path) -> int:
-    """Local steps per round in the aggregator's config."""
-    return int(yaml.safe_load(path.read_text())["train"]["steps"])
+def profile_check(rootfs_path: Path, work: Path) -> dict[str, Any]:
+    """``devft-edge profile`` inside the rootfs (as a device owner would), then ``plan`` on the host
+    with the profile it wrote: the profile must say aarch64 and ``plan`` must accept it."""
+    inside = "/root/edge-pi-measured.yaml"
+    device_env = ["env", "-i", "PATH=/usr/bin:/bin", "HOME=/root", "LANG=C.UTF-8"]
+    began = time.monotonic()
+    _check(
+        ["unshare", "--net", "chroot", str(rootfs_path), *device_env, f"{PREFIX}/current/venv/bin/devft-edge"]
+        + ["profile", "--name", "edge-pi-measured", "--probe-seconds", "2", "--out", inside]
+    )
+    seconds = time.monotonic() - began
+    measured = work / "edge-pi-measured.yaml"
+    shutil.copy2(rootfs_path / inside.lstrip("/"), measured)
+    profile = yaml.safe_load(measured.read_text())
+    plan = subprocess.run(
+        [str(BIN / "devft-edge"), "plan", "--model", "smollm2", "--profile", str(measured), "--json"],
+        capture_output=True,
+        text=True,
+    )
+    arch = profile.get("cpu", {}).get("arch")
+    return {
+        "seconds": round(seconds, 1),
+        "arch": arch,
+        "cores": profile.get("cpu", {}).get("cores"),
+        "total_gb": profile.get("memory", {}).get("total_gb"),
+        "sustained_gflops": profile.get("compute", {}).get("sustained_gflops"),
+        "plan_exit": plan.returncode,
+        "accepted": arch == "aarch64" and plan.returncode == 0,
+    }
 
 
-def checks(run_results: dict[str, Any], work: Path) -> dict[str, bool]:
+def checks(run_results: dict[str, Any], out: Path) -> dict[str, bool]:
     """What must hold: the run finished, the aarch64 device delivered an accepted update every round."""
     rounds = run_results.get("rounds") or 0
-    adapter = work / "aggregator" / "out" / "adapter"
+    adapter = out / "adapter"
     return {
         "run finished": run_results["aggregator_exit"] == 0 and rounds > 0,
         "aarch64 update accepted every round": rounds > 0 and run_results["aarch64_updates"] == rounds,
@@ -373,8 +435,9 @@ BEGIN, END = "<!-- edge-check results: begin -->", "<!-- edge-check results: end
 
 def write_doc(doc: Path, results: dict[str, Any]) -> None:
     """Rewrite the results block of ``docs/edge.md`` (between its markers) from ``results``."""
-    bundle, inst, run_ = results["bundle"], results["install"], results["run"]
+    bundle, inst, run_, sm, prof = (results[k] for k in ("bundle", "install", "run", "smollm2", "profile"))
     mib = 2**20
+    sm_predicted = ", ".join(f"{p / mib:.0f}" for p in sm["predicted_peak_bytes"] if p) or "-"
     predicted = ", ".join(f"{p / mib:.0f}" for p in run_["predicted_peak_bytes"] if p) or "-"
     reported = run_["agent_reported_peak_rss_bytes"]
     lines = [
@@ -400,6 +463,14 @@ def write_doc(doc: Path, results: dict[str, Any]) -> None:
         " MiB (library pages the install already cached are charged to the host's group, not this one) |",
         f"| planner's predicted peak per stage | {predicted} MiB (qemu's own memory is in the measured "
         "figures, not in the prediction) |",
+        f"| SmolLM2-135M, first stage ({sm['stages_run']} of 4 run: `stop_after` 1), int8 pack, batch 2 x 48 | "
+        f"{sm['aarch64_updates']} aarch64 updates accepted in {sm['rounds']} rounds, {sm['wall_seconds']:.0f} s wall; "
+        f"{sm['emulated_step_seconds']} s per emulated local step; peak charged to the cgroup "
+        f"{sm['cgroup_peak_bytes'] / mib:.0f} MiB, agent's own peak RSS "
+        f"{(sm['agent_reported_peak_rss_bytes'] or 0) / mib:.0f} MiB, predicted {sm_predicted} MiB |",
+        f"| `devft-edge profile` inside the rootfs | {prof['seconds']:.0f} s; arch {prof['arch']}, {prof['cores']} "
+        f"cores, {prof['total_gb']} GB, {prof['sustained_gflops']} GFLOP/s (emulated); `plan --model smollm2` "
+        f"with it: exit {prof['plan_exit']} |",
         "",
         "Checks: " + "; ".join(f"{name}: {'yes' if ok else 'NO'}" for name, ok in results["checks"].items()) + ".",
         END,

@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
                 model, _ = load_pack(pack)
                 load_s = time.perf_counter() - t0
                 size = path.stat().st_size
-                weights_ratio = manifest["members"]["model.safetensors"]["bytes"] / manifest["fp32_bytes"]
+                weights_ratio = manifest.members["model.safetensors"][0] / manifest.fp32_bytes
                 size_rows.append(
                     (
                         stage,
@@ -96,12 +96,12 @@ def main(argv: list[str] | None = None) -> int:
                         weights_ratio,
                         pack_s,
                         load_s,
-                        manifest["quant"]["error"]["mean_relative_rms"],
+                        manifest.quant_error.mean_relative_rms,
                     )
                 )
                 print(
                     f"stage {stage} ({capacity} layers) {quant}: {size / 2**20:.1f} MiB "
-                    f"({size / manifest['fp32_bytes']:.3f} of fp32), pack {pack_s:.1f} s, load {load_s:.1f} s",
+                    f"({size / manifest.fp32_bytes:.3f} of fp32), pack {pack_s:.1f} s, load {load_s:.1f} s",
                     flush=True,
                 )
                 if stage in args.train_stages:

@@ -564,7 +564,7 @@ class Aggregator:
             state.stage_budget, state.carry = state.stage_rounds_done, progress.carry
             if entry.get("full_eval_loss") is not None:
                 logger.info("stage %d hands over: full model eval loss %.4f", state.stage, entry["full_eval_loss"])
-            if state.stage < self.federation.stages:
+            if state.stage < self.federation.stages and state.stage != self.cfg.stop_after:
                 save_state(self.cfg.state_dir, state)
                 self._open_stage(state.stage + 1)
             else:

@@ -106,13 +106,12 @@ class TorchTrainer(Trainer):
         import torch
 
         from devft_edge.lora import get_lora_state, set_lora_state
-        from devft_edge.pack import lora_settings
         from devft_edge.submodel import add_weight_delta
         from devft_edge.training import train_local
 
         peft_model, tokenizer, pack_lora = self._load(pack)
         if self._merged or delta:  # FLoRA: the resident base carries this round's global update, not the last
-            scaling = lora_settings(pack.manifest).scaling
+            scaling = pack.manifest.lora.scaling
             add_weight_delta(peft_model, self._merged, -scaling)
             self._merged = {}
             add_weight_delta(peft_model, delta or {}, scaling)
@@ -130,7 +129,7 @@ class TorchTrainer(Trainer):
         from transformers import AutoTokenizer
 
         from devft_edge.lora import attach_lora
-        from devft_edge.pack import load_pack, lora_settings
+        from devft_edge.pack import load_pack
 
         if self._loaded is not None and self._loaded[0] == pack.directory:
             return self._loaded[1:]
@@ -140,7 +139,7 @@ class TorchTrainer(Trainer):
         tokenizer = AutoTokenizer.from_pretrained(pack.directory)
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
-        peft_model = attach_lora(model, lora_settings(pack.manifest))
+        peft_model = attach_lora(model, pack.manifest.lora)
         self._loaded = (pack.directory, peft_model, tokenizer, pack_lora)
         return peft_model, tokenizer, pack_lora
 

@@ -57,7 +57,7 @@ def build_artifacts(pack: VerifiedPack, directory: str | Path) -> Path:
     from torch import nn
 
     from devft_edge.lora import attach_lora, lora_modules, set_lora_state
-    from devft_edge.pack import load_pack, lora_settings
+    from devft_edge.pack import load_pack
     from devft_edge.quantization import dequantize_model
 
     directory = Path(directory)
@@ -66,7 +66,7 @@ def build_artifacts(pack: VerifiedPack, directory: str | Path) -> Path:
     dequantize_model(model)
     model.set_attn_implementation("eager")
     model.config.use_cache = False
-    settings = lora_settings(pack.manifest)
+    settings = pack.manifest.lora
     peft_model = attach_lora(model, settings)
     set_lora_state(peft_model, lora_state)
     for module in peft_model.modules():  # dropout is identity in eval; export the deterministic graph

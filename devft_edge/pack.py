@@ -19,13 +19,17 @@ manifest declares. It streams the archive once:
 2. with a public key, the signature is verified over the manifest bytes before they are parsed, and
    a pack that is unsigned or whose signature fails is refused before any further member is read;
 3. the manifest is parsed as bounded JSON (the protocol header's limits on integers and floats, at
-   most :data:`MAX_MANIFEST_DEPTH` deep), its format version checked, and its member list must map
-   known member names to a size (at most :data:`MAX_MEMBER_BYTES`) and a sha256;
+   most :data:`~devft_edge.pack_manifest.MAX_MANIFEST_DEPTH` deep), its format version checked, and
+   its member list must map known member names to a size (at most
+   :data:`~devft_edge.pack_manifest.MAX_MEMBER_BYTES`) and a sha256;
 4. every further member must be a plain regular file (no link, device, fifo, directory or sparse
    file, whose expansion a tar header does not bound) listed in the manifest, not seen before, with
    a header size equal to the listed size before a byte of it is written; it is written into a
    private staging directory while hashed, and its sha256 compared with the listed one;
-5. every listed member must have come.
+5. every listed member must have come;
+6. the manifest is read into its type (:class:`~devft_edge.pack_manifest.PackManifest`, or a stage
+   plan's), which checks every other field. It comes last, so a hostile archive is refused for the
+   same reason as before the type; a signed manifest of the wrong shape is refused here.
 
 Only then is the staging directory handed over; on any failure it is deleted and a
 :class:`PackError` says why (:class:`Refusal`). Nothing of a refused pack is ever used.
@@ -40,15 +44,13 @@ import hashlib
 import io
 import json
 import os
-import re
 import shutil
 import tarfile
 import tempfile
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass
-from enum import Enum
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic
 
 from safetensors.torch import save
 from torch import Tensor, nn
@@ -58,65 +60,46 @@ from devft_edge.archive import PLAIN_FILE, member_kind
 from devft_edge.errors import DevFTError
 from devft_edge.lora import LoraSettings, LoraState
 from devft_edge.models import TOKENIZER_FILES
-from devft_edge.protocol import _bounded_int, _constant, _depth, _finite_float
+from devft_edge.pack_manifest import (
+    CONFIG,
+    LORA,
+    MANIFEST,
+    SIGNATURE,
+    WEIGHTS,
+    ArchiveManifest,
+    M,
+    Member,
+    PackError,
+    PackManifest,
+    QuantError,
+    Refusal,
+    listed_members,
+    parse_manifest,
+)
 from devft_edge.quantization import QuantizedEmbedding, QuantizedLinear, QuantSpec, quantize_model
 from devft_edge.signing import Ed25519PrivateKey, Ed25519PublicKey, sign, verifies
 from devft_edge.training import TrainSettings
 from devft_edge.weights import unique_state
 
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-SIGNATURE = "manifest.sig"
-CONFIG = "config.json"
-WEIGHTS = "model.safetensors"
-LORA = "lora.safetensors"
-HEAL = "heal.safetensors"
-"""Stage plans only: a heal adapter a device applies to the blocks it fuses (devft_edge.stage_plan)."""
-BLOCKS = "blocks.safetensors"
-"""Stage plans only: ready fused (baked, healed) blocks that replace device-side fusion."""
-PAYLOAD_NAMES = frozenset({CONFIG, WEIGHTS, LORA, HEAL, BLOCKS, *TOKENIZER_FILES})
-"""Every member name a pack may list besides the manifest and its signature."""
-MAX_MEMBER_BYTES = 8 * 2**30
-"""No member of a pack can legitimately be larger; a bigger one is refused before it fills a disk."""
 MAX_MANIFEST_BYTES = 2**20
 """The manifest is read into memory before anything in it is trusted, so it is bounded. Real ones
 are a few KB (the tiny test model's 2.2 KB; the quantized-module map adds about 0.3 KB per layer),
 so 1 MiB leaves a hundredfold room."""
-MAX_MANIFEST_DEPTH = 8
-"""Manifests nest 4 deep (``members.<name>.bytes``, ``quant.error.<field>``); deeper is refused."""
 SIGNATURE_BYTES = 64
 """An ed25519 signature."""
-_SHA256 = re.compile(r"[0-9a-f]{64}")
-
-
-class Refusal(str, Enum):
-    """Why a pack was refused (sent back to the aggregator as the reason code)."""
-
-    ARCHIVE = "archive"  # not a readable tar, truncated, or a member that is not a plain file
-    MEMBER = "member"  # unexpected, duplicate or oversize member
-    MISSING = "missing"  # a member the manifest lists is absent, or the manifest itself is
-    MANIFEST = "manifest"  # the manifest is not valid JSON of the expected shape
-    VERSION = "version"  # unsupported format version
-    UNSIGNED = "unsigned"  # a signature is required and there is none
-    SIGNATURE = "signature"  # the signature does not verify with the provisioned key
-    HASH = "hash"  # a member's size or sha256 differs from the manifest
-
-
-class PackError(DevFTError):
-    """A pack failed verification; ``reason`` says which check."""
-
-    def __init__(self, reason: Refusal, message: str) -> None:
-        self.reason = reason
-        super().__init__(f"pack refused ({reason.value}): {message}")
 
 
 @dataclass(frozen=True)
-class VerifiedPack:
-    """A pack whose members all verified, unpacked into ``directory``."""
+class Verified(Generic[M]):
+    """An archive whose members all verified, unpacked into ``directory``, with its typed manifest."""
 
     directory: Path
-    manifest: dict[str, Any]
+    manifest: M
     signed: bool
+
+
+VerifiedPack = Verified[PackManifest]
+"""A verified pack: what the trainers load."""
 
 
 def _canonical(data: Mapping[str, Any]) -> bytes:
@@ -160,14 +143,14 @@ def write_pack(
     model_name: str,
     stage: int,
     stages: int,
-    groups: list[list[int]],
+    groups: Sequence[Sequence[int]],
     lora: LoraSettings,
     quant: QuantSpec,
     training: TrainSettings,
     tokenizer_dir: str | Path,
     created: str,
     sign_key: Ed25519PrivateKey | None = None,
-) -> dict[str, Any]:
+) -> PackManifest:
     """Quantize ``model`` (in place) and write the stage pack to ``path`` atomically; returns the manifest.
 
     Args:
@@ -192,54 +175,50 @@ def write_pack(
     modules = {
         name: quant.scheme for name, m in model.named_modules() if isinstance(m, (QuantizedLinear, QuantizedEmbedding))
     }
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "created": created,
-        "model": {"name": model_name, "model_type": model.config.model_type},
-        "stage": stage,
-        "stages": stages,
-        "layers": len(groups),
-        "groups": groups,
-        "quant": {
-            **asdict(quant),
-            "modules": modules,
-            "error": {
-                "mean_relative_rms": sum(errors.values()) / len(errors) if errors else 0.0,
-                "max_relative_rms": max(errors.values(), default=0.0),
-                "worst_module": max(errors, key=errors.__getitem__) if errors else None,
-            },
-        },
-        "lora": {
-            "rank": lora.rank,
-            "alpha": lora.alpha,
-            "dropout": lora.dropout,
-            "targets": list(lora.target_names(model)),
-        },
-        "training": asdict(training),
-        "fp32_bytes": fp32_bytes,
-    }
-    return write_archive(Path(path), manifest, payload, sign_key)
+    manifest = PackManifest(
+        created=created,
+        model_name=model_name,
+        model_type=model.config.model_type,
+        stage=stage,
+        stages=stages,
+        groups=tuple(tuple(g) for g in groups),
+        quant=quant,
+        quant_modules=modules,
+        quant_error=QuantError(
+            mean_relative_rms=sum(errors.values()) / len(errors) if errors else 0.0,
+            max_relative_rms=max(errors.values(), default=0.0),
+            worst_module=max(errors, key=errors.__getitem__) if errors else None,
+        ),
+        lora=LoraSettings(lora.rank, lora.alpha, lora.dropout, lora.target_names(model)),
+        training=training,
+        fp32_bytes=fp32_bytes,
+        members=member_listing(payload),
+    )
+    write_archive(Path(path), manifest, payload, sign_key)
+    return manifest
+
+
+def member_listing(payload: Mapping[str, bytes]) -> dict[str, Member]:
+    """The size and sha256 of every payload member, by name: what a manifest lists."""
+    return {name: (len(data), hashlib.sha256(data).hexdigest()) for name, data in sorted(payload.items())}
 
 
 def write_archive(
-    path: Path, manifest: dict[str, Any], payload: Mapping[str, bytes], sign_key: Ed25519PrivateKey | None
-) -> dict[str, Any]:
-    """Write a signed archive (a pack or a stage plan): ``manifest`` plus the size and sha256 of
-    every payload member, its signature, then the members; returns the manifest as written."""
-    manifest = {
-        **manifest,
-        "members": {
-            name: {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-            for name, data in sorted(payload.items())
-        },
-    }
-    manifest_bytes = _canonical(manifest)
+    path: Path, manifest: ArchiveManifest, payload: Mapping[str, bytes], sign_key: Ed25519PrivateKey | None
+) -> None:
+    """Write a signed archive (a pack or a stage plan): ``manifest``, which lists ``payload``
+    (:func:`member_listing`), its signature, then the members.
+
+    Raises:
+        PackError: ``manifest`` is one a reader would refuse (checked before anything is written).
+    """
+    manifest.check()
+    manifest_bytes = _canonical(manifest.to_json())
     members = [(MANIFEST, manifest_bytes)]
     if sign_key is not None:
         members.append((SIGNATURE, sign(sign_key, manifest_bytes)))
     members += sorted(payload.items())
     _write_tar(path, members)
-    return manifest
 
 
 def _write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
@@ -301,48 +280,17 @@ def _verified_head(
     return manifest_bytes, signature, after if signature is None else tar.next()
 
 
-def _parse_manifest(manifest_bytes: bytes) -> dict[str, Any]:
-    """The manifest, parsed with the protocol header's bounds (no huge integers, no infinities) and
-    refused when it nests deeper than :data:`MAX_MANIFEST_DEPTH`."""
-    try:
-        manifest = json.loads(
-            manifest_bytes, parse_int=_bounded_int, parse_float=_finite_float, parse_constant=_constant
-        )
-    except (ValueError, RecursionError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise PackError(Refusal.MANIFEST, f"manifest.json is not bounded JSON: {str(error)[:200]}") from None
-    if _depth(manifest) > MAX_MANIFEST_DEPTH:
-        raise PackError(Refusal.MANIFEST, f"manifest.json nests deeper than {MAX_MANIFEST_DEPTH}")
-    if not isinstance(manifest, dict) or "format_version" not in manifest:
-        raise PackError(Refusal.MANIFEST, "manifest.json is not a pack manifest")
-    version = manifest["format_version"]
-    if type(version) is not int or version != FORMAT_VERSION:  # true and 1.0 equal 1
-        raise PackError(Refusal.VERSION, f"format version {version!r}; this reader supports {FORMAT_VERSION}")
-    return manifest
-
-
-def _listed_members(manifest: Mapping[str, Any]) -> dict[str, tuple[int, str]]:
-    """The manifest's member list as name -> (bytes, sha256); every malformed entry is reported at once."""
-    members = manifest.get("members")
-    if not isinstance(members, dict):
-        raise PackError(Refusal.MANIFEST, "manifest.json: 'members' must map names to {bytes, sha256}")
-    listed, problems = {}, []
-    for name, entry in sorted(members.items()):
-        size, sha = (entry.get("bytes"), entry.get("sha256")) if isinstance(entry, dict) else (None, None)
-        if name not in PAYLOAD_NAMES:
-            problems.append(f"unknown member {name!r}")
-        elif type(size) is not int or not 0 <= size <= MAX_MEMBER_BYTES:
-            problems.append(f"{name}: bytes must be an integer from 0 to {MAX_MEMBER_BYTES}")
-        elif not (isinstance(sha, str) and _SHA256.fullmatch(sha)):
-            problems.append(f"{name}: sha256 must be 64 lowercase hex digits")
-        else:
-            listed[name] = (size, sha)
+def _listed_members(manifest: Mapping[str, Any]) -> dict[str, Member]:
+    """The manifest's member list as name -> (bytes, sha256), needed before any member is read;
+    every malformed entry is reported at once."""
+    listed, problems = listed_members(manifest.get("members"))
     if problems:
         raise PackError(Refusal.MANIFEST, f"manifest.json lists: {'; '.join(problems[:5])}")
     return listed
 
 
 def _extract(
-    tar: tarfile.TarFile, info: tarfile.TarInfo, listed: Mapping[str, tuple[int, str]], staging: Path, written: set[str]
+    tar: tarfile.TarFile, info: tarfile.TarInfo, listed: Mapping[str, Member], staging: Path, written: set[str]
 ) -> None:
     """Write the listed member ``info`` into ``staging`` and add it to ``written``, refusing it
     before a byte is written when its header does not match the manifest, and after when its
@@ -370,13 +318,14 @@ def _extract(
     written.add(name)
 
 
-def _unpack(path: Path, staging: Path, public_key: Ed25519PublicKey | None) -> tuple[dict[str, Any], bool]:
-    """Verify ``path`` member by member (module docstring) into ``staging``; the manifest and whether it is signed."""
+def _unpack(path: Path, staging: Path, public_key: Ed25519PublicKey | None, kind: type[M]) -> tuple[M, bool]:
+    """Verify ``path`` member by member (module docstring) into ``staging``; the manifest, read as
+    ``kind``, and whether it is signed."""
     try:
         with tarfile.open(path, mode="r|") as tar:
             manifest_bytes, signature, info = _verified_head(tar, public_key)
-            manifest = _parse_manifest(manifest_bytes)
-            listed = _listed_members(manifest)
+            data = parse_manifest(manifest_bytes)
+            listed = _listed_members(data)
             (staging / MANIFEST).write_bytes(manifest_bytes)
             if signature is not None:
                 (staging / SIGNATURE).write_bytes(signature)
@@ -393,11 +342,12 @@ def _unpack(path: Path, staging: Path, public_key: Ed25519PublicKey | None) -> t
     missing = sorted(set(listed) - written)
     if missing:
         raise PackError(Refusal.MISSING, f"members listed in the manifest are absent: {', '.join(missing)}")
-    return manifest, signature is not None
+    return kind.from_json(data), signature is not None  # last: a hostile archive's refusal is the one above
 
 
-def read_pack(path: str | Path, dest: str | Path, public_key: Ed25519PublicKey | None) -> VerifiedPack:
-    """Verify ``path`` and unpack it into the new directory ``dest``.
+def read_archive(path: str | Path, dest: str | Path, public_key: Ed25519PublicKey | None, kind: type[M]) -> Verified[M]:
+    """Verify the archive ``path`` (a pack, or a stage plan: ``kind`` is its manifest's type) and
+    unpack it into the new directory ``dest``.
 
     With ``public_key`` the manifest must carry a valid signature by it, checked before anything
     else is read; ``None`` checks hashes and format only (for inspection, never for training on a
@@ -412,16 +362,21 @@ def read_pack(path: str | Path, dest: str | Path, public_key: Ed25519PublicKey |
     dest.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".pack-", dir=dest.parent))
     try:
-        manifest, signed = _unpack(path, staging, public_key)
+        manifest, signed = _unpack(path, staging, public_key, kind)
         os.replace(staging, dest)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return VerifiedPack(directory=dest, manifest=manifest, signed=signed)
+    return Verified(directory=dest, manifest=manifest, signed=signed)
 
 
-def read_manifest(path: str | Path) -> tuple[dict[str, Any], bool]:
-    """The manifest of ``path`` (not verified) and whether the pack carries a signature."""
+def read_pack(path: str | Path, dest: str | Path, public_key: Ed25519PublicKey | None) -> VerifiedPack:
+    """Verify the pack ``path`` and unpack it into the new directory ``dest`` (:func:`read_archive`)."""
+    return read_archive(path, dest, public_key, PackManifest)
+
+
+def read_manifest(path: str | Path) -> tuple[PackManifest, bool]:
+    """The manifest of the pack ``path`` (not verified) and whether it carries a signature."""
     with tempfile.TemporaryDirectory(prefix="devft-inspect-") as tmp:
         verified = read_pack(path, Path(tmp) / "pack", public_key=None)
         return verified.manifest, verified.signed
@@ -431,20 +386,6 @@ def load_pack(pack: VerifiedPack) -> tuple[PreTrainedModel, LoraState]:
     """The pack's frozen (quantized) submodel and its starting LoRA, ready for ``attach_lora``."""
     from devft_edge.weights import load_base, read_safetensors
 
-    spec = QuantSpec(**{k: pack.manifest["quant"][k] for k in ("scheme", "group_size", "embeddings")})
-    model = load_base(pack.directory, spec)
+    model = load_base(pack.directory, pack.manifest.quant)
     lora = {k: v.clone() for k, v in read_safetensors(pack.directory / LORA).items()}
     return model, lora
-
-
-def lora_settings(manifest: Mapping[str, Any]) -> LoraSettings:
-    """The LoRA configuration a pack was built for."""
-    entry = manifest["lora"]
-    return LoraSettings(
-        rank=entry["rank"], alpha=entry["alpha"], dropout=entry["dropout"], targets=tuple(entry["targets"])
-    )
-
-
-def train_settings(manifest: Mapping[str, Any]) -> TrainSettings:
-    """The training defaults a pack carries."""
-    return TrainSettings(**manifest["training"])

@@ -79,7 +79,7 @@ def plan_file_bytes(stage: Stage, fusion: Fusion, *, model_name: str, lora: Lora
             quant=QuantSpec(quant),
             lora=lora,
             model_name=model_name,
-            stages=1,
+            stages=stage.number,  # a plan's stage lies within its stages; the count does not change the size
             training=TrainSettings(),
             created="1970-01-01T00:00:00Z",
         )

@@ -73,6 +73,9 @@ class RunConfig(ConfigModel):
     stage_steps: Literal["fixed", "compute"] = "fixed"
     """Local steps per stage round: the same in every stage, or ``steps / cost(depth)`` so that a
     round of every stage costs what a full-depth round costs."""
+    stop_after: int | None = Field(None, ge=1)
+    """End the run after this stage's transfer (screening what early stages hand over, or trying a
+    fleet on the first stage only); None: every stage."""
     adaptive_patience: int = Field(0, ge=0)
     """Leave a stage once its eval loss has not improved by ``adaptive_min_delta`` for this many
     evaluations; its unused rounds carry over. 0: fixed rounds."""

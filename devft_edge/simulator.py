@@ -69,8 +69,6 @@ class SimulationConfig(RunConfig):
     data_split: Literal["dirichlet", "by_profile"] = "dirichlet"
     """How training examples are split over clients: Dirichlet(alpha) over task families, or first
     by client profile (each profile's clients hold families no other profile has), then Dirichlet."""
-    stop_after: int | None = Field(None, ge=1)
-    """End the run after this stage's transfer (screening what early stages hand over); None: all."""
 
     @model_validator(mode="after")
     def _clients(self) -> Self:

@@ -7,8 +7,9 @@ full pack once; each stage then needs only a small signed *stage plan*: the grou
 fusion coefficient, and what the device cannot derive itself: a heal adapter (low-rank factors and
 norm deltas, ``heal.safetensors``) or, for a heal baked into the weights, the healed blocks
 themselves (``blocks.safetensors``). A plan is a signed archive with the pack format
-(:func:`devft_edge.pack.write_archive`, verified by :func:`devft_edge.pack.read_pack`), bound to
-its full pack by that pack's sha256.
+(:func:`devft_edge.pack.write_archive`, verified by :func:`read_plan`), bound to its full pack by
+that pack's sha256; its manifest is a :class:`StagePlanManifest`, which checks, when it is read,
+that there is one coefficient per group member and that the member ``heal`` names is the one shipped.
 
 :func:`derive_stage_pack` does the fusion on the device, block by block: each member layer's
 tensors are read from the pack one at a time (``safetensors.safe_open``, memory-mapped) and
@@ -24,9 +25,9 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal, cast
 
 import torch
 from safetensors import safe_open
@@ -39,16 +40,90 @@ from devft_edge.layers import architecture_of, num_layers
 from devft_edge.lora import LoraSettings, LoraState
 from devft_edge.memory import model_shape
 from devft_edge.models import TOKENIZER_FILES
-from devft_edge.pack import BLOCKS, FORMAT_VERSION, HEAL, LORA, WEIGHTS, VerifiedPack, write_archive
+from devft_edge.pack import Verified, VerifiedPack, member_listing, read_archive, write_archive
+from devft_edge.pack_manifest import (
+    BLOCKS,
+    HEAL,
+    LORA,
+    MANIFEST,
+    WEIGHTS,
+    ArchiveManifest,
+    Fields,
+    read_quant_spec,
+)
 from devft_edge.quantization import QuantSpec
-from devft_edge.signing import Ed25519PrivateKey
+from devft_edge.signing import Ed25519PrivateKey, Ed25519PublicKey
 from devft_edge.stage import Stage
 from devft_edge.submodel import submodel_config
 from devft_edge.training import TrainSettings
 
-__all__ = ["KIND", "derive_stage_pack", "plan_matches", "write_plan", "write_stage_plan"]
+__all__ = [
+    "KIND",
+    "StagePlanManifest",
+    "VerifiedPlan",
+    "derive_stage_pack",
+    "plan_matches",
+    "read_plan",
+    "write_plan",
+    "write_stage_plan",
+]
 
 KIND = "stage_plan"
+Heal = Literal["none", "adapter", "blocks"]
+"""What a plan ships for the healing of its fused blocks: nothing, an adapter, or the blocks."""
+_HEAL_MEMBERS: dict[str, str | None] = {"none": None, "adapter": HEAL, "blocks": BLOCKS}
+
+
+@dataclass(frozen=True, kw_only=True)
+class StagePlanManifest(ArchiveManifest):
+    """A stage plan's manifest: how a device fuses the stage from the full pack ``base_pack``."""
+
+    kind: ClassVar[str] = KIND
+    coefficients: tuple[tuple[float, ...], ...]
+    """``coefficients[g][k]`` weighs member ``groups[g][k]`` in block ``g``."""
+    base_pack: str
+    """sha256 of the full pack the plan applies to."""
+    heal: Heal
+    """``adapter``: member ``heal.safetensors``; ``blocks``: member ``blocks.safetensors``."""
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> StagePlanManifest:
+        f = Fields(data)
+        f.text("kind", (KIND,))
+        common = cls._common(f)
+        quant = f.object("quant")
+        spec = read_quant_spec(quant, f)
+        quant.done()
+        coefficients, base_pack = f.rows("coefficients"), f.text("base_pack")
+        heal = cast(Heal, f.text("heal", tuple(_HEAL_MEMBERS)))  # one of the choices, or a placeholder one
+        if f.fine("groups", "coefficients") and [len(g) for g in common["groups"]] != [len(c) for c in coefficients]:
+            f.bad("coefficients", "one number per member of each group")
+        shipped = {HEAL, BLOCKS} & set(common["members"])
+        if f.fine("heal", "members") and shipped != {_HEAL_MEMBERS[heal]} - {None}:
+            f.bad("heal", f"what the members ship ({', '.join(sorted(shipped)) or 'no heal member'})")
+        f.done()
+        f.check()
+        return cls(**common, quant=spec, coefficients=coefficients, base_pack=base_pack, heal=heal)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            **self._common_json(),
+            "kind": self.kind,
+            "coefficients": [list(row) for row in self.coefficients],
+            "base_pack": self.base_pack,
+            "heal": self.heal,
+            "quant": asdict(self.quant),
+        }
+
+
+VerifiedPlan = Verified[StagePlanManifest]
+"""A verified stage plan."""
+
+
+def read_plan(path: str | Path, dest: str | Path, public_key: Ed25519PublicKey | None) -> VerifiedPlan:
+    """Verify the stage plan ``path`` and unpack it into the new directory ``dest``
+    (:func:`devft_edge.pack.read_archive`); a pack is refused (its manifest is no plan's)."""
+    return read_archive(path, dest, public_key, StagePlanManifest)
 
 
 def write_plan(
@@ -69,7 +144,7 @@ def write_plan(
     heal: Mapping[str, Tensor] | None = None,
     blocks: Mapping[str, Tensor] | None = None,
     sign_key: Ed25519PrivateKey | None = None,
-) -> dict[str, Any]:
+) -> StagePlanManifest:
     """Write the signed plan of one stage; returns its manifest.
 
     Args:
@@ -80,30 +155,28 @@ def write_plan(
     """
     if heal and blocks:
         raise DevFTError("a plan carries a heal adapter or finished blocks, not both")
-    if [len(g) for g in groups] != [len(c) for c in coefficients]:
-        raise DevFTError("one fusion coefficient per group member is needed")
     payload: dict[str, bytes] = {}
     if heal:
         payload[HEAL] = save({k: v.detach().float().contiguous() for k, v in heal.items()})
     if blocks:
         payload[BLOCKS] = save({k: v.detach().contiguous() for k, v in blocks.items()})
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "kind": KIND,
-        "created": created,
-        "model": {"name": model_name, "model_type": model_type},
-        "stage": stage,
-        "stages": stages,
-        "layers": len(groups),
-        "groups": [list(g) for g in groups],
-        "coefficients": [[float(c) for c in row] for row in coefficients],
-        "base_pack": base_pack,
-        "heal": "adapter" if heal else "blocks" if blocks else "none",
-        "quant": asdict(quant),
-        "lora": {"rank": lora.rank, "alpha": lora.alpha, "dropout": lora.dropout, "targets": list(targets)},
-        "training": asdict(training),
-    }
-    return write_archive(Path(path), manifest, payload, sign_key)
+    manifest = StagePlanManifest(
+        created=created,
+        model_name=model_name,
+        model_type=model_type,
+        stage=stage,
+        stages=stages,
+        groups=tuple(tuple(g) for g in groups),
+        coefficients=tuple(tuple(float(c) for c in row) for row in coefficients),
+        base_pack=base_pack,
+        heal="adapter" if heal else "blocks" if blocks else "none",
+        quant=quant,
+        lora=LoraSettings(lora.rank, lora.alpha, lora.dropout, tuple(targets)),
+        training=training,
+        members=member_listing(payload),
+    )
+    write_archive(Path(path), manifest, payload, sign_key)
+    return manifest
 
 
 def write_stage_plan(
@@ -115,7 +188,7 @@ def write_stage_plan(
     quant: QuantSpec,
     lora: LoraSettings,
     **fields: Any,
-) -> dict[str, Any]:
+) -> StagePlanManifest:
     """Write the plan of an opened :class:`~devft_edge.stage.Stage`: its groups, ``fusion``'s
     coefficients, and its heal (the adapter, or for a baked heal the finished blocks at ``quant``).
 
@@ -148,36 +221,32 @@ def write_stage_plan(
     )
 
 
-def plan_matches(plan: VerifiedPack, base_pack: str) -> list[str]:
-    """Every reason ``plan`` cannot be applied to the full pack with sha256 ``base_pack``."""
-    m = plan.manifest
-    problems = []
-    if m.get("kind") != KIND:
-        problems.append("not a stage plan")
-    if m.get("base_pack") != base_pack:
-        problems.append(f"made for pack {str(m.get('base_pack'))[:12]}..., not {base_pack[:12]}...")
-    groups, coefficients = m.get("groups"), m.get("coefficients")
-    if not (isinstance(groups, list) and isinstance(coefficients, list) and len(groups) == len(coefficients)):
-        problems.append("groups and coefficients must be lists of the same length")
-    return problems
+def plan_matches(plan: VerifiedPlan, base_pack: str) -> list[str]:
+    """Every reason ``plan`` cannot be applied to the full pack with sha256 ``base_pack`` (its own
+    fields were checked when it was read)."""
+    made_for = plan.manifest.base_pack
+    return [] if made_for == base_pack else [f"made for pack {made_for[:12]}..., not {base_pack[:12]}..."]
 
 
-def derive_stage_pack(full: VerifiedPack, plan: VerifiedPack, start: LoraState, dest: Path) -> VerifiedPack:
+def derive_stage_pack(full: VerifiedPack, plan: VerifiedPlan, start: LoraState, dest: Path) -> VerifiedPack:
     """Build the stage pack that ``plan`` describes from the verified ``full`` pack, into ``dest``.
 
-    Both inputs must be verified (signed) already; ``start`` is the stage's starting LoRA.
+    Both inputs must be verified (signed) already; ``start`` is the stage's starting LoRA. The
+    stage's manifest is the full pack's with the plan's stage and groups, and lists no members (the
+    directory is built here, not unpacked from an archive).
     """
     from transformers import AutoConfig
 
-    groups = [list(g) for g in plan.manifest["groups"]]
-    coefficients = plan.manifest["coefficients"]
+    groups = [list(g) for g in plan.manifest.groups]
+    coefficients = [list(row) for row in plan.manifest.coefficients]
     config = AutoConfig.from_pretrained(full.directory)
     total = num_layers(config)
     if sorted(j for g in groups for j in g) != list(range(total)):
         raise DevFTError(f"the plan's groups do not partition the pack's {total} layers")
-    spec = QuantSpec(**{k: full.manifest["quant"][k] for k in ("scheme", "group_size", "embeddings")})
+    spec = full.manifest.quant
     prefix = f"{architecture_of(config).layers_path}."
-    shapes = {lin.name: (lin.out_features, lin.in_features) for lin in model_shape(config).block_linears}
+    shape = model_shape(config)
+    shapes = {lin.name: (lin.out_features, lin.in_features) for lin in shape.block_linears}
     staging = dest.with_name(dest.name + ".part")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
@@ -187,11 +256,11 @@ def derive_stage_pack(full: VerifiedPack, plan: VerifiedPack, start: LoraState, 
         for key in keys:
             if not key.startswith(prefix):
                 state[key] = weights.get_tensor(key)
-        if plan.manifest["heal"] == "blocks":
+        if plan.manifest.heal == "blocks":
             with safe_open(str(plan.directory / BLOCKS), framework="pt") as blocks:
                 state.update({k: blocks.get_tensor(k) for k in blocks.keys()})
         else:
-            heal = _read(plan.directory / HEAL) if plan.manifest["heal"] == "adapter" else {}
+            heal = _read(plan.directory / HEAL) if plan.manifest.heal == "adapter" else {}
             for g, (members, coeffs) in enumerate(zip(groups, coefficients, strict=True)):
                 state.update(_fuse_block(weights, keys, prefix, g, members, coeffs, spec, shapes, heal))
     submodel_config(config, groups).save_pretrained(staging)
@@ -200,15 +269,17 @@ def derive_stage_pack(full: VerifiedPack, plan: VerifiedPack, start: LoraState, 
     for name in TOKENIZER_FILES:
         if (full.directory / name).is_file():
             shutil.copyfile(full.directory / name, staging / name)
-    manifest = {
-        **{k: full.manifest[k] for k in ("format_version", "model", "quant", "lora", "training")},
-        "stage": plan.manifest["stage"],
-        "stages": plan.manifest["stages"],
-        "layers": len(groups),
-        "groups": groups,
-        "derived_from": {"pack": full.directory.name, "plan": plan.directory.name},
-    }
-    (staging / "manifest.json").write_text(json.dumps(manifest, sort_keys=True))
+    manifest = replace(
+        full.manifest,
+        created=plan.manifest.created,
+        stage=plan.manifest.stage,
+        stages=plan.manifest.stages,
+        groups=plan.manifest.groups,
+        fp32_bytes=4 * shape.params_total(len(groups)),
+        members={},
+        derived_from=(full.directory.name, plan.directory.name),
+    )
+    (staging / MANIFEST).write_text(json.dumps(manifest.to_json(), sort_keys=True))
     shutil.rmtree(dest, ignore_errors=True)
     staging.replace(dest)
     return VerifiedPack(directory=dest, manifest=manifest, signed=full.signed and plan.signed)

@@ -33,7 +33,8 @@ from device_agent.config import AgentConfig
 
 if TYPE_CHECKING:
     from devft_edge.backends import Stream
-    from devft_edge.pack import VerifiedPack
+    from devft_edge.pack import Verified, VerifiedPack
+    from devft_edge.pack_manifest import M
 
 logger = logging.getLogger(__name__)
 
@@ -251,6 +252,7 @@ class Agent:
 
         from devft_edge.aggregation import RULES, ClientMemory, GlobalState
         from devft_edge.pack import PackError
+        from devft_edge.pack_manifest import PackManifest
         from devft_edge.weights import read_safetensors
 
         task, order = self.task, self.order
@@ -259,7 +261,7 @@ class Agent:
         reset_peak()  # the update reports this task's peak (unpacking, loading, training), not the process's
         start = {k: v.clone() for k, v in read_safetensors(self.store.path(lora_sha)).items()}
         try:
-            pack = self._verified(order.pack.sha256)
+            pack = self._verified(order.pack.sha256, PackManifest)
             over = self._over_budget(order, pack)  # before a full pack is fused, which takes memory too
             if over:
                 self._refuse(Reason.MEMORY, over)
@@ -326,14 +328,14 @@ class Agent:
         from devft_edge.aggregation import RULES
         from devft_edge.memory import StepConfig, estimate_memory, model_shape
 
-        settings, method, quant = order.train, order.method, pack.manifest["quant"]
+        settings, method, quant = order.train, order.method, pack.manifest.quant
         step = StepConfig(
             layers=len(method.groups),
             batch=settings.batch_size,
             seq=settings.seq_len,
-            rank=int(pack.manifest["lora"]["rank"]),
-            quant=quant["scheme"],
-            quant_embeddings=quant["embeddings"],
+            rank=pack.manifest.lora.rank,
+            quant=quant.scheme,
+            quant_embeddings=quant.embeddings,
             checkpointing=settings.checkpointing,
             backend=self.profile.compute.backend,
             merged_delta=RULES.get(method.rule).merges_into_base,
@@ -386,41 +388,43 @@ class Agent:
             tmp.replace(directory / PRIVATE_FILE)
         _write_json(directory / STREAM_FILE, asdict(stream))
 
-    def _verified(self, sha: str) -> VerifiedPack:
-        """The signed archive (pack or plan) ``sha``, verified and unpacked once; a refused one is deleted.
+    def _verified(self, sha: str, kind: type[M]) -> Verified[M]:
+        """The signed archive ``sha`` (a pack or a plan: ``kind`` is its manifest's type), verified
+        and unpacked once; a refused one is deleted.
 
         Raises:
             PackError: with the reason it was refused.
         """
-        from devft_edge.pack import PackError, VerifiedPack, read_pack
+        from devft_edge.pack import PackError, Verified, read_archive
 
         directory = self.packs / sha
         try:
             if not directory.exists():
-                read_pack(self.store.path(sha), directory, self.public_key)
+                return read_archive(self.store.path(sha), directory, self.public_key, kind)
         except PackError:
             self.store.path(sha).unlink(missing_ok=True)  # never keep or reuse a refused archive
             raise
-        manifest = json.loads((directory / "manifest.json").read_text())
-        return VerifiedPack(directory=directory, manifest=manifest, signed=True)
+        return Verified(directory=directory, manifest=kind.read(directory), signed=True)
 
     def _derived(self, full: VerifiedPack, plan_sha: str, start: dict[str, Any]) -> VerifiedPack:
         """The stage pack that the signed plan ``plan_sha`` makes of ``full``, built once."""
         from devft_edge.pack import PackError, Refusal, VerifiedPack
-        from devft_edge.stage_plan import derive_stage_pack, plan_matches
+        from devft_edge.pack_manifest import PackManifest
+        from devft_edge.stage_plan import StagePlanManifest, derive_stage_pack, plan_matches
 
-        plan = self._verified(plan_sha)
+        plan = self._verified(plan_sha, StagePlanManifest)
         problems = plan_matches(plan, full.directory.name)
         if problems:
             raise PackError(Refusal.MANIFEST, "; ".join(problems))
         stage = self.packs / f"{plan_sha}-stage"
         if stage.exists():
-            return VerifiedPack(
-                directory=stage, manifest=json.loads((stage / "manifest.json").read_text()), signed=True
-            )
+            try:
+                return VerifiedPack(directory=stage, manifest=PackManifest.read(stage), signed=True)
+            except PackError:  # built by an agent whose stage manifests lacked fields: built again
+                logger.info("stage %s is fused again: its cached manifest is outdated", plan.manifest.stage)
         began = time.monotonic()
         derived = derive_stage_pack(full, plan, start, stage)
-        logger.info("stage %s fused from the full pack in %.1f s", plan.manifest.get("stage"), time.monotonic() - began)
+        logger.info("stage %s fused from the full pack in %.1f s", plan.manifest.stage, time.monotonic() - began)
         return derived
 
     def _send(self, message: Envelope, topic: str | None = None, retain: bool = False) -> None:

@@ -36,9 +36,11 @@ import pytest
 from system_harness import mosquitto, needs_mosquitto, read_state, start, stop, write_configs
 
 from devft_edge.blobs import BlobInfo
+from devft_edge.lora import LoraSettings
 from devft_edge.messages import Task
 from devft_edge.methods import ClientMethod
 from devft_edge.protocol import Kind, Topics
+from devft_edge.quantization import QuantSpec
 from devft_edge.training import TrainSettings
 
 MIB = 2**20
@@ -93,10 +95,8 @@ def _tiny_task(tmp_path: Path, layers: int) -> tuple[Task, SimpleNamespace, int]
 
     config = load_config("tiny")
     config.save_pretrained(tmp_path / "pack")
-    pack = SimpleNamespace(
-        directory=tmp_path / "pack",
-        manifest={"quant": {"scheme": "int8", "group_size": 64, "embeddings": True}, "lora": {"rank": 8}},
-    )
+    manifest = SimpleNamespace(quant=QuantSpec("int8"), lora=LoraSettings(rank=8))  # what the check reads
+    pack = SimpleNamespace(directory=tmp_path / "pack", manifest=manifest)
     method = ClientMethod("fedit", tuple((i,) for i in range(layers)), "dblf", 0.1, "copy")
     blob = BlobInfo("0" * 64, 1, 1)
     task = Task(blob, blob, method, TrainSettings(steps=2, batch_size=2, seq_len=48, lr=1e-3), seed=0, data_seed=0)

@@ -23,18 +23,18 @@ from devft_edge.fusion import FUSIONS
 from devft_edge.lora import LoraSettings, attach_lora, init_lora_state, lora_shapes, set_lora_state
 from devft_edge.models import load_model, model_dir
 from devft_edge.pack import (
-    FORMAT_VERSION,
     MAX_MANIFEST_BYTES,
-    MAX_MEMBER_BYTES,
     PackError,
     Refusal,
     VerifiedPack,
     load_pack,
+    member_listing,
     read_manifest,
     read_pack,
     write_archive,
     write_pack,
 )
+from devft_edge.pack_manifest import FORMAT_VERSION, MAX_MEMBER_BYTES, PackManifest, QuantError
 from devft_edge.quantization import QuantSpec
 from devft_edge.signing import generate_keypair, load_private_key, load_public_key, sign
 from devft_edge.submodel import build_submodel, stage_lora
@@ -54,7 +54,7 @@ def keys(tmp_path_factory):
     return load_private_key(private), load_public_key(public), load_public_key(other_public)
 
 
-def make_pack(path: Path, key=None, scheme: str = "int4", seed: int = 0, group_size: int = 32) -> dict:
+def make_pack(path: Path, key=None, scheme: str = "int4", seed: int = 0, group_size: int = 32) -> PackManifest:
     base = load_model("tiny", seed=seed)
     fusion = FUSIONS.get("dblf")
     sub = build_submodel(base, GROUPS, fusion)
@@ -87,16 +87,28 @@ def test_round_trip_and_manifest(signed_pack, keys, tmp_path):
     path, manifest = signed_pack
     pack = read_pack(path, tmp_path / "p", keys[1])
     assert pack.signed and pack.manifest == manifest
-    assert manifest["format_version"] == FORMAT_VERSION and manifest["stage"] == 2 and manifest["layers"] == 3
-    assert manifest["groups"] == GROUPS and manifest["quant"]["scheme"] == "int4"
-    assert set(manifest["members"]) >= {"config.json", "model.safetensors", "lora.safetensors", "tokenizer.json"}
-    assert 0 < manifest["quant"]["error"]["mean_relative_rms"] <= manifest["quant"]["error"]["max_relative_rms"] < 0.2
-    assert manifest["members"]["model.safetensors"]["bytes"] < 0.2 * manifest["fp32_bytes"]  # tokenizer aside
+    assert manifest.format_version == FORMAT_VERSION and manifest.stage == 2 and manifest.layers == 3
+    assert manifest.groups == tuple(map(tuple, GROUPS)) and manifest.quant == QuantSpec("int4", group_size=32)
+    assert set(manifest.members) >= {"config.json", "model.safetensors", "lora.safetensors", "tokenizer.json"}
+    assert 0 < manifest.quant_error.mean_relative_rms <= manifest.quant_error.max_relative_rms < 0.2
+    assert manifest.members["model.safetensors"][0] < 0.2 * manifest.fp32_bytes  # tokenizer aside
+    assert manifest.lora == LoraSettings(rank=4, alpha=8.0, targets=LORA.target_names(load_model("tiny")))
+    assert manifest.training == TrainSettings(steps=3, batch_size=2, seq_len=48)
     model, lora = load_pack(pack)
     assert len(model.model.layers) == 3
     assert set(lora) == set(
         stage_lora(init_lora_state(lora_shapes(load_model("tiny"), LORA), 4, 0), GROUPS, FUSIONS.get("dblf"))
     )
+
+
+def test_the_typed_manifest_writes_back_the_signed_bytes(signed_pack):
+    """``to_json`` of a written pack is its manifest, byte for byte: the signature covers what the type holds."""
+    path, manifest = signed_pack
+    with tarfile.open(path) as tar:
+        raw = tar.extractfile(tar.next()).read()
+    assert json.loads(raw) == manifest.to_json()
+    assert json.dumps(manifest.to_json(), sort_keys=True, separators=(",", ":")).encode() == raw
+    assert PackManifest.from_json(json.loads(raw)) == manifest
 
 
 def test_packing_is_deterministic(tmp_path, keys):
@@ -249,8 +261,8 @@ def test_cli_keygen_pack_inspect_verify(tmp_path, capsys):
     assert (
         main(["pack", "--model", "tiny", "--stage", "1", "--stages", "2", "--keep-ends", "1", "--out", str(ends)]) == 0
     )
-    groups = read_manifest(ends)[0]["groups"]
-    assert groups[0] == [0] and groups[-1] == [7] and len(groups) == 4
+    groups = read_manifest(ends)[0].groups
+    assert groups[0] == (0,) and groups[-1] == (7,) and len(groups) == 4
 
 
 @pytest.mark.parametrize("scheme", ["none", "int8", "int4"])
@@ -368,6 +380,25 @@ def _listing(name: str, size: int, data: bytes) -> dict:
     return {name: {"bytes": size, "sha256": hashlib.sha256(data).hexdigest()}}
 
 
+def _manifest(members: dict) -> PackManifest:
+    """A well-formed pack manifest listing ``members`` (name -> (bytes, sha256)), no model needed."""
+    return PackManifest(
+        created=CREATED,
+        model_name="tiny",
+        model_type="llama",
+        stage=1,
+        stages=1,
+        groups=((0,),),
+        quant=QuantSpec(),
+        quant_modules={},
+        quant_error=QuantError(0.0, 0.0, None),
+        lora=LoraSettings(targets=("q_proj",)),
+        training=TrainSettings(),
+        fp32_bytes=1,
+        members=members,
+    )
+
+
 def _head(manifest: dict | bytes, key=None) -> bytes:
     """The manifest member and, with ``key``, its signature member: what a pack starts with."""
     raw = manifest if isinstance(manifest, bytes) else json.dumps(manifest, sort_keys=True).encode()
@@ -437,10 +468,11 @@ def test_an_unverified_manifest_stops_the_reader_before_any_member(tmp_path, key
     path = tmp_path / "big.devpack"
     other = generate_keypair(tmp_path / "other")[0]
     key = {"none": None, "wrong key": load_private_key(other), "tampered": keys[0]}[signature]
-    write_archive(path, {"format_version": FORMAT_VERSION}, {"config.json": bytes(8 * 2**20)}, key)
+    payload = {"config.json": bytes(8 * 2**20)}
+    write_archive(path, _manifest(member_listing(payload)), payload, key)
     if signature == "tampered":
         data = bytearray(path.read_bytes())
-        data[2 * tarfile.BLOCKSIZE + tarfile.BLOCKSIZE] ^= 1  # the first signature byte (manifest < 512 B)
+        data[_members(path)[1][1]] ^= 1  # the first byte of the signature's data
         path.write_bytes(bytes(data))
     with _no_file_larger_than(LIMIT) as stopped, pytest.raises(PackError) as error:
         read_pack(path, tmp_path / "out", keys[1])
@@ -522,7 +554,7 @@ def test_a_member_that_is_not_a_plain_file_is_refused(tmp_path, keys, words):
 def test_the_manifest_and_its_signature_must_come_first(tmp_path, keys):
     """The reader trusts nothing it has not checked against a verified manifest, so the manifest
     (and the signature right after it) must precede every member."""
-    manifest = {"format_version": FORMAT_VERSION, "members": _listing("config.json", 2, b"{}")}
+    manifest = _manifest(member_listing({"config.json": b"{}"})).to_json()
     raw = json.dumps(manifest, sort_keys=True).encode()
     config, head, sig = (
         _file("config.json", b"{}"),

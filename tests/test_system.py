@@ -172,6 +172,25 @@ def test_a_device_that_dies_mid_run_is_replaced_by_waiting_then_going_on(tmp_pat
     assert "going on with them" in log or "closing at quorum" in log
 
 
+def test_stop_after_ends_a_fleet_run_after_that_stage_and_exports(tmp_path, broker):
+    """``stop_after`` works over the network as in the simulator: the run ends after stage 1's
+    hand-over (stage 2's round is never opened) and exports the full model's adapter."""
+    agg_config, agent_configs = write_configs(tmp_path, broker, devices=1, rounds=2, stop_after=1)
+    agents = [start("agent", "--config", str(c), log=tmp_path / f"{c.stem}.log") for c in agent_configs]
+    server = start("serve", "--config", str(agg_config), log=tmp_path / "serve.log")
+    try:
+        assert server.wait(timeout=300) == 0, (tmp_path / "serve.log").read_text()[-3000:]
+    finally:
+        for agent in agents:
+            agent.terminate()
+            agent.wait(timeout=30)
+    state = read_state(tmp_path)
+    assert state["finished"] and [h["stage"] for h in state["history"]] == [1] and state["stage"] == 1
+    summary = json.loads((tmp_path / "agg" / "out" / "summary.json").read_text())
+    assert len(summary["stages"]) == 1 and summary["stages"][0]["full_eval_loss"] is not None
+    assert (tmp_path / "agg" / "out" / "adapter" / "adapter_config.json").exists()
+
+
 def test_a_straggler_never_answering_is_closed_out_at_the_deadline(tmp_path, broker):
     """A device that says hello but never trains: rounds it is selected for close at their deadline
     with the quorum of updates, and a late update from it would be stale."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -12,6 +13,7 @@ from devft_edge.errors import DevFTError
 
 if TYPE_CHECKING:
     from devft_edge.cli.options import Subparsers
+    from devft_edge.pack_manifest import PackManifest
 
 
 def _created(text: str | None) -> str:
@@ -77,25 +79,37 @@ def _run_pack(args: argparse.Namespace) -> int:
     size = args.out.stat().st_size
     print(
         f"wrote {args.out}: stage {args.stage}/{stages}, {len(groups)} layers, {cfg.quant}, "
-        f"{size / 2**20:.1f} MiB ({size / manifest['fp32_bytes']:.3f} of fp32 weights), "
+        f"{size / 2**20:.1f} MiB ({size / manifest.fp32_bytes:.3f} of fp32 weights), "
         f"{'signed' if key else 'UNSIGNED'}"
     )
     return 0
 
 
-def _pack_summary(path: Path, manifest: dict[str, Any], signed: bool) -> dict[str, Any]:
-    """What ``pack inspect --json`` prints: the manifest's key facts plus sizes and signature presence."""
-    quant = manifest["quant"]
+def _pack_summary(path: Path, manifest: PackManifest, signed: bool) -> dict[str, Any]:
+    """What ``pack inspect --json`` prints: the manifest's key facts plus sizes and signature presence.
+
+    Nested objects list their keys sorted, as the manifest's canonical JSON has them: the output
+    predates the typed manifest and stays as it was.
+    """
+    quant, lora = manifest.quant, manifest.lora
     return {
         "path": str(path),
-        **{key: manifest[key] for key in ("format_version", "created", "model", "stage", "stages", "layers", "groups")},
-        "quant": quant["scheme"],
-        "quant_group_size": quant["group_size"],
-        "quant_embeddings": quant["embeddings"],
-        "quant_error": quant["error"],
+        "format_version": manifest.format_version,
+        "created": manifest.created,
+        "model": {"model_type": manifest.model_type, "name": manifest.model_name},
+        "stage": manifest.stage,
+        "stages": manifest.stages,
+        "layers": manifest.layers,
+        "groups": [list(g) for g in manifest.groups],
+        "quant": quant.scheme,
+        "quant_group_size": quant.group_size,
+        "quant_embeddings": quant.embeddings,
+        "quant_error": dict(sorted(asdict(manifest.quant_error).items())),
         "bytes": path.stat().st_size,
-        "fp32_bytes": manifest["fp32_bytes"],
-        **{key: manifest[key] for key in ("members", "lora", "training")},
+        "fp32_bytes": manifest.fp32_bytes,
+        "members": {name: {"bytes": size, "sha256": sha} for name, (size, sha) in sorted(manifest.members.items())},
+        "lora": {"alpha": lora.alpha, "dropout": lora.dropout, "rank": lora.rank, "targets": list(lora.targets or ())},
+        "training": dict(sorted(asdict(manifest.training).items())),
         "signed": signed,
     }
 
@@ -143,8 +157,8 @@ def _run_pack_verify(args: argparse.Namespace) -> int:
             print(f"{args.file}: REFUSED ({error.reason.value}): {error}", file=sys.stderr)
             return 1
     print(
-        f"{args.file}: OK: signature by key {fingerprint(key)}, format {pack.manifest['format_version']}, "
-        f"{len(pack.manifest['members'])} members verified"
+        f"{args.file}: OK: signature by key {fingerprint(key)}, format {pack.manifest.format_version}, "
+        f"{len(pack.manifest.members)} members verified"
     )
     return 0
 
