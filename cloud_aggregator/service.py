@@ -224,7 +224,6 @@ class Aggregator:
                 Kind.UPDATE: self._on_update,
                 Kind.CHUNK: self._on_chunk,
                 Kind.REFUSAL: self._on_refusal,
-                Kind.BLOB_RECEIVED: lambda d, m: None,
             }.get(message.kind)
             if handler is None:
                 raise ProtocolError(Reason.MALFORMED, f"a device may not send {message.kind.value}")

@@ -64,7 +64,6 @@ class Kind(str, Enum):
     TASK = "task"  # aggregator -> device: train this stage/round from these blobs
     CHUNK = "chunk"  # either way: one chunk of a blob (body = the bytes)
     CHUNK_REQUEST = "chunk_request"  # either way: send me these chunks of this blob
-    BLOB_RECEIVED = "blob_received"  # either way: I have this blob, verified
     UPDATE = "update"  # device -> aggregator: my update is blob X (sample count, metrics)
     VERDICT = "verdict"  # aggregator -> device: update accepted, or rejected with a reason
     REFUSAL = "refusal"  # device -> aggregator: I will not run this task (reason)
