@@ -55,8 +55,12 @@ class Agent:
         from devft_edge.allocator import bound_heap
         from devft_edge.backends import get_trainer
         from devft_edge.signing import load_private_key, load_public_key
+        from devft_edge.threads import configure_threads
 
         bound_heap()  # before any model is loaded: the memory plan assumes it
+        # sleeping OpenMP threads (the CLI set the environment before torch loaded) and the
+        # config's thread count: the cores are shared with the device's other work
+        configure_threads(cfg.threads)
         self.cfg = cfg
         self.cache = cfg.cache_dir.expanduser()
         self.store = BlobStore(self.cache / "blobs")

@@ -22,6 +22,7 @@ import sys
 
 from devft_edge.cli import fleet, pack, plan, run, services
 from devft_edge.errors import DevFTError
+from devft_edge.threads import configure_threads
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -57,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     # its optional hub-downloaded CPU kernel is missing; we never download at run time and its
     # built-in CPU path is what we use.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    # OpenMP's idle threads sleep instead of spinning (where the user has not chosen): libgomp reads
+    # this once, when torch is imported, which building the parser may do
+    configure_threads()
     argv = sys.argv[1:] if argv is None else argv
     command = next((word for word in argv if not word.startswith("-")), "")
     args = build_parser(command).parse_args(argv)
