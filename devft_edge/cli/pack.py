@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -88,28 +87,21 @@ def _run_pack(args: argparse.Namespace) -> int:
 def _pack_summary(path: Path, manifest: PackManifest, signed: bool) -> dict[str, Any]:
     """What ``pack inspect --json`` prints: the manifest's key facts plus sizes and signature presence.
 
-    Nested objects list their keys sorted, as the manifest's canonical JSON has them: the output
-    predates the typed manifest and stays as it was.
+    Read from the manifest's own JSON (:meth:`PackManifest.to_json`, nested keys sorted as in the
+    canonical manifest), so the keys are written in one place.
     """
-    quant, lora = manifest.quant, manifest.lora
+    data = json.loads(json.dumps(manifest.to_json(), sort_keys=True))
+    quant = data["quant"]
     return {
         "path": str(path),
-        "format_version": manifest.format_version,
-        "created": manifest.created,
-        "model": {"model_type": manifest.model_type, "name": manifest.model_name},
-        "stage": manifest.stage,
-        "stages": manifest.stages,
-        "layers": manifest.layers,
-        "groups": [list(g) for g in manifest.groups],
-        "quant": quant.scheme,
-        "quant_group_size": quant.group_size,
-        "quant_embeddings": quant.embeddings,
-        "quant_error": dict(sorted(asdict(manifest.quant_error).items())),
+        **{key: data[key] for key in ("format_version", "created", "model", "stage", "stages", "layers", "groups")},
+        "quant": quant["scheme"],
+        "quant_group_size": quant["group_size"],
+        "quant_embeddings": quant["embeddings"],
+        "quant_error": quant["error"],
         "bytes": path.stat().st_size,
-        "fp32_bytes": manifest.fp32_bytes,
-        "members": {name: {"bytes": size, "sha256": sha} for name, (size, sha) in sorted(manifest.members.items())},
-        "lora": {"alpha": lora.alpha, "dropout": lora.dropout, "rank": lora.rank, "targets": list(lora.targets or ())},
-        "training": dict(sorted(asdict(manifest.training).items())),
+        "fp32_bytes": data["fp32_bytes"],
+        **{key: data[key] for key in ("members", "lora", "training")},
         "signed": signed,
     }
 
