@@ -63,6 +63,7 @@ class Aggregator:
         import torch
 
         from devft_edge.aggregation import RULES
+        from devft_edge.allocator import bound_heap
         from devft_edge.calibration import calibration_ids
         from devft_edge.layers import num_layers
         from devft_edge.memory import model_shape
@@ -71,6 +72,9 @@ class Aggregator:
         from devft_edge.step_cost import step_cost_model
         from devft_edge.tasks import train_eval_split
 
+        # a long-running service: its resident memory should be what it holds, not the stage builds'
+        # freed heap (which otherwise stays resident, by chance of allocation order, tens of MB)
+        bound_heap()
         self.cfg = cfg
         self.topics = Topics(cfg.prefix)
         self.key = load_private_key(cfg.sign_key)

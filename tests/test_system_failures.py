@@ -137,7 +137,9 @@ def test_a_thousand_hostile_messages_are_rejected_with_their_reasons(tmp_path):
     assert result.honest_rejected == 0 and result.inbox_dropped == 0
     for phase in result.phases:  # the counters moved by the kind's messages alone
         assert sum(phase.counted.values()) + phase.answered <= phase.sent, phase
-    assert result.after.rss_bytes - result.before.rss_bytes < 64 * 2**20
+    # across the run, at like points (honest devices idle): seen +1.1..1.7 MB in 5 runs beside a
+    # competing process; 1-97 MiB before the aggregator bounded its heap (devft_edge/allocator.py)
+    assert result.after.rss_bytes - result.before.rss_bytes < 16 * 2**20
     for index in range(4):  # within a round (between rounds the run's own work comes and goes)
         rss = [p.rss_max_bytes for p in result.phases if p.round == index and p.rss_max_bytes]
         # no growth under the flood; a fall is the stage build's memory being given back (seen: 643 -> 568 MB)
