@@ -26,10 +26,10 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar, get_type_hints
 
+from devft_edge import bounded_json
 from devft_edge.errors import DevFTError
 from devft_edge.lora import LoraSettings
 from devft_edge.models import TOKENIZER_FILES
-from devft_edge.protocol import _bounded_int, _constant, _depth, _finite_float
 from devft_edge.quantization import QUANTIZERS, QuantSpec
 from devft_edge.training import TrainSettings
 
@@ -83,13 +83,9 @@ def parse_manifest(manifest_bytes: bytes) -> dict[str, Any]:
     infinities), at most :data:`MAX_MANIFEST_DEPTH` deep, of the supported format version; its
     fields are :meth:`ArchiveManifest.from_json`'s to check."""
     try:
-        manifest = json.loads(
-            manifest_bytes, parse_int=_bounded_int, parse_float=_finite_float, parse_constant=_constant
-        )
-    except (ValueError, RecursionError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        manifest = bounded_json.loads(manifest_bytes, MAX_MANIFEST_DEPTH)
+    except ValueError as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise PackError(Refusal.MANIFEST, f"manifest.json is not bounded JSON: {str(error)[:200]}") from None
-    if _depth(manifest) > MAX_MANIFEST_DEPTH:
-        raise PackError(Refusal.MANIFEST, f"manifest.json nests deeper than {MAX_MANIFEST_DEPTH}")
     if not isinstance(manifest, dict) or "format_version" not in manifest:
         raise PackError(Refusal.MANIFEST, "manifest.json is not a pack manifest")
     version = manifest["format_version"]

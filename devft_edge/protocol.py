@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
+from devft_edge import bounded_json
 from devft_edge.errors import DevFTError
 from devft_edge.signing import Ed25519PrivateKey, Ed25519PublicKey, verifies
 
@@ -39,9 +40,6 @@ AGGREGATOR = "aggregator"
 MAX_HEADER_BYTES = 64 * 1024
 MAX_JSON_DEPTH = 16
 """Deepest nesting a header may have (the protocol's own headers nest 5 deep at most)."""
-MAX_INT_DIGITS = 19
-"""Longest integer a header may hold: every count, size and time the protocol carries is below 10**19,
-and a several-thousand-digit integer would cost quadratic time to parse."""
 DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 """Device ids: safe as MQTT topic levels, client ids and file names."""
 MAX_MESSAGE_ID_CHARS = 64
@@ -160,18 +158,11 @@ def decode(payload: bytes) -> Envelope:
     if length > MAX_HEADER_BYTES or 4 + length > len(payload):
         raise ProtocolError(Reason.MALFORMED, f"header length {length} exceeds the payload or the limit")
     try:
-        header = json.loads(
-            payload[4 : 4 + length],
-            parse_int=_bounded_int,
-            parse_float=_finite_float,
-            parse_constant=_constant,
-        )
-    except (ValueError, RecursionError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        header = bounded_json.loads(payload[4 : 4 + length], MAX_JSON_DEPTH)
+    except ValueError as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise ProtocolError(Reason.MALFORMED, f"header is not bounded JSON: {str(error)[:200]}") from None
     if not isinstance(header, dict):
         raise ProtocolError(Reason.MALFORMED, "header is not an object")
-    if _depth(header) > MAX_JSON_DEPTH:
-        raise ProtocolError(Reason.MALFORMED, f"header nests deeper than {MAX_JSON_DEPTH}")
     if type(header.get("v")) is not int or header["v"] != PROTOCOL_VERSION:  # 1.0 and true equal 1
         raise ProtocolError(Reason.VERSION, f"protocol version {header.get('v')!r}, expected {PROTOCOL_VERSION}")
     try:
@@ -227,39 +218,6 @@ def unseal(payload: bytes, topic: str, key: Ed25519PublicKey | None) -> bytes:
     if key is not None and not verifies(key, _sealed_bytes(topic, message), signature):
         raise ProtocolError(Reason.SIGNATURE, f"the seal on {topic} does not verify with the trusted key")
     return message
-
-
-def _bounded_int(text: str) -> int:
-    if len(text.lstrip("-")) > MAX_INT_DIGITS:
-        raise ValueError(f"an integer of {len(text)} digits (at most {MAX_INT_DIGITS})")
-    return int(text)
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(f"number {text[:24]} is not finite")
-    return value
-
-
-def _constant(name: str) -> float:
-    """``NaN`` stands for a metric a device has no value for (``train_loss``); infinities are refused."""
-    if name == "NaN":
-        return math.nan
-    raise ValueError(f"{name} is not a finite number")
-
-
-def _depth(value: Any) -> int:
-    """Nesting depth of parsed JSON, without recursion."""
-    deepest, stack = 0, [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        deepest = max(deepest, depth)
-        if isinstance(item, dict):
-            stack.extend((v, depth + 1) for v in item.values())
-        elif isinstance(item, list):
-            stack.extend((v, depth + 1) for v in item)
-    return deepest
 
 
 def _text(header: dict[str, Any], key: str) -> str:
