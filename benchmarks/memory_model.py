@@ -327,7 +327,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     in_use = {name: getattr(memory, name) for name in _COEFFICIENTS}
     low, high = GOAL
     added = "".join(
-        f"; rows added {a['date']} by `{a['command']}`" + ("" if a["idle"] else " on a loaded machine")
+        f"; {'runs' if 'repeat' in a['command'] or 'spread' in a['command'] else 'rows'} added {a['date']} "
+        f"by `{a['command']}`" + ("" if a["idle"] else " on a loaded machine")
         for a in data.get("added", [])
     )
     lines = [
