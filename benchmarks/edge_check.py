@@ -409,6 +409,7 @@ def profile_check(rootfs_path: Path, work: Path) -> dict[str, Any]:
         "arch": arch,
         "cores": profile.get("cpu", {}).get("cores"),
         "total_gb": profile.get("memory", {}).get("total_gb"),
+        "runtime_mb": profile.get("memory", {}).get("runtime_mb"),
         "sustained_gflops": profile.get("compute", {}).get("sustained_gflops"),
         "plan_exit": plan.returncode,
         "accepted": arch == "aarch64" and plan.returncode == 0,
@@ -437,8 +438,17 @@ def write_doc(doc: Path, results: dict[str, Any]) -> None:
     """Rewrite the results block of ``docs/edge.md`` (between its markers) from ``results``."""
     bundle, inst, run_, sm, prof = (results[k] for k in ("bundle", "install", "run", "smollm2", "profile"))
     mib = 2**20
-    sm_predicted = ", ".join(f"{p / mib:.0f}" for p in sm["predicted_peak_bytes"] if p) or "-"
-    predicted = ", ".join(f"{p / mib:.0f}" for p in run_["predicted_peak_bytes"] if p) or "-"
+    from devft_edge.memory import RUNTIME_REFERENCE_BYTES
+
+    # the planner's prediction for this device once its profile's measured runtime is known
+    offset = prof["runtime_mb"] * mib - RUNTIME_REFERENCE_BYTES if prof.get("runtime_mb") else 0
+
+    def peaks(run: dict[str, Any]) -> str:
+        shown = ", ".join(f"{p / mib:.0f}" for p in run["predicted_peak_bytes"] if p) or "-"
+        on_device = ", ".join(f"{(p + offset) / mib:.0f}" for p in run["predicted_peak_bytes"] if p)
+        return f"{shown} MiB" + (f" ({on_device} MiB with the runtime the device's profile measured)" if offset else "")
+
+    sm_predicted, predicted = peaks(sm), peaks(run_)
     reported = run_["agent_reported_peak_rss_bytes"]
     lines = [
         BEGIN,
@@ -461,15 +471,16 @@ def write_doc(doc: Path, results: dict[str, Any]) -> None:
         f"| agent peak charged to the cgroup (limit {run_['cgroup_limit_bytes'] / 2**30:.2f} GiB) | "
         f"{run_['cgroup_peak_bytes'] / mib:.0f} MiB; the agent's own peak RSS {reported / mib if reported else 0:.0f}"
         " MiB (library pages the install already cached are charged to the host's group, not this one) |",
-        f"| planner's predicted peak per stage | {predicted} MiB (qemu's own memory is in the measured "
+        f"| planner's predicted peak per stage | {predicted} (qemu's own memory is in the measured "
         "figures, not in the prediction) |",
         f"| SmolLM2-135M, first stage ({sm['stages_run']} of 4 run: `stop_after` 1), int8 pack, batch 2 x 48 | "
         f"{sm['aarch64_updates']} aarch64 updates accepted in {sm['rounds']} rounds, {sm['wall_seconds']:.0f} s wall; "
         f"{sm['emulated_step_seconds']} s per emulated local step; peak charged to the cgroup "
         f"{sm['cgroup_peak_bytes'] / mib:.0f} MiB, agent's own peak RSS "
-        f"{(sm['agent_reported_peak_rss_bytes'] or 0) / mib:.0f} MiB, predicted {sm_predicted} MiB |",
+        f"{(sm['agent_reported_peak_rss_bytes'] or 0) / mib:.0f} MiB, predicted {sm_predicted} |",
         f"| `devft-edge profile` inside the rootfs | {prof['seconds']:.0f} s; arch {prof['arch']}, {prof['cores']} "
-        f"cores, {prof['total_gb']} GB, {prof['sustained_gflops']} GFLOP/s (emulated); `plan --model smollm2` "
+        f"cores, {prof['total_gb']} GB, runtime {prof.get('runtime_mb')} MiB, {prof['sustained_gflops']} GFLOP/s "
+        "(emulated); `plan --model smollm2` "
         f"with it: exit {prof['plan_exit']} |",
         "",
         "Checks: " + "; ".join(f"{name}: {'yes' if ok else 'NO'}" for name, ok in results["checks"].items()) + ".",

@@ -2,8 +2,10 @@
 
 ``devft-edge profile`` (and a device agent joining a fleet) reports what the device really has:
 total and available memory from ``/proc/meminfo``, CPU cores and model, architecture, a CUDA
-accelerator if torch sees one, and a short fp32 matmul probe for the sustained throughput the
-planner's step-time estimate divides by. Optionally it also measures the peak memory of a real
+accelerator if torch sees one, a short fp32 matmul probe for the sustained throughput the
+planner's step-time estimate divides by, and the resident memory of the training runtime itself
+(:func:`runtime_bytes`), which differs by platform and which the memory model otherwise takes from
+its calibration machine. Optionally it also measures the peak memory of a real
 training step (:mod:`devft_edge.memcheck`), which the planner can be checked against.
 
 What cannot be measured quickly is estimated and the ``sources`` section says so: reserved
@@ -162,6 +164,25 @@ def _cuda() -> tuple[str | None, float | None]:
     return f"{major}.{minor}", 2 * size**3 * runs / (time.perf_counter() - start) / 1e9
 
 
+RUNTIME_PROBE = (
+    "import re, pathlib, torch, transformers, peft; "
+    "print(re.search(r'VmRSS:\\s+(\\d+)', pathlib.Path('/proc/self/status').read_text()).group(1))"
+)
+"""A fresh interpreter imports the training runtime and prints its resident KiB."""
+
+
+def runtime_bytes() -> int | None:
+    """Resident memory of a fresh Python process with torch, transformers and peft imported, as
+    :data:`devft_edge.memory.RUNTIME_REFERENCE_BYTES` was measured; None where ``/proc`` is missing."""
+    import subprocess
+    import sys
+
+    if not Path("/proc/self/status").exists():
+        return None
+    done = subprocess.run([sys.executable, "-c", RUNTIME_PROBE], capture_output=True, text=True, check=True)
+    return int(done.stdout.split()[-1]) * 1024
+
+
 def measure_profile(
     name: str, probe_seconds: float = 2.0, storage_path: str | Path = ".", step_model: str | None = None
 ) -> DeviceProfile:
@@ -182,10 +203,16 @@ def measure_profile(
     cpu_gflops = matmul_gflops(seconds=probe_seconds)
     backend = "cuda" if capability else "cpu"
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    runtime = runtime_bytes()
     data = {
         "description": f"measured by devft-edge profile on {platform.node() or 'this machine'} "
         f"({time.strftime('%Y-%m-%d', time.gmtime())})",
-        "memory": {"total_gb": round(total_gb, 2), "reserved_gb": reserved_gb, "shared_with_gpu": bool(capability)},
+        "memory": {
+            "total_gb": round(total_gb, 2),
+            "reserved_gb": reserved_gb,
+            "shared_with_gpu": bool(capability),
+            **({"runtime_mb": round(runtime / 2**20)} if runtime else {}),
+        },
         "cpu": {"arch": arch, "cores": cores, "model": _cpu_model()},
         "accelerator": {"kind": "cuda", "compute_capability": capability} if capability else {"kind": "none"},
         "quantizations": ["none", "fp16", "bf16", "int8", "int4"] + (["nf4"] if capability else []),
@@ -195,6 +222,9 @@ def measure_profile(
         "sources": {
             "memory": "measured: /proc/meminfo MemTotal",
             "reserved": f"measured: MemTotal - MemAvailable at profiling time + {RESERVE_MARGIN_GB} GiB margin",
+            "runtime": "measured: VmRSS of a fresh interpreter with torch, transformers and peft imported"
+            if runtime
+            else "not measured (no /proc): the planner assumes its calibration machine's",
             "cpu": "measured: /proc/cpuinfo, usable cores from the scheduler affinity mask",
             "compute": f"measured: fp32 {'CUDA' if capability else 'CPU'} matmul probe ({probe_seconds:.0f} s)"
             + (f"; CPU probe {cpu_gflops:.1f} GFLOP/s" if capability else ""),

@@ -52,7 +52,7 @@ from dataclasses import dataclass, field, replace
 
 from devft_edge.allocator import MMAP_THRESHOLD_BYTES
 from devft_edge.errors import ConfigError
-from devft_edge.profiles import QUANTIZATIONS
+from devft_edge.profiles import QUANTIZATIONS, DeviceProfile
 from devft_edge.quantization import CHUNK_ROWS, QuantSpec
 
 FLOAT = 4
@@ -75,6 +75,11 @@ STEP_EFFICIENCY = 0.476
 """Fraction of the sustained GEMM throughput a LoRA training step achieves."""
 LORA_BYTES_PER_PARAM = 6 * FLOAT
 """Factor, gradient, AdamW's two moments, and the agent's two copies of the starting LoRA."""
+RUNTIME_REFERENCE_BYTES = 423 * 2**20
+"""Resident memory of a fresh Python process with torch, transformers and peft imported, on the
+machine ``RUNTIME_BYTES`` was fitted on, as :func:`devft_edge.device_probe.runtime_bytes` measures
+it (2026-11-30: 423-424 MiB in 4 runs). A device whose profile measured its own runtime is predicted
+with the difference: the libraries differ by platform (aarch64 under qemu: 503 MiB, docs/edge.md)."""
 CUDA_RUNTIME_BYTES = 1 * 2**30
 """Extra process memory of a CUDA context with cuBLAS on Jetson-class devices. Not calibrated
 here (no GPU on the development machine): an estimate from NVIDIA's Jetson documentation."""
@@ -201,6 +206,9 @@ class StepConfig:
     quant_embeddings: bool = True
     checkpointing: bool = False
     backend: str = "cpu"
+    runtime_bytes: int | None = None
+    """The device's own runtime memory (its profile's ``memory.runtime_mb``, measured the way
+    :data:`RUNTIME_REFERENCE_BYTES` was); None: the calibration machine's."""
     merged_delta: bool = False
     """FLoRA: the global update rides beside the (quantized) pack as a dense fp32 update of each
     LoRA target; with an unquantized base it is merged into the weights in place and costs nothing."""
@@ -347,6 +355,13 @@ def dequant_chunk_bytes(shape: ModelShape, step: StepConfig) -> int:
     return max(min(out_f, CHUNK_ROWS) * in_f for out_f, in_f in widest) * FLOAT
 
 
+def on_device(step: StepConfig, profile: DeviceProfile) -> StepConfig:
+    """``step`` as ``profile``'s device runs it: its backend and, when its profile measured it, its
+    own runtime memory."""
+    runtime = profile.memory.runtime_mb
+    return replace(step, backend=profile.compute.backend, runtime_bytes=None if runtime is None else runtime * 2**20)
+
+
 def estimate_memory(shape: ModelShape, step: StepConfig) -> MemoryEstimate:
     """Predicted peak of one steady-state training step (see the module docstring for the terms)."""
     if step.layers > shape.num_layers:
@@ -355,6 +370,8 @@ def estimate_memory(shape: ModelShape, step: StepConfig) -> MemoryEstimate:
     activations = counts.saved * ACT_COEF + counts.heap * HEAP_COEF + counts.boundaries
     dequant = dequant_chunk_bytes(shape, step) + FLOAT * DEQUANT_HOLE_COEF * counts.dequant_holes
     runtime = RUNTIME_BYTES + (CUDA_RUNTIME_BYTES if step.backend == "cuda" else 0)
+    if step.runtime_bytes is not None:
+        runtime += step.runtime_bytes - RUNTIME_REFERENCE_BYTES
     return MemoryEstimate(
         parts={
             "runtime": runtime,

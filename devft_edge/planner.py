@@ -29,6 +29,7 @@ from devft_edge.memory import (
     gib,
     max_batch,
     max_layers,
+    on_device,
 )
 from devft_edge.profiles import DeviceProfile
 from devft_edge.schedule import StageSchedule
@@ -210,7 +211,7 @@ def step_seconds(shape: ModelShape, model_name: str, step: StepConfig, profile: 
 
 def fit_profile(shape: ModelShape, step: StepConfig, profile: DeviceProfile, model_name: str = "") -> DeviceFit:
     """Predict ``step`` on ``profile``."""
-    step = replace(step, backend=profile.compute.backend)
+    step = on_device(step, profile)
     estimate = estimate_memory(shape, step)
     budget = profile.budget_bytes
     supported = step.quant in profile.quantizations
@@ -290,9 +291,7 @@ def plan(shape: ModelShape, model_name: str, profiles: Sequence[DeviceProfile], 
         )
     top = settings.step(1)
     deepest = {
-        p.name: max_layers(shape, replace(top, backend=p.compute.backend), p.budget_bytes)
-        if settings.quant in p.quantizations
-        else 0
+        p.name: max_layers(shape, on_device(top, p), p.budget_bytes) if settings.quant in p.quantizations else 0
         for p in profiles
     }
     weakest = min(deepest.values())

@@ -47,6 +47,13 @@ class Memory(_Strict):
     total_gb: float = Field(gt=0, le=4096, description="installed RAM in GiB")
     reserved_gb: float = Field(ge=0, le=4096, description="kept by OS, agent services, page cache headroom (GiB)")
     shared_with_gpu: bool = Field(description="GPU allocations come out of the same RAM (Jetson, Pi)")
+    runtime_mb: int | None = Field(
+        None,
+        gt=0,
+        le=1 << 20,
+        description="resident MiB of a Python process with torch, transformers and peft imported, measured "
+        "on the device (devft-edge profile); absent: the planner assumes its calibration machine's",
+    )
 
     @model_validator(mode="after")
     def _reserved_below_total(self) -> Memory:

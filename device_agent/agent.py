@@ -330,7 +330,7 @@ class Agent:
         from transformers import AutoConfig
 
         from devft_edge.aggregation import RULES
-        from devft_edge.memory import StepConfig, estimate_memory, model_shape
+        from devft_edge.memory import StepConfig, estimate_memory, model_shape, on_device
 
         settings, method, quant = order.train, order.method, pack.manifest.quant
         step = StepConfig(
@@ -341,9 +341,9 @@ class Agent:
             quant=quant.scheme,
             quant_embeddings=quant.embeddings,
             checkpointing=settings.checkpointing,
-            backend=self.profile.compute.backend,
             merged_delta=RULES.get(method.rule).merges_into_base,
         )
+        step = on_device(step, self.profile)
         peak = estimate_memory(model_shape(AutoConfig.from_pretrained(pack.directory)), step).peak_bytes
         limit = memory_limit_bytes()
         budget = capped_profile(self.profile, limit).budget_bytes

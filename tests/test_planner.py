@@ -10,9 +10,9 @@ import pytest
 
 from devft_edge.cli import main
 from devft_edge.errors import ConfigError
-from devft_edge.memory import model_shape
+from devft_edge.memory import RUNTIME_REFERENCE_BYTES, estimate_memory, model_shape, on_device
 from devft_edge.models import load_config
-from devft_edge.planner import PlanSettings, capped_capacities, plan
+from devft_edge.planner import PlanSettings, capped_capacities, fit_profile, plan
 from devft_edge.profiles import load_profile
 
 
@@ -145,6 +145,8 @@ def test_cli_profile_writes_a_loadable_profile(tmp_path, capsys):
     profile = load_profile("mine", [tmp_path])
     assert profile.cpu.cores >= 1 and profile.budget_bytes > 0 and profile.compute.sustained_gflops > 0
     assert profile.sources["network"].startswith("placeholder")
+    # this machine's runtime, measured as the reference was: within 10% of it (423 MiB here)
+    assert abs(profile.memory.runtime_mb * 2**20 / RUNTIME_REFERENCE_BYTES - 1) < 0.1, profile.memory.runtime_mb
     step = profile.measured_step
     assert step is not None and step.model == "tiny" and step.layers == 1 and step.peak_bytes > 100 * 2**20
     assert main(["plan", "--profile", "mine", "--profiles-dir", str(tmp_path), "--json"]) == 0
@@ -171,6 +173,30 @@ def test_measured_step_calibrates_step_time(shape):
     assert (
         other_model.stages[0].profiles["rpi5-8gb"].step_seconds == without.stages[0].profiles["rpi5-8gb"].step_seconds
     )
+
+
+def test_a_devices_measured_runtime_moves_its_predicted_peak_and_its_fit(shape):
+    """A profile that measured its runtime 200 MiB above the calibration machine's is predicted 200
+    MiB higher at every stage; one without the measurement as before; the budget decides the fit."""
+    base = load_profile("rpi5-4gb")
+    heavier = base.model_copy(
+        update={"memory": base.memory.model_copy(update={"runtime_mb": RUNTIME_REFERENCE_BYTES // 2**20 + 200})}
+    )
+    settings = PlanSettings(stages=4, batch=4, seq=64)
+    step = settings.step(30)
+    assert estimate_memory(shape, on_device(step, base)).peak_bytes == estimate_memory(shape, step).peak_bytes
+    shift = estimate_memory(shape, on_device(step, heavier)).peak_bytes - estimate_memory(shape, step).peak_bytes
+    assert shift == 200 * 2**20
+    with_runtime = plan(shape, "smollm2", [heavier], settings)
+    without = plan(shape, "smollm2", [base], settings)
+    for a, b in zip(with_runtime.stages, without.stages, strict=True):
+        assert a.profiles["rpi5-4gb"].peak_bytes - b.profiles["rpi5-4gb"].peak_bytes == 200 * 2**20
+    # just enough memory for the full-depth stage on the reference runtime, not on the heavier one
+    need = estimate_memory(shape, on_device(step, base)).peak_bytes
+    tight = {"total_gb": (need + 2**20) / 2**30 + base.memory.reserved_gb}
+    fits_reference = base.model_copy(update={"memory": base.memory.model_copy(update=tight)})
+    fits_not = heavier.model_copy(update={"memory": heavier.memory.model_copy(update=tight)})
+    assert fit_profile(shape, step, fits_reference).fits and not fit_profile(shape, step, fits_not).fits
 
 
 def test_transfer_times_follow_the_profile_links(shape):
