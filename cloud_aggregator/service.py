@@ -143,6 +143,10 @@ class Aggregator:
             self._resume_loop()
         self.serving = RateLimiter(cfg.serve_rate_bytes_per_s, burst=2 * WINDOW * cfg.chunk_bytes)
         """Chunk bytes each device may draw: one request is a small message, its answer up to a window."""
+        self._waiting: dict[str, tuple[BlobInfo, tuple[int, ...]]] = {}
+        """device -> the one chunk request it made that its bucket could not pay for yet: served by
+        :meth:`_serve_waiting` once it can (shaping an honest pull faster than the limit; at most one
+        per known device, and a second ask meanwhile is refused)."""
         self._next_reap = 0.0
         self.intake = UpdateIntake(
             self.store,
@@ -275,9 +279,26 @@ class Aggregator:
         self._require_known(device)
         info, indices = wanted(ChunkRequest.from_data(message.data), self._served)
         if not self.serving.allow(device, len(indices) * info.chunk_bytes):
-            raise ProtocolError(
-                Reason.RATE, f"{device} asks for chunks faster than {self.cfg.serve_rate_bytes_per_s} B/s"
-            )
+            if device in self._waiting:
+                raise ProtocolError(
+                    Reason.RATE, f"{device} asks for chunks faster than {self.cfg.serve_rate_bytes_per_s} B/s"
+                )
+            self._waiting[device] = (info, indices)  # served when its bucket has refilled
+            return
+        self._serve(device, info, indices)
+
+    def _serve_waiting(self) -> None:
+        """Serve each waiting chunk request whose device's bucket can now pay for it (a request for
+        a blob the open stage no longer serves is dropped: the device asks for the new one)."""
+        for device, (info, indices) in list(self._waiting.items()):
+            if self._served(info.sha256) is None:
+                del self._waiting[device]
+            elif self.serving.allow(device, len(indices) * info.chunk_bytes):
+                del self._waiting[device]
+                self._serve(device, info, indices)
+
+    def _serve(self, device: str, info: BlobInfo, indices: tuple[int, ...]) -> None:
+        """Send ``device`` the chunks ``indices`` of ``info``, counting the bytes."""
         sent = send_chunks(self.store, info, indices, lambda chunk, body: self._send_payload(device, chunk, body=body))
         self.state.bytes_down += sent.bytes
         if info.sha256 in (self.state.pack, self.state.plan):
@@ -365,6 +386,16 @@ class Aggregator:
     def _tick(self) -> None:
         if self.connection.connects > self._connects_seen:
             self._reconnected()
+        if self._waiting:
+            try:
+                self._serve_waiting()
+            except ProtocolError as error:  # the send queue was full: the device asks again
+                self.state.count_rejection(error.reason.value)
+                logger.warning("waiting chunk request not served: %s", error)
+            except Exception:  # the error boundary, as for a message: the service goes on
+                self._waiting.clear()
+                self.state.count_rejection(Reason.INTERNAL.value)
+                logger.exception("waiting chunk requests failed; counted as %s", Reason.INTERNAL.value)
         if self.state.finished:
             return
         if self.state.stage == 0:

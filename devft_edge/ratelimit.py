@@ -5,7 +5,10 @@ a bound, one requester can keep the holder reading and publishing chunks at disk
 and starve everyone else. Each key (a device id) has a bucket that refills at ``rate_per_s`` up to
 ``burst``; a request of ``cost`` is allowed when the bucket holds that much, which it then spends.
 With ``cost`` the chunk's bytes, ``rate_per_s`` is bytes per second and ``burst`` the most one
-requester can draw at once (at least a window of chunks, so an honest transfer never waits).
+requester can draw at once (at least a window of chunks). A holder that refuses what the bucket
+cannot pay for polices; the aggregator shapes instead: it keeps one such request per device and
+serves it once the bucket has refilled, so an honest pull faster than the rate is paced, not
+refused, and only a second ask meanwhile is (``cloud_aggregator/service.py``).
 
 Memory is bounded: beyond ``max_keys`` the least recently seen key is forgotten, and comes back with
 a full bucket. Keys should therefore be authenticated identities (registered device ids), which an
