@@ -166,13 +166,15 @@ def _cuda() -> tuple[str | None, float | None]:
 
 RUNTIME_PROBE = (
     "import re, pathlib, torch, transformers, peft; "
-    "print(re.search(r'VmRSS:\\s+(\\d+)', pathlib.Path('/proc/self/status').read_text()).group(1))"
+    "print(re.search(r'RssAnon:\\s+(\\d+)', pathlib.Path('/proc/self/status').read_text()).group(1))"
 )
-"""A fresh interpreter imports the training runtime and prints its resident KiB."""
+"""A fresh interpreter imports the training runtime and prints its anonymous resident KiB: the
+file-backed part (the libraries' mapped pages) depends on the page cache, not on the platform
+(the same venv measured 100 and 170 MiB of it, freshly installed or not)."""
 
 
 def runtime_bytes() -> int | None:
-    """Resident memory of a fresh Python process with torch, transformers and peft imported, as
+    """Anonymous resident memory of a fresh Python process with torch, transformers and peft imported, as
     :data:`devft_edge.memory.RUNTIME_REFERENCE_BYTES` was measured; None where ``/proc`` is missing."""
     import subprocess
     import sys
@@ -222,7 +224,7 @@ def measure_profile(
         "sources": {
             "memory": "measured: /proc/meminfo MemTotal",
             "reserved": f"measured: MemTotal - MemAvailable at profiling time + {RESERVE_MARGIN_GB} GiB margin",
-            "runtime": "measured: VmRSS of a fresh interpreter with torch, transformers and peft imported"
+            "runtime": "measured: RssAnon of a fresh interpreter with torch, transformers and peft imported"
             if runtime
             else "not measured (no /proc): the planner assumes its calibration machine's",
             "cpu": "measured: /proc/cpuinfo, usable cores from the scheduler affinity mask",

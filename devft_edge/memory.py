@@ -75,11 +75,12 @@ STEP_EFFICIENCY = 0.476
 """Fraction of the sustained GEMM throughput a LoRA training step achieves."""
 LORA_BYTES_PER_PARAM = 6 * FLOAT
 """Factor, gradient, AdamW's two moments, and the agent's two copies of the starting LoRA."""
-RUNTIME_REFERENCE_BYTES = 423 * 2**20
-"""Resident memory of a fresh Python process with torch, transformers and peft imported, on the
-machine ``RUNTIME_BYTES`` was fitted on, as :func:`devft_edge.device_probe.runtime_bytes` measures
-it (2026-11-30: 423-424 MiB in 4 runs). A device whose profile measured its own runtime is predicted
-with the difference: the libraries differ by platform (aarch64 under qemu: 503 MiB, docs/edge.md)."""
+RUNTIME_REFERENCE_BYTES = 323 * 2**20
+"""Anonymous resident memory of a fresh Python process with torch, transformers and peft imported,
+on the machine ``RUNTIME_BYTES`` was fitted on, as :func:`devft_edge.device_probe.runtime_bytes`
+measures it (2026-11-30: 323 MiB in every run, in two venvs). A device whose profile measured its
+own runtime is predicted with the difference: the libraries differ by platform (aarch64 torch 2.10
+under qemu: 411 MiB, docs/edge.md)."""
 CUDA_RUNTIME_BYTES = 1 * 2**30
 """Extra process memory of a CUDA context with cuBLAS on Jetson-class devices. Not calibrated
 here (no GPU on the development machine): an estimate from NVIDIA's Jetson documentation."""

@@ -145,7 +145,7 @@ def test_cli_profile_writes_a_loadable_profile(tmp_path, capsys):
     profile = load_profile("mine", [tmp_path])
     assert profile.cpu.cores >= 1 and profile.budget_bytes > 0 and profile.compute.sustained_gflops > 0
     assert profile.sources["network"].startswith("placeholder")
-    # this machine's runtime, measured as the reference was: within 10% of it (423 MiB here)
+    # this machine's runtime, measured as the reference was: within 10% of it (323 MiB here)
     assert abs(profile.memory.runtime_mb * 2**20 / RUNTIME_REFERENCE_BYTES - 1) < 0.1, profile.memory.runtime_mb
     step = profile.measured_step
     assert step is not None and step.model == "tiny" and step.layers == 1 and step.peak_bytes > 100 * 2**20
