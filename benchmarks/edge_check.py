@@ -438,10 +438,10 @@ def write_doc(doc: Path, results: dict[str, Any]) -> None:
     """Rewrite the results block of ``docs/edge.md`` (between its markers) from ``results``."""
     bundle, inst, run_, sm, prof = (results[k] for k in ("bundle", "install", "run", "smollm2", "profile"))
     mib = 2**20
-    from devft_edge.memory import RUNTIME_REFERENCE_BYTES
+    from devft_edge.memory import runtime_difference
 
     # the planner's prediction for this device once its profile's measured runtime is known
-    offset = prof["runtime_mb"] * mib - RUNTIME_REFERENCE_BYTES if prof.get("runtime_mb") else 0
+    offset = runtime_difference(prof["runtime_mb"] * mib if prof.get("runtime_mb") else None)
 
     def peaks(run: dict[str, Any]) -> str:
         shown = ", ".join(f"{p / mib:.0f}" for p in run["predicted_peak_bytes"] if p) or "-"

@@ -165,10 +165,9 @@ def _cuda() -> tuple[str | None, float | None]:
 
 
 RUNTIME_PROBE = (
-    "import re, pathlib, torch, transformers, peft; "
-    "print(re.search(r'RssAnon:\\s+(\\d+)', pathlib.Path('/proc/self/status').read_text()).group(1))"
+    "import torch, transformers, peft; from devft_edge.peak_memory import status_bytes; print(status_bytes('RssAnon'))"
 )
-"""A fresh interpreter imports the training runtime and prints its anonymous resident KiB: the
+"""A fresh interpreter imports the training runtime and prints its anonymous resident bytes: the
 file-backed part (the libraries' mapped pages) depends on the page cache, not on the platform
 (the same venv measured 100 and 170 MiB of it, freshly installed or not)."""
 
@@ -181,8 +180,12 @@ def runtime_bytes() -> int | None:
 
     if not Path("/proc/self/status").exists():
         return None
-    done = subprocess.run([sys.executable, "-c", RUNTIME_PROBE], capture_output=True, text=True, check=True)
-    return int(done.stdout.split()[-1]) * 1024
+    from devft_edge.errors import DevFTError
+
+    done = subprocess.run([sys.executable, "-c", RUNTIME_PROBE], capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise DevFTError(f"the runtime probe failed (exit {done.returncode}): {done.stderr.strip()[-1000:]}")
+    return int(done.stdout.split()[-1])
 
 
 def measure_profile(

@@ -356,6 +356,11 @@ def dequant_chunk_bytes(shape: ModelShape, step: StepConfig) -> int:
     return max(min(out_f, CHUNK_ROWS) * in_f for out_f, in_f in widest) * FLOAT
 
 
+def runtime_difference(runtime_bytes: int | None) -> int:
+    """What a device's measured runtime adds to the calibration machine's (0 when not measured)."""
+    return 0 if runtime_bytes is None else runtime_bytes - RUNTIME_REFERENCE_BYTES
+
+
 def on_device(step: StepConfig, profile: DeviceProfile) -> StepConfig:
     """``step`` as ``profile``'s device runs it: its backend and, when its profile measured it, its
     own runtime memory."""
@@ -371,8 +376,7 @@ def estimate_memory(shape: ModelShape, step: StepConfig) -> MemoryEstimate:
     activations = counts.saved * ACT_COEF + counts.heap * HEAP_COEF + counts.boundaries
     dequant = dequant_chunk_bytes(shape, step) + FLOAT * DEQUANT_HOLE_COEF * counts.dequant_holes
     runtime = RUNTIME_BYTES + (CUDA_RUNTIME_BYTES if step.backend == "cuda" else 0)
-    if step.runtime_bytes is not None:
-        runtime += step.runtime_bytes - RUNTIME_REFERENCE_BYTES
+    runtime += runtime_difference(step.runtime_bytes)
     return MemoryEstimate(
         parts={
             "runtime": runtime,

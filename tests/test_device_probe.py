@@ -135,3 +135,14 @@ def test_a_profile_is_capped_to_the_limit_and_the_aggregator_reads_the_same_budg
         # what the hello carries, validated as the aggregator does: the same budget
         again = parse_profile(capped.model_dump(mode="json", exclude={"name"}), "pi", "<hello>")
         assert again.budget_bytes == capped.budget_bytes
+
+
+def test_a_runtime_probe_that_fails_says_why(monkeypatch) -> None:
+    """``devft-edge profile`` on a device whose runtime does not import gets the probe's error, not
+    a traceback about parsing its output."""
+    from devft_edge.device_probe import runtime_bytes
+    from devft_edge.errors import DevFTError
+
+    monkeypatch.setattr(sys, "executable", "/bin/false")
+    with pytest.raises(DevFTError, match="runtime probe failed"):
+        runtime_bytes()
