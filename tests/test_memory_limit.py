@@ -133,6 +133,22 @@ def test_a_profile_that_claims_too_little_refuses_without_any_cgroup(tmp_path, m
     assert why is not None and "memory cgroup limit none" in why
 
 
+def test_the_check_predicts_with_the_devices_own_runtime(tmp_path, monkeypatch) -> None:
+    """A profile that measured its device's runtime memory (``memory.runtime_mb``) moves the
+    prediction by its difference from the calibration machine's, as the planner does: a limit the
+    reference runtime fits under refuses a device whose libraries take 200 MiB more."""
+    from devft_edge.memory import RUNTIME_REFERENCE_BYTES
+
+    agent = _agent(tmp_path)
+    task, pack, predicted = _tiny_task(tmp_path, 4)
+    monkeypatch.setattr("device_agent.agent.memory_limit_bytes", lambda: predicted + 100 * MIB)
+    assert agent._over_budget(task, pack) is None
+    memory = agent.profile.memory.model_copy(update={"runtime_mb": RUNTIME_REFERENCE_BYTES // MIB + 200})
+    agent.profile = agent.profile.model_copy(update={"memory": memory})
+    why = agent._over_budget(task, pack)
+    assert why is not None and f"predicted peak {(predicted + 200 * MIB) / MIB:.0f} MiB" in why
+
+
 # ---- real processes in real memory cgroups ---------------------------------------------------------------
 
 

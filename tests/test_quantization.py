@@ -161,6 +161,26 @@ def test_bound_heap_and_its_opt_out(monkeypatch):
     assert bound_heap() is False
 
 
+@pytest.mark.parametrize("service", ["cloud_aggregator.service:Aggregator", "device_agent.agent:Agent"])
+def test_the_services_bound_the_heap_before_anything_else(service, monkeypatch):
+    """The aggregator and the agent fix the mmap threshold first thing: the agent's memory plan
+    assumes it, and the aggregator's resident memory otherwise keeps the stage builds' freed heap.
+    (Only a whole-run RSS bound would notice its removal otherwise, and only in some runs.)"""
+    import importlib
+
+    class Bounded(Exception):
+        pass
+
+    def bound_heap() -> bool:
+        raise Bounded  # stops the constructor here: nothing of its config was needed before
+
+    monkeypatch.setattr("devft_edge.allocator.bound_heap", bound_heap)
+    module, name = service.split(":")
+    cls = getattr(importlib.import_module(module), name)
+    with pytest.raises(Bounded):
+        cls(None, "unused") if name == "Aggregator" else cls(None)
+
+
 @pytest.mark.parametrize("out_features", [100, 9000])
 def test_a_merged_update_rides_beside_the_quantized_weight(out_features):
     """FLoRA on a quantized pack: the global update is added to what the layer computes with (every
