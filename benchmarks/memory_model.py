@@ -16,7 +16,7 @@ admit a device by the peak it can hit, so every row keeps each run's peak
 --repeat N`` adds N more runs to every row measured before.
 
     python benchmarks/memory_model.py measure            # ~25 min on 2 cores, writes results JSON
-    python benchmarks/memory_model.py measure --missing  # only the cases not measured yet
+    python benchmarks/memory_model.py measure --missing  # only the cases not measured yet (3 runs each)
     python benchmarks/memory_model.py measure --repeat 2 # two more runs of every measured case
     python benchmarks/memory_model.py fit                # fitted coefficients (paste into memory.py)
     python benchmarks/memory_model.py report --markdown docs/memory_model.md
@@ -130,6 +130,10 @@ CASES = [
     # block's heap holes pinned under heap-sized block inputs (its largest extrapolation)
     _held(30, 2, 128, "int4", checkpointing=True),
     _held(15, 4, 64, checkpointing=True, rank=16),
+    # added to test the label of three misses ("rank 32 on a quantized base"): their rank-8 twins
+    _held(8, 1, 64, "int4", checkpointing=True),
+    _held(15, 2, 256, "int8"),
+    _held(4, 2, 128, "int4"),
     # held out since the first calibration (then called validation)
     _held(4, 8, 128),
     _held(8, 4, 64),
@@ -171,8 +175,9 @@ def cmd_measure(args: argparse.Namespace) -> int:
             row["train_peak_bytes"] = max(row["train_peak_runs"])
     else:
         done = {_case(r).key for r in rows}
-        for case, (m,) in _probe_all([case for case in CASES if case.key not in done], args.threads):
-            row = {**asdict(case), **asdict(m), "train_peak_runs": [m.train_peak_bytes]}
+        for case, runs in _probe_all([case for case in CASES if case.key not in done], args.threads, args.runs):
+            peaks = [m.train_peak_bytes for m in runs]
+            row = {**asdict(case), **asdict(runs[0]), "train_peak_bytes": max(peaks), "train_peak_runs": peaks}
             rows.append({**row, "measured": date, "idle": not args.loaded})
     if kept:  # the matmul probe belongs to the idle session whose step times the efficiency is fitted on
         header = {k: kept[k] for k in ("date", "machine", "matmul_gflops", "command")}
@@ -440,6 +445,7 @@ def main(argv: list[str] | None = None) -> int:
         "--loaded", action="store_true", help="the machine is not idle: step times are kept out of the efficiency fit"
     )
     m.add_argument("--repeat", type=int, default=0, help="add this many runs to every row measured before")
+    m.add_argument("--runs", type=int, default=3, help="runs of each case measured for the first time")
     m.set_defaults(func=cmd_measure)
     sub.add_parser("fit", help="print fitted coefficients").set_defaults(func=cmd_fit)
     r = sub.add_parser("report", help="predicted vs measured table")

@@ -174,9 +174,13 @@ def test_checkpointing_pins_every_blocks_heap_holes_only_below_the_threshold(smo
 KNOWN_MISSES: dict[tuple[int, int, int, str, bool, int], str] = {
     (30, 1, 128, "none", False, 8): "-3.0%: batch 1 at full depth; plan --check measured 1.46-1.47 GiB of its 1.47 GiB",
     (30, 1, 512, "int4", True, 8): "-4.0%: checkpointing on a quantized base at 512 tokens",
-    (8, 1, 64, "int4", True, 32): "+7.1%: rank 32 on a quantized base, over-predicted; cause not found",
-    (15, 2, 256, "int8", False, 32): "+5.9%: rank 32 on a quantized base, over-predicted; cause not found",
-    (4, 2, 128, "int4", False, 32): "+6.3%: rank 32 on a quantized base, over-predicted; cause not found",
+    # small steps on a quantized base, over-predicted by 38-76 MiB at rank 8 and 32 alike (the rank-8
+    # twins measured 2026-11-30: rank 32 adds 6-22 MiB of the error); cause not found
+    (8, 1, 64, "int4", True, 32): "+7.1%: a small step on a quantized base (its rank-8 twin +6.6%)",
+    (8, 1, 64, "int4", True, 8): "+6.6%: a small step on a quantized base, 38 MiB over",
+    (15, 2, 256, "int8", False, 32): "+5.9%: a small step on a quantized base (its rank-8 twin +4.4%)",
+    (4, 2, 128, "int4", False, 32): "+6.3%: a small step on a quantized base (its rank-8 twin +5.7%)",
+    (4, 2, 128, "int4", False, 8): "+5.7%: a small step on a quantized base, 42 MiB over",
     (30, 2, 256, "int8", True, 8): "-2.5%: checkpointing on a quantized base at 512 tokens",
     (30, 2, 128, "int4", True, 8): "-3.9%: checkpointing at 256 tokens, the pinned-holes term's extrapolation",
     (15, 8, 128, "none", False, 8): "-3.9%: its highest of 3 runs; the first was 2,152 MiB (+0.7%)",
