@@ -1,15 +1,18 @@
 """A shared CPU: the training step rate alone and beside one competing CPU-bound process.
 
 Each measurement is a fresh subprocess (so OpenMP's environment is read before torch starts its
-thread pool): the ``tiny`` model's 2-layer stage submodel with LoRA attached as the simulator and the
-agent do, ``--warmup`` untimed steps of :func:`devft_edge.training.train_local`, then ``--steps``
-timed ones. "Shared" runs it while a competitor subprocess (a torch matmul loop with torch's default
-threads and OpenMP settings) runs on the same cores; the competitor is started first and killed
-after. Settings differ only in the worker's environment. Run it alone on the machine.
+thread pool): a stage submodel (``--model``, ``--layers``; the ``tiny`` model's 2 layers by default)
+with LoRA attached as the simulator and the agent do, ``--warmup`` untimed steps of
+:func:`devft_edge.training.train_local`, then ``--steps`` timed ones. "Shared" runs it while a
+competitor subprocess (a torch matmul loop with torch's default threads and OpenMP settings) runs on
+the same cores; the competitor is started first and killed after. Settings differ only in the
+worker's environment. Run it alone on the machine.
 
     python benchmarks/shared_cpu.py [--repeats 3] [--steps 30]
+    python benchmarks/shared_cpu.py --model smollm2 --layers 4 --settings default configure_threads
 
-Results: ``benchmarks/results/system/shared_cpu.json``.
+Results: ``benchmarks/results/system/shared_cpu.json`` (``shared_cpu-smollm2-4.json`` for that model
+and depth).
 """
 
 from __future__ import annotations
@@ -53,9 +56,9 @@ from devft_edge.lora import LoraSettings, attach_lora
 from devft_edge.models import load_model, load_tokenizer
 from devft_edge.submodel import build_submodel
 from devft_edge.training import TrainSettings, train_local
-steps, warmup = int(sys.argv[1]), int(sys.argv[2])
-base, tok = load_model("tiny"), load_tokenizer("tiny")
-model = attach_lora(build_submodel(base, even_groups(num_layers(base.config), 2), FUSIONS.get("dblf")).model,
+steps, warmup, name, layers = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+base, tok = load_model(name), load_tokenizer(name)
+model = attach_lora(build_submodel(base, even_groups(num_layers(base.config), layers), FUSIONS.get("dblf")).model,
                     LoraSettings())
 stream = batches(generate_synthetic(64, seed=0), 4, 0, tok, 64)
 torch.manual_seed(0)
@@ -81,7 +84,9 @@ def _env(extra: dict[str, str]) -> dict[str, str]:
     return env
 
 
-def measure(setting: str, steps: int, warmup: int, shared: bool) -> dict[str, float]:
+def measure(
+    setting: str, steps: int, warmup: int, shared: bool, model: str = "tiny", layers: int = 2
+) -> dict[str, float]:
     """One worker run; with ``shared`` a competitor runs beside it."""
     competitor = None
     if shared:
@@ -89,12 +94,12 @@ def measure(setting: str, steps: int, warmup: int, shared: bool) -> dict[str, fl
         time.sleep(2.0)  # its torch import done, its matmul loop running
     try:
         out = subprocess.run(
-            [sys.executable, "-c", WORKER, str(steps), str(warmup)],
+            [sys.executable, "-c", WORKER, str(steps), str(warmup), model, str(layers)],
             env=_env(SETTINGS[setting]),
             capture_output=True,
             text=True,
             check=True,
-            timeout=300,
+            timeout=900,
         )
     finally:
         if competitor is not None:
@@ -110,8 +115,15 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
-    parser.add_argument("--out", type=Path, default=HERE / "results" / "system" / "shared_cpu.json")
+    parser.add_argument("--model", default="tiny", help="model spec whose stage submodel trains")
+    parser.add_argument("--layers", type=int, default=2, help="depth of that stage submodel")
+    parser.add_argument("--out", type=Path, default=None, help="results JSON (default: by model and depth)")
     args = parser.parse_args()
+    system = HERE / "results" / "system"
+    default = (
+        "shared_cpu.json" if (args.model, args.layers) == ("tiny", 2) else f"shared_cpu-{args.model}-{args.layers}.json"
+    )
+    out: Path = args.out or system / default
 
     load_before = [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
     runs: dict[str, dict[str, list[float]]] = {s: {"idle": [], "shared": []} for s in args.settings}
@@ -119,7 +131,7 @@ def main() -> None:
     for repeat in range(args.repeats):
         for setting in args.settings:
             for mode in ("idle", "shared"):
-                result = measure(setting, args.steps, args.warmup, mode == "shared")
+                result = measure(setting, args.steps, args.warmup, mode == "shared", args.model, args.layers)
                 runs[setting][mode].append(result["steps_per_s"])
                 threads[setting] = result["threads"]
                 print(f"repeat {repeat} {setting:18s} {mode:6s}: {result['steps_per_s']:.2f} steps/s", flush=True)
@@ -139,14 +151,15 @@ def main() -> None:
         "machine": {"platform": platform.platform(), "processor": platform.machine(), "cpus": os.cpu_count()},
         "load_before": load_before,
         "load_after": [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]],
-        "workload": f"tiny model, 2-layer DBLF stage submodel, LoRA, batch 4, seq 64, {args.warmup} warm-up + "
+        "workload": f"{args.model} model, {args.layers}-layer DBLF stage submodel, LoRA, batch 4, seq 64, "
+        f"{args.warmup} warm-up + "
         f"{args.steps} timed train_local steps",
         "competitor": "torch.mm 512x512 loop, torch default threads and OpenMP settings",
         "repeats": args.repeats,
         "settings": table,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"{'setting':18s} {'idle/s':>8s} {'shared/s':>9s} {'shared/idle(default)':>21s}")
     for setting, row in table.items():
         idle, shared = row["idle"], row["shared"]
