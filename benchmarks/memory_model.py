@@ -15,7 +15,7 @@ admit a device by the peak it can hit, so every row keeps each run's peak
 (``train_peak_runs``) and is fitted and judged by the highest (``train_peak_bytes``); ``measure
 --repeat N`` adds N more runs to every row measured before.
 
-    python benchmarks/memory_model.py measure            # 3 fresh runs per case: ~75 min on 2 cores
+    python benchmarks/memory_model.py measure            # 3 fresh runs per case (1 run each: ~25 min, 2 cores)
     python benchmarks/memory_model.py measure --missing  # only the cases not measured yet (3 runs each)
     python benchmarks/memory_model.py measure --repeat 2 # two more runs of every measured case
     python benchmarks/memory_model.py fit                # fitted coefficients (paste into memory.py)
