@@ -300,6 +300,12 @@ def fit(rows: list[dict], shape: memory.ModelShape) -> dict[str, float]:
     return dict(zip(names, coef, strict=True))
 
 
+def _fitted_peak(shape: memory.ModelShape, case: Case, fitted: dict[str, float]) -> float:
+    """Predicted peak (bytes) of ``case`` with coefficients from :func:`fit` instead of those in use."""
+    regressors, fixed = _features(shape, case)
+    return float(regressors @ np.array(list(fitted.values())) + fixed)
+
+
 def _case(row: dict) -> Case:
     role = "held-out" if row["role"] == "validation" else row["role"]
     fields = {k: row[k] for k in ("layers", "batch", "seq", "quant", "checkpointing")}
@@ -394,6 +400,15 @@ def cmd_report(args: argparse.Namespace) -> int:
     misses = [(e, c) for e, c in errors["held-out"] if not low <= e <= high]
     verdict = "met" if not misses else f"not met at {len(misses)} of {len(errors['held-out'])} held-out points"
     lines.append(f"- goal: {verdict}" + ("." if not misses else ": marked ** above."))
+    refit = [
+        100.0 * (_fitted_peak(shape, case, fitted) - row["train_peak_bytes"]) / row["train_peak_bytes"]
+        for row in data["rows"]
+        if (case := _case(row)).role == "held-out"
+    ]
+    lines.append(
+        f"- held-out with the coefficients fitted above instead: {sum(low <= e <= high for e in refit)}/"
+        f"{len(refit)} within, {min(refit):+.1f}% to {max(refit):+.1f}%."
+    )
     spreads = [run_spread(r) for r in data["rows"] if len(peak_runs(r)) > 1]
     if spreads:
         lines.append(

@@ -11,8 +11,7 @@ worker's environment. Run it alone on the machine.
     python benchmarks/shared_cpu.py [--repeats 3] [--steps 30]
     python benchmarks/shared_cpu.py --model smollm2 --layers 4 --settings default configure_threads
 
-Results: ``benchmarks/results/system/shared_cpu.json`` (``shared_cpu-smollm2-4.json`` for that model
-and depth).
+Results: ``benchmarks/results/system/shared_cpu-MODEL-LAYERS.json``.
 """
 
 from __future__ import annotations
@@ -84,9 +83,7 @@ def _env(extra: dict[str, str]) -> dict[str, str]:
     return env
 
 
-def measure(
-    setting: str, steps: int, warmup: int, shared: bool, model: str = "tiny", layers: int = 2
-) -> dict[str, float]:
+def measure(setting: str, steps: int, warmup: int, shared: bool, model: str, layers: int) -> dict[str, float]:
     """One worker run; with ``shared`` a competitor runs beside it."""
     competitor = None
     if shared:
@@ -119,11 +116,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=2, help="depth of that stage submodel")
     parser.add_argument("--out", type=Path, default=None, help="results JSON (default: by model and depth)")
     args = parser.parse_args()
-    system = HERE / "results" / "system"
-    default = (
-        "shared_cpu.json" if (args.model, args.layers) == ("tiny", 2) else f"shared_cpu-{args.model}-{args.layers}.json"
-    )
-    out: Path = args.out or system / default
+    out: Path = args.out or HERE / "results" / "system" / f"shared_cpu-{args.model}-{args.layers}.json"
 
     load_before = [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
     runs: dict[str, dict[str, list[float]]] = {s: {"idle": [], "shared": []} for s in args.settings}

@@ -25,6 +25,7 @@ import platform
 import time
 from pathlib import Path
 
+from devft_edge.errors import DevFTError
 from devft_edge.profiles import GB, DeviceProfile, parse_profile
 
 RESERVE_MARGIN_GB = 0.25
@@ -180,8 +181,6 @@ def runtime_bytes() -> int | None:
 
     if not Path("/proc/self/status").exists():
         return None
-    from devft_edge.errors import DevFTError
-
     done = subprocess.run([sys.executable, "-c", RUNTIME_PROBE], capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise DevFTError(f"the runtime probe failed (exit {done.returncode}): {done.stderr.strip()[-1000:]}")

@@ -161,8 +161,11 @@ def test_bound_heap_and_its_opt_out(monkeypatch):
     assert bound_heap() is False
 
 
-@pytest.mark.parametrize("service", ["cloud_aggregator.service:Aggregator", "device_agent.agent:Agent"])
-def test_the_services_bound_the_heap_before_anything_else(service, monkeypatch):
+@pytest.mark.parametrize(
+    ("service", "args"),
+    [("cloud_aggregator.service:Aggregator", (None, "unused")), ("device_agent.agent:Agent", (None,))],
+)
+def test_the_services_bound_the_heap_before_anything_else(service, args, monkeypatch):
     """The aggregator and the agent fix the mmap threshold first thing: the agent's memory plan
     assumes it, and the aggregator's resident memory otherwise keeps the stage builds' freed heap.
     (Only a whole-run RSS bound would notice its removal otherwise, and only in some runs.)"""
@@ -178,7 +181,7 @@ def test_the_services_bound_the_heap_before_anything_else(service, monkeypatch):
     module, name = service.split(":")
     cls = getattr(importlib.import_module(module), name)
     with pytest.raises(Bounded):
-        cls(None, "unused") if name == "Aggregator" else cls(None)
+        cls(*args)
 
 
 @pytest.mark.parametrize("out_features", [100, 9000])
