@@ -3,21 +3,22 @@
 Each configuration (stage depth, batch, seq, LoRA rank, quantization, gradient checkpointing) of
 SmolLM2-135M is measured in a fresh process (:mod:`devft_edge.memcheck`: load the stage submodel,
 take two LoRA training steps the way the device agent does, read the kernel's peak-RSS mark). The
-coefficients of :mod:`devft_edge.memory` (runtime, activation, logit, heap-activation and
-dequantization-hole terms) are fitted by non-negative least squares on the *calibration*
+coefficients of :mod:`devft_edge.memory` (runtime, activation, logit and heap-activation
+terms) are fitted by non-negative least squares on the *calibration*
 configurations only; the *held-out* configurations (never fitted: a grid of batch 1-16, seq
 64-512, rank 4-32, fp32/int8/int4, with and without checkpointing) then show how far predictions
 are off, against the goal :data:`GOAL`.
 
-The peak itself moves between fresh-process runs of the same configuration (by up to 18% at
-one int4 point, where it falls in one of two modes; the cause is not found). The planner must
-admit a device by the peak it can hit, so every row keeps each run's peak
-(``train_peak_runs``) and is fitted and judged by the highest (``train_peak_bytes``); ``measure
---repeat N`` adds N more runs to every row measured before.
+With the agent's mmap threshold at 1 MiB the peak moved between fresh-process runs of the same
+configuration (by up to 20%, bimodal at one int4 point); with it at 128 KiB the runs agree (the
+``heap`` comparison's repeats). A row keeps each run's peak (``train_peak_runs``) and is fitted
+and judged by the highest (``train_peak_bytes``); ``measure --repeat N`` adds N more runs to every
+row measured before.
 
     python benchmarks/memory_model.py measure            # 3 fresh runs per case (1 run each: ~25 min, 2 cores)
     python benchmarks/memory_model.py measure --missing  # only the cases not measured yet (3 runs each)
     python benchmarks/memory_model.py measure --repeat 2 # two more runs of every measured case
+    python benchmarks/memory_model.py heap               # the allocator comparison (idle machine, ~10 min)
     python benchmarks/memory_model.py fit                # fitted coefficients (paste into memory.py)
     python benchmarks/memory_model.py report --markdown docs/memory_model.md
 
@@ -29,11 +30,13 @@ run on a loaded machine: they add peaks, not step times).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -41,11 +44,15 @@ from typing import Literal
 import numpy as np
 
 from devft_edge import memory
+from devft_edge.allocator import MMAP_THRESHOLD_BYTES
+from devft_edge.memcheck import Measurement, measure
 from devft_edge.memory import FLOAT, StepConfig, estimate_memory, model_shape, step_flops
 
 RESULTS = Path(__file__).resolve().parent / "results-memory" / "measurements.json"
-DEFAULT_HEAP_RESULTS = RESULTS.with_name("measurements-default-heap.json")
-"""The same cases with glibc's default (dynamic) mmap threshold, for the allocator comparison."""
+ONE_MIB_RESULTS = RESULTS.with_name("measurements-1mib.json")
+"""The grid as measured while the agent's mmap threshold was 1 MiB (until 2026-11-30), kept for the comparison."""
+HEAP_RESULTS = RESULTS.with_name("heap-settings.json")
+"""The allocator comparison: :data:`HEAP_CASES` under each heap setting (``heap`` command)."""
 GOAL = (-2.0, 5.0)
 """Issue 16 item 3: every held-out prediction within -2% / +5% (%) of its measured peak."""
 
@@ -141,6 +148,10 @@ CASES = [
     _held(8, 1, 64, "int4", checkpointing=True),
     _held(15, 2, 256, "int8"),
     _held(4, 2, 128, "int4"),
+    # added with the 128 KiB threshold: checkpointed block inputs on the heap (below 57 tokens),
+    # where every block pins its holes (memory.step_counts)
+    _held(30, 1, 48, checkpointing=True),
+    _held(8, 2, 24, "int4", checkpointing=True),
     # held out since the first calibration (then called validation)
     _held(4, 8, 128),
     _held(8, 4, 64),
@@ -165,14 +176,9 @@ def _shape() -> memory.ModelShape:
 def cmd_measure(args: argparse.Namespace) -> int:
     import os
 
-    from devft_edge.allocator import HEAP_ENV
-
-    results = DEFAULT_HEAP_RESULTS if args.default_heap else RESULTS
-    if args.default_heap:
-        os.environ[HEAP_ENV] = "default"
     date = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     command = " ".join(sys.argv)
-    kept = json.loads(results.read_text()) if (args.missing or args.repeat) and results.exists() else None
+    kept = json.loads(RESULTS.read_text()) if (args.missing or args.repeat) and RESULTS.exists() else None
     rows = list(kept["rows"]) if kept else []
     if args.repeat:
         by_key = {_case(r).key: r for r in rows}
@@ -202,9 +208,9 @@ def cmd_measure(args: argparse.Namespace) -> int:
     for row in rows:  # the role is the design's: a row measured before keeps up with it
         row["role"] = CASES[order[_case(row).key]].role if _case(row).key in order else row["role"]
     rows.sort(key=lambda r: order.get(_case(r).key, len(order)))
-    results.parent.mkdir(parents=True, exist_ok=True)
-    results.write_text(json.dumps({**header, "rows": rows}, indent=2) + "\n")
-    print(f"wrote {results}")
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps({**header, "rows": rows}, indent=2) + "\n")
+    print(f"wrote {RESULTS}")
     return 0
 
 
@@ -219,61 +225,76 @@ def run_spread(row: dict) -> float:
     return 100.0 * (max(runs) - min(runs)) / min(runs)
 
 
-def _probe_all(cases: list[Case], threads: int | None, times: int = 1) -> list[tuple[Case, list]]:
-    """Measure each case ``times`` times, each in a fresh process (submodels built once per depth and quantization)."""
-    from devft_edge.memcheck import measure, stage_submodel
+@contextlib.contextmanager
+def _submodels() -> Iterator[Callable[[Case], Path]]:
+    """A function from a case to its saved stage submodel, built once per depth and quantization
+    (in a temporary directory that lives as long as the context)."""
+    from devft_edge.memcheck import stage_submodel
     from devft_edge.models import load_model
     from devft_edge.quantization import QuantSpec
     from devft_edge.weights import save_base
 
     base = load_model("smollm2")
-    out = []
     with tempfile.TemporaryDirectory(prefix="devft-memory-") as tmp:
         built: dict[tuple[int, str], Path] = {}
-        for number, case in enumerate(cases, start=1):
+
+        def path(case: Case) -> Path:
             key = (case.layers, case.quant)
             if key not in built:
                 _, sub = stage_submodel(base, case.layers)
                 built[key] = save_base(sub, QuantSpec(case.quant), Path(tmp) / f"{case.layers}-{case.quant}")
-            results = []
-            for _ in range(times):
-                start = time.perf_counter()
-                m = measure(
-                    built[key],
-                    "smollm2",
-                    case.batch,
-                    case.seq,
-                    rank=case.rank,
-                    checkpointing=case.checkpointing,
-                    threads=threads,
-                )
-                results.append(m)
-                print(
-                    f"[{number}/{len(cases)}] {case}: train peak {m.train_peak_bytes / 2**20:.0f} MiB, "
-                    f"load peak {m.load_peak_bytes / 2**20:.0f} MiB, step {m.step_seconds:.2f} s "
-                    f"({time.perf_counter() - start:.0f} s)",
-                    flush=True,
-                )
-            out.append((case, results))
-    return out
+            return built[key]
+
+        yield path
+
+
+def _probe(path: Path, case: Case, threads: int | None, label: str) -> Measurement:
+    """One fresh-process measurement of ``case`` on the submodel saved at ``path``, logged."""
+    start = time.perf_counter()
+    m = measure(
+        path, "smollm2", case.batch, case.seq, rank=case.rank, checkpointing=case.checkpointing, threads=threads
+    )
+    print(
+        f"[{label}] {case}: train peak {m.train_peak_bytes / 2**20:.0f} MiB, load peak "
+        f"{m.load_peak_bytes / 2**20:.0f} MiB, step {m.step_seconds:.2f} s ({time.perf_counter() - start:.0f} s)",
+        flush=True,
+    )
+    return m
+
+
+def _probe_all(cases: list[Case], threads: int | None, times: int = 1) -> list[tuple[Case, list[Measurement]]]:
+    """Measure each case ``times`` times, each in a fresh process."""
+    with _submodels() as path:
+        return [
+            (case, [_probe(path(case), case, threads, f"{n}/{len(cases)}") for _ in range(times)])
+            for n, case in enumerate(cases, start=1)
+        ]
 
 
 def _features(shape: memory.ModelShape, case: Case) -> tuple[np.ndarray, float]:
-    """Regressors (runtime, activations, logits, heap activations, dequantization holes) and the
-    fixed part, in bytes."""
+    """Regressors (runtime, activations, logits, heap activations) and the fixed part, in bytes."""
     step = case.step()
     counts = memory.step_counts(shape, step)
     parts = estimate_memory(shape, step).parts
     fixed = parts["weights"] + parts["lora"] + parts["delta"] + memory.dequant_chunk_bytes(shape, step)
-    regressors = [1.0, counts.saved, counts.logits, counts.heap, counts.dequant_holes]
+    regressors = [1.0, counts.saved, counts.logits, counts.heap]
     return np.array([1.0, *(FLOAT * x for x in regressors[1:])]), float(fixed + FLOAT * counts.boundaries)
 
 
 def fit_efficiency(rows: list[dict], shape: memory.ModelShape, gflops: float) -> float:
-    """Median fraction of the matmul probe's throughput the calibration steps achieved (timed on
-    the idle machine the probe ran on)."""
-    cal = [r for r in rows if r["role"] == "calibration" and r.get("idle", True)]
-    return float(np.median([step_flops(shape, _case(r).step()) / (r["step_seconds"] * gflops * 1e9) for r in cal]))
+    """Median fraction of the matmul probe's throughput ``rows``' steps achieved (timed on the idle
+    machine the probe ran on)."""
+    return float(np.median([step_flops(shape, _case(r).step()) / (r["step_seconds"] * gflops * 1e9) for r in rows]))
+
+
+def idle_timing(setting: str | None = None) -> tuple[float, list[dict]]:
+    """The allocator comparison's matmul probe and its rows under ``setting`` (default: the heap the
+    agent runs), each with its median ``step_seconds``: the step times that are fitted, as that
+    comparison is timed on an idle machine by design."""
+    data = json.loads(HEAP_RESULTS.read_text())
+    label = setting or heap_label(str(MMAP_THRESHOLD_BYTES))
+    rows = [{**row, "step_seconds": float(np.median(row["steps"][label]))} for row in data["rows"]]
+    return data["matmul_gflops"], rows
 
 
 def fit(rows: list[dict], shape: memory.ModelShape) -> dict[str, float]:
@@ -296,7 +317,7 @@ def fit(rows: list[dict], shape: memory.ModelShape) -> dict[str, float]:
         measured.append(r["train_peak_bytes"])
     scale = np.array(measured, dtype=float)
     coef, _ = nnls(np.array(features) / scale[:, None], np.array(targets) / scale)
-    names = ("RUNTIME_BYTES", "ACT_COEF", "LOGIT_COEF", "HEAP_COEF", "DEQUANT_HOLE_COEF")
+    names = tuple(_COEFFICIENTS)
     return dict(zip(names, coef, strict=True))
 
 
@@ -316,9 +337,10 @@ def cmd_fit(args: argparse.Namespace) -> int:
     data = json.loads(RESULTS.read_text())
     coef = fit(data["rows"], _shape())
     print(f"RUNTIME_BYTES = {coef['RUNTIME_BYTES'] / 2**20:.0f} * 2**20")
-    for name in ("ACT_COEF", "LOGIT_COEF", "HEAP_COEF", "DEQUANT_HOLE_COEF"):
+    for name in list(_COEFFICIENTS)[1:]:
         print(f"{name} = {coef[name]:.3f}")
-    print(f"STEP_EFFICIENCY = {fit_efficiency(data['rows'], _shape(), data['matmul_gflops']):.3f}")
+    gflops, timed = idle_timing()
+    print(f"STEP_EFFICIENCY = {fit_efficiency(timed, _shape(), gflops):.3f}")
     return 0
 
 
@@ -327,7 +349,6 @@ _COEFFICIENTS = {
     "ACT_COEF": "activations",
     "LOGIT_COEF": "logits",
     "HEAP_COEF": "heap activations",
-    "DEQUANT_HOLE_COEF": "dequantization holes",
 }
 
 
@@ -343,6 +364,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     shape = _shape()
     fitted = fit(data["rows"], shape)
     in_use = {name: getattr(memory, name) for name in _COEFFICIENTS}
+    gflops, timed = idle_timing()
     low, high = GOAL
     added = "".join(
         f"; {'runs' if 'repeat' in a['command'] or 'spread' in a['command'] else 'rows'} added {a['date']} "
@@ -356,8 +378,9 @@ def cmd_report(args: argparse.Namespace) -> int:
         f"`{data['command']}`{added}; this page by `python benchmarks/memory_model.py report --markdown ...`.",
         "",
         f"Coefficients in `devft_edge/memory.py`, fitted on the calibration rows only: {_coefficients(fitted)}, "
-        f"step efficiency {fit_efficiency(data['rows'], shape, data['matmul_gflops']):.3f}; in use: "
-        f"{_coefficients(in_use)}, step efficiency {memory.STEP_EFFICIENCY}.",
+        f"step efficiency {fit_efficiency(timed, shape, gflops):.3f} (the allocator comparison's idle steps "
+        f"below, matmul probe {gflops} GFLOP/s); in use: {_coefficients(in_use)}, step efficiency "
+        f"{memory.STEP_EFFICIENCY}.",
         "",
         f"Goal (issue 16 item 3): every held-out prediction within {low:+.0f}% / {high:+.0f}% of the measured "
         "peak (over-prediction turns away devices that fit; under-prediction lets one run out of memory).",
@@ -370,16 +393,13 @@ def cmd_report(args: argparse.Namespace) -> int:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     errors: dict[str, list[tuple[float, Case]]] = {"calibration": [], "held-out": []}
-    step_errors: list[float] = []
     for row in data["rows"]:
         case = _case(row)
         predicted = estimate_memory(shape, case.step()).peak_bytes
         error = 100.0 * (predicted - row["train_peak_bytes"]) / row["train_peak_bytes"]
         errors[case.role].append((error, case))
-        step_s = step_flops(shape, case.step()) / (data["matmul_gflops"] * 1e9 * memory.STEP_EFFICIENCY)
+        step_s = step_flops(shape, case.step()) / (gflops * 1e9 * memory.STEP_EFFICIENCY)
         idle = row.get("idle", True)
-        if idle:
-            step_errors.append(100.0 * (step_s - row["step_seconds"]) / row["step_seconds"])
         flag = "" if low <= error <= high or case.role == "calibration" else " **"
         lines.append(
             f"| {case.role} | {case.layers} | {case.batch} | {case.seq} | {case.rank} | {case.quant} | "
@@ -415,13 +435,19 @@ def cmd_report(args: argparse.Namespace) -> int:
             f"- run-to-run spread of the peak, {len(spreads)} rows with repeats: median {np.median(spreads):.1f}%, "
             f"largest {max(spreads):.1f}%."
         )
+    step_errors = [
+        100.0
+        * (step_flops(shape, _case(r).step()) / (gflops * 1e9 * memory.STEP_EFFICIENCY) - r["step_seconds"])
+        / r["step_seconds"]
+        for r in timed
+    ]
     lines.append(
-        f"- step time (rows timed on the idle machine): mean |error| {np.mean(np.abs(step_errors)):.1f}%, "
-        f"max |error| {max(map(abs, step_errors)):.1f}%; step times marked (loaded) were taken while other "
-        "work shared the machine and are not fitted."
+        f"- step time, predicted with the idle matmul probe: mean |error| {np.mean(np.abs(step_errors)):.1f}%, "
+        f"max |error| {max(map(abs, step_errors)):.1f}% on the allocator comparison's idle steps; step times "
+        "marked (loaded) were taken while other work shared the machine."
     )
-    if DEFAULT_HEAP_RESULTS.exists():
-        lines += _heap_comparison(data["rows"], json.loads(DEFAULT_HEAP_RESULTS.read_text()))
+    lines += _against_one_mib(data["rows"], json.loads(ONE_MIB_RESULTS.read_text())["rows"])
+    lines += _heap_comparison(json.loads(HEAP_RESULTS.read_text()))
     text = "\n".join(lines) + "\n"
     if args.markdown:
         Path(args.markdown).write_text(text)
@@ -429,31 +455,133 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _heap_comparison(bounded: list[dict], default: dict) -> list[str]:
-    """Peak and step time with glibc's default heap against the bounded heap the agent uses."""
+def _against_one_mib(rows: list[dict], before: list[dict]) -> list[str]:
+    """The same configurations' peaks with the threshold at 1 MiB: ratio and run-to-run spread."""
+    old = {_case(r).key: r for r in before}
+    pairs = [(r["train_peak_bytes"], old[_case(r).key]) for r in rows if _case(r).key in old]
+    ratios = [peak / o["train_peak_bytes"] for peak, o in pairs]
+    spreads = [run_spread(o) for _, o in pairs]
+    return [
+        f"- against the same {len(pairs)} configurations measured with the mmap threshold at 1 MiB "
+        f"(`{ONE_MIB_RESULTS.name}`, the highest of 3 runs each): peak {np.median(ratios):.2f}x (median; "
+        f"{min(ratios):.2f}-{max(ratios):.2f}); their runs had spread by {np.median(spreads):.1f}% (median), "
+        f"up to {max(spreads):.1f}%.",
+    ]
+
+
+def _heap_comparison(data: dict) -> list[str]:
+    """Peak and step time of :data:`HEAP_CASES` under each heap setting (``heap`` command)."""
+    settings = data["settings"]
     lines = [
         "",
-        "## Allocator: glibc default against the bounded heap",
+        "## Allocator: glibc's dynamic mmap threshold against fixed ones",
         "",
-        f"Same cases measured with `DEVFT_EDGE_HEAP=default` on {default['date']} by `{default['command']}`.",
+        f"Measured {data['date']} on {data['machine']} by `{data['command']}`, nothing else running: each "
+        "configuration under every setting in turn, a fresh process each; highest peak MiB and seconds of the "
+        "steady-state step (median of the runs); ratios are against the first setting.",
         "",
-        "| layers | batch | seq | quant | ckpt | default heap MiB | bounded MiB | ratio "
-        "| default step s | bounded step s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| layers | batch | seq | quant | ckpt | "
+        + " | ".join(f"{h} MiB" for h in settings)
+        + " | "
+        + " | ".join(f"{h} step s" for h in settings)
+        + " |",
+        "|---|---|---|---|---|" + "---|" * (2 * len(settings)),
     ]
-    keys = ("layers", "batch", "seq", "quant", "checkpointing")
-    by_key = {tuple(r[k] for k in keys): r for r in default["rows"]}
-    for row in bounded:
-        other = by_key.get(tuple(row[k] for k in keys)) if row.get("rank", 8) == 8 else None
-        if other is None:
-            continue
+    ratios: dict[str, list[float]] = {h: [] for h in settings}
+    peak_ratios: dict[str, list[float]] = {h: [] for h in settings}
+    spreads: dict[str, list[float]] = {h: [] for h in settings}
+    for row in data["rows"]:
+        peaks = [max(row["peaks"][h]) / 2**20 for h in settings]
+        steps = [float(np.median(row["steps"][h])) for h in settings]
+        for h, step, peak in zip(settings, steps, peaks, strict=True):
+            ratios[h].append(step / steps[0])
+            peak_ratios[h].append(peak / peaks[0])
+            spreads[h].append(100.0 * (max(row["peaks"][h]) - min(row["peaks"][h])) / min(row["peaks"][h]))
         lines.append(
             f"| {row['layers']} | {row['batch']} | {row['seq']} | {row['quant']} | "
-            f"{'yes' if row['checkpointing'] else 'no'} | {other['train_peak_bytes'] / 2**20:.0f} | "
-            f"{row['train_peak_bytes'] / 2**20:.0f} | {other['train_peak_bytes'] / row['train_peak_bytes']:.2f} | "
-            f"{other['step_seconds']:.2f} | {row['step_seconds']:.2f} |"
+            f"{'yes' if row['checkpointing'] else 'no'} | "
+            + " | ".join(f"{p:.0f}" for p in peaks)
+            + " | "
+            + " | ".join(f"{t:.2f}" for t in steps)
+            + " |"
+        )
+    lines.append("")
+    for h in settings:
+        against = (
+            ""
+            if h == settings[0]
+            else f"peak {np.median(peak_ratios[h]):.2f}x the first setting's (median; {min(peak_ratios[h]):.2f}-"
+            f"{max(peak_ratios[h]):.2f}), step time {np.median(ratios[h]):.2f}x ({min(ratios[h]):.2f}-"
+            f"{max(ratios[h]):.2f}); "
+        )
+        lines.append(
+            f"- {h}: {against}the peak's spread between runs of a configuration: median {np.median(spreads[h]):.1f}%, "
+            f"largest {max(spreads[h]):.1f}%."
         )
     return lines
+
+
+HEAP_CASES = [
+    case
+    for case in CASES
+    if case.role == "calibration"
+    and case.key
+    in {
+        (4, 4, 64, "none", False, 8),
+        (8, 8, 128, "none", False, 8),
+        (30, 4, 64, "none", False, 8),
+        (30, 8, 256, "none", True, 8),
+        (15, 4, 128, "int4", False, 8),
+        (30, 8, 64, "int8", False, 8),
+    }
+]
+"""The allocator comparison's configurations: calibration rows of every depth, 256 to 2,048 tokens,
+fp32 and quantized, with and without checkpointing (six, to keep the idle run near ten minutes)."""
+
+
+def heap_label(setting: str) -> str:
+    """``default``, or the fixed threshold in KiB/MiB."""
+    if setting == "default":
+        return "default"
+    size = int(setting)
+    return f"{size >> 20} MiB" if size % 2**20 == 0 else f"{size >> 10} KiB"
+
+
+def cmd_heap(args: argparse.Namespace) -> int:
+    """Measure :data:`HEAP_CASES` under each heap setting, the settings taken in turn per configuration
+    (rotated, so none always runs first) on an idle machine: step time is what this compares."""
+    import os
+
+    from devft_edge.allocator import HEAP_ENV
+    from devft_edge.device_probe import matmul_gflops
+
+    labels = [heap_label(h) for h in args.settings]
+    gflops = round(matmul_gflops(seconds=3.0), 1)
+    rows = []
+    with _submodels() as path:
+        for index, case in enumerate(HEAP_CASES):
+            peaks: dict[str, list[int]] = {label: [] for label in labels}
+            steps: dict[str, list[float]] = {label: [] for label in labels}
+            shift = index % len(args.settings)
+            for _ in range(args.runs):
+                for setting in args.settings[shift:] + args.settings[:shift]:
+                    os.environ[HEAP_ENV] = setting
+                    m = _probe(path(case), case, args.threads, f"{index + 1}/{len(HEAP_CASES)} {heap_label(setting)}")
+                    peaks[heap_label(setting)].append(m.train_peak_bytes)
+                    steps[heap_label(setting)].append(m.step_seconds)
+            rows.append({**asdict(case), "peaks": peaks, "steps": steps})
+    os.environ.pop(HEAP_ENV)
+    data = {
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": f"{platform.machine()}, {len(os.sched_getaffinity(0))} cores",
+        "command": " ".join(sys.argv),
+        "matmul_gflops": gflops,
+        "settings": labels,
+        "rows": rows,
+    }
+    HEAP_RESULTS.write_text(json.dumps(data, indent=2) + "\n")
+    print("\n".join(_heap_comparison(data)))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -461,7 +589,6 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     m = sub.add_parser("measure", help="measure every configuration (fresh process each)")
     m.add_argument("--threads", type=int, default=None, help="torch threads per probe")
-    m.add_argument("--default-heap", action="store_true", help="keep glibc's dynamic mmap threshold (comparison)")
     m.add_argument("--missing", action="store_true", help="measure only cases not yet in the results; keep the rest")
     m.add_argument(
         "--loaded", action="store_true", help="the machine is not idle: step times are kept out of the efficiency fit"
@@ -469,6 +596,11 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--repeat", type=int, default=0, help="add this many runs to every row measured before")
     m.add_argument("--runs", type=int, default=3, help="runs of each case measured for the first time")
     m.set_defaults(func=cmd_measure)
+    h = sub.add_parser("heap", help="peak and step time under glibc's default heap and fixed mmap thresholds")
+    h.add_argument("--settings", nargs="+", default=["default", str(2**20), str(MMAP_THRESHOLD_BYTES)])
+    h.add_argument("--runs", type=int, default=1, help="runs of each configuration under each setting")
+    h.add_argument("--threads", type=int, default=None, help="torch threads per probe")
+    h.set_defaults(func=cmd_heap)
     sub.add_parser("fit", help="print fitted coefficients").set_defaults(func=cmd_fit)
     r = sub.add_parser("report", help="predicted vs measured table")
     r.add_argument("--markdown", default=None, help="also write the table here")

@@ -30,12 +30,13 @@ family is counted exactly) and a few calibrated coefficients:
 - ``logits``: ``b * s * vocab`` floats times ``LOGIT_COEF`` (logits, their log-softmax and
   gradient; for a 135M model with a 49k vocabulary this is the largest activation).
 - ``dequant``: a quantized layer's fp32 weight exists while it computes, at most
-  ``CHUNK_ROWS`` rows at a time (the LM head is the biggest); and heap-sized dequantized weights
-  leave a hole per block where no kept activation fits in it (:func:`dequant_hole_width`,
-  ``DEQUANT_HOLE_COEF``).
+  ``CHUNK_ROWS`` rows at a time (the LM head is the biggest).
 
-The heap terms are why the model is not a plain count of tensors: the same activations cost up
-to twice as much below the threshold as above it, and only by the sizes glibc's allocator sees.
+The heap term is why the model is not a plain count of tensors: the same activations cost more
+below the threshold than above it, and only by the sizes glibc's allocator sees. The agent keeps
+that threshold at 128 KiB, so at SmolLM2's sizes little is left on the heap; with it at 1 MiB
+the heap's holes made up to 34% of a peak, moved it by up to 20% between runs of the same step
+and needed terms of their own (docs/planning.md, "The allocator finding").
 The coefficients are fitted to measured peaks on the development machine, on a calibration set
 of configurations, and tested on held-out ones (batch 1-16, seq 64-512, rank 4-32, fp32/int8/int4,
 with and without checkpointing) by ``benchmarks/memory_model.py`` (see ``docs/memory_model.md``);
@@ -58,19 +59,17 @@ from devft_edge.quantization import CHUNK_ROWS, QuantSpec
 FLOAT = 4
 """Bytes of one fp32 value: training computes in fp32 on CPU devices."""
 
-# Calibrated on the development machine (2-core x86-64, torch 2.13 CPU, transformers 5.23, peft
-# 0.21) by ``benchmarks/memory_model.py fit`` on its calibration rows; see docs/memory_model.md for
-# the held-out error against the goal of issue 16 item 3.
-RUNTIME_BYTES = 495 * 2**20
+# Calibrated with the agent's 128 KiB mmap threshold (2026-11-30) on the development machine (2-core
+# x86-64, torch 2.13 CPU, transformers 5.23, peft 0.21) by ``benchmarks/memory_model.py fit`` on its
+# calibration rows; see docs/memory_model.md for the held-out error against the goal of issue 16 item 3.
+RUNTIME_BYTES = 486 * 2**20
 """Resident memory of the training process before any weight is loaded."""
-ACT_COEF = 2.083
+ACT_COEF = 2.027
 """Saved fp32 values per token per unit of block saved width (see :meth:`ModelShape.saved_width`)."""
-LOGIT_COEF = 2.968
+LOGIT_COEF = 2.897
 """fp32 ``[tokens, vocab]`` tensors alive at the loss."""
-HEAP_COEF = 5.497
+HEAP_COEF = 4.572
 """Extra fp32 values per token per unit of *heap* activation width (see :func:`heap_width`)."""
-DEQUANT_HOLE_COEF = 7.079
-"""Heap holes per entry of a heap-sized dequantized weight, per block (see :func:`dequant_hole_width`)."""
 STEP_EFFICIENCY = 0.476
 """Fraction of the sustained GEMM throughput a LoRA training step achieves."""
 LORA_BYTES_PER_PARAM = 6 * FLOAT
@@ -265,40 +264,15 @@ def heap_width(shape: ModelShape, tokens: int) -> int:
     tensors pin. The MLP's wide intermediates are all kept for backward and cost their size either
     way: at 64 and 128 tokens (SmolLM2's 1,536-wide outputs below the threshold too) the measured
     cost per token and block is the same as at 256 tokens (only the narrow ones below it), while
-    counting the wide ones over-predicted batch-1 steps by up to 20% (issue 16, item 3). SmolLM2:
-    at 4 x 64 tokens the 576- and 192-wide outputs are heap tensors, at 8 x 128 only the 192-wide
-    ones, from 2,048 tokens none.
+    counting the wide ones over-predicted batch-1 steps by up to 20% (issue 16, item 3). SmolLM2
+    with the 128 KiB threshold: up to 56 tokens the 576- and 192-wide outputs are heap tensors, up
+    to 170 only the 192-wide ones, from 171 tokens none.
     """
     return sum(
         lin.out_features
         for lin in shape.block_linears
         if lin.out_features <= shape.hidden and tokens * lin.out_features * FLOAT < MMAP_THRESHOLD_BYTES
     )
-
-
-def dequant_hole_width(shape: ModelShape, tokens: int) -> int:
-    """Weight entries per block of the quantized linears whose fp32 weight, materialised for each
-    matmul, leaves a heap hole no kept activation of the block fits in (0 when one does).
-
-    A quantized layer dequantizes its weight for every matmul, forward and backward, and frees it
-    at once. SmolLM2's k and v weights (192 x 576 fp32, 432 KiB) are below the mmap threshold, so
-    they come from the heap; the hole they leave is reused by the next heap tensor that fits. When
-    the block's kept heap activations are bigger (at 256 tokens the 576-wide outputs, 576 KiB; at
-    1,024 tokens the 192-wide ones, 768 KiB) nothing fills the holes, the kept tensors pin them and
-    every block adds its own: without this term int8/int4 steps there were predicted 7-8% low. When the kept
-    ones are smaller (512 tokens: 384 KiB) they fill the holes and cost nothing extra.
-    """
-    weights = [
-        lin.out_features * lin.in_features
-        for lin in shape.block_linears
-        if lin.out_features * lin.in_features * FLOAT < MMAP_THRESHOLD_BYTES
-    ]
-    kept = [
-        tokens * lin.out_features
-        for lin in shape.block_linears
-        if tokens * lin.out_features * FLOAT < MMAP_THRESHOLD_BYTES
-    ]
-    return sum(weights) if weights and kept and max(kept) > max(weights) else 0
 
 
 @dataclass(frozen=True)
@@ -314,9 +288,6 @@ class StepCounts:
     """Tokens x vocabulary, times ``LOGIT_COEF``."""
     boundaries: int
     """Gradient checkpointing's kept block inputs (``hidden`` per token and block), counted exactly."""
-    dequant_holes: int
-    """Holes of dequantized weights, times ``DEQUANT_HOLE_COEF``: :func:`dequant_hole_width` per
-    block, for a quantized base trained without checkpointing."""
 
 
 def step_counts(shape: ModelShape, step: StepConfig) -> StepCounts:
@@ -325,23 +296,20 @@ def step_counts(shape: ModelShape, step: StepConfig) -> StepCounts:
     Without checkpointing every block keeps its tensors for backward, each pinning its heap holes.
     With it only the recomputed block keeps them, and only when the kept block inputs are heap
     tensors themselves (``tokens x hidden`` floats below the mmap threshold) does every block pin
-    the holes its forward left beneath its kept input (30 SmolLM2 layers at 128 tokens: 928 MiB
-    measured, 795 MiB predicted counting one block). So the peak can fall as the batch grows: 30
-    layers with checkpointing measured 1,184 MiB at 2 x 128 tokens (int4) and 1,039 MiB at 2 x 256
-    (int8, with 144 MiB more logits). Dequantization holes are counted without checkpointing
-    only: no calibrated checkpointed step showed them.
+    the holes its forward left beneath its kept input. Found with the threshold at 1 MiB (30
+    SmolLM2 layers at 128 tokens: 928 MiB measured, 795 MiB predicted counting one block); at
+    128 KiB it applies below 57 tokens (a held-out row of docs/memory_model.md tests it). So the
+    peak can fall as the batch grows, where the kept inputs leave the heap.
     """
     tokens = step.batch * step.seq
     held = 1 if step.checkpointing else step.layers
     boundaries = step.layers * tokens * shape.hidden if step.checkpointing else 0
     pinned = step.layers if tokens * shape.hidden * FLOAT < MMAP_THRESHOLD_BYTES else held
-    quantized = step.quant != "none" and not step.checkpointing
     return StepCounts(
         saved=held * tokens * shape.saved_width(step.rank),
         heap=pinned * tokens * heap_width(shape, tokens),
         logits=tokens * shape.vocab,
         boundaries=boundaries,
-        dequant_holes=step.layers * dequant_hole_width(shape, tokens) if quantized else 0,
     )
 
 
@@ -374,7 +342,6 @@ def estimate_memory(shape: ModelShape, step: StepConfig) -> MemoryEstimate:
         raise ConfigError(f"layers={step.layers} exceeds the model's {shape.num_layers}")
     counts = step_counts(shape, step)
     activations = counts.saved * ACT_COEF + counts.heap * HEAP_COEF + counts.boundaries
-    dequant = dequant_chunk_bytes(shape, step) + FLOAT * DEQUANT_HOLE_COEF * counts.dequant_holes
     runtime = RUNTIME_BYTES + (CUDA_RUNTIME_BYTES if step.backend == "cuda" else 0)
     runtime += runtime_difference(step.runtime_bytes)
     return MemoryEstimate(
@@ -384,7 +351,7 @@ def estimate_memory(shape: ModelShape, step: StepConfig) -> MemoryEstimate:
             "lora": LORA_BYTES_PER_PARAM * shape.lora_params(step.layers, step.rank),
             "activations": int(FLOAT * activations),
             "logits": int(FLOAT * LOGIT_COEF * counts.logits),
-            "dequant": int(dequant),
+            "dequant": dequant_chunk_bytes(shape, step),
             "delta": FLOAT * shape.delta_params(step.layers) if step.merged_delta and step.quant != "none" else 0,
         }
     )

@@ -153,12 +153,23 @@ def test_dequantize_model_computes_what_the_quantized_model_computes():
     assert torch.allclose(model(input_ids=ids).logits, expected, atol=1e-4)
 
 
-def test_bound_heap_and_its_opt_out(monkeypatch):
-    from devft_edge.allocator import HEAP_ENV, bound_heap
+def test_bound_heap_and_its_settings(monkeypatch):
+    from devft_edge.allocator import HEAP_ENV, MMAP_THRESHOLD_BYTES, bound_heap, heap_setting
 
+    assert heap_setting() == MMAP_THRESHOLD_BYTES
     assert bound_heap() is True  # glibc here
+    monkeypatch.setenv(HEAP_ENV, "1048576")
+    assert heap_setting() == 2**20
+    assert bound_heap() is True
     monkeypatch.setenv(HEAP_ENV, "default")
+    assert heap_setting() is None
     assert bound_heap() is False
+    for bad in ("0", "-5", "1e6", "big"):
+        monkeypatch.setenv(HEAP_ENV, bad)
+        with pytest.raises(ConfigError, match=HEAP_ENV):
+            heap_setting()
+    monkeypatch.setenv(HEAP_ENV, str(MMAP_THRESHOLD_BYTES))  # leave the test process as the agent runs
+    bound_heap()
 
 
 @pytest.mark.parametrize(
