@@ -287,12 +287,12 @@ def fit_efficiency(rows: list[dict], shape: memory.ModelShape, gflops: float) ->
     return float(np.median([step_flops(shape, _case(r).step()) / (r["step_seconds"] * gflops * 1e9) for r in rows]))
 
 
-def idle_timing(setting: str | None = None) -> tuple[float, list[dict]]:
-    """The allocator comparison's matmul probe and its rows under ``setting`` (default: the heap the
-    agent runs), each with its median ``step_seconds``: the step times that are fitted, as that
-    comparison is timed on an idle machine by design."""
+def idle_timing() -> tuple[float, list[dict]]:
+    """The allocator comparison's matmul probe and its rows under the heap the agent runs, each with
+    its median ``step_seconds``: the step times that are fitted, as that comparison is timed on an
+    idle machine by design."""
     data = json.loads(HEAP_RESULTS.read_text())
-    label = setting or heap_label(str(MMAP_THRESHOLD_BYTES))
+    label = heap_label(str(MMAP_THRESHOLD_BYTES))
     rows = [{**row, "step_seconds": float(np.median(row["steps"][label]))} for row in data["rows"]]
     return data["matmul_gflops"], rows
 
@@ -398,7 +398,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         predicted = estimate_memory(shape, case.step()).peak_bytes
         error = 100.0 * (predicted - row["train_peak_bytes"]) / row["train_peak_bytes"]
         errors[case.role].append((error, case))
-        step_s = step_flops(shape, case.step()) / (gflops * 1e9 * memory.STEP_EFFICIENCY)
+        step_s = memory.estimate_step_seconds(shape, case.step(), gflops)
         idle = row.get("idle", True)
         flag = "" if low <= error <= high or case.role == "calibration" else " **"
         lines.append(
@@ -436,9 +436,7 @@ def cmd_report(args: argparse.Namespace) -> int:
             f"largest {max(spreads):.1f}%."
         )
     step_errors = [
-        100.0
-        * (step_flops(shape, _case(r).step()) / (gflops * 1e9 * memory.STEP_EFFICIENCY) - r["step_seconds"])
-        / r["step_seconds"]
+        100.0 * (memory.estimate_step_seconds(shape, _case(r).step(), gflops) - r["step_seconds"]) / r["step_seconds"]
         for r in timed
     ]
     lines.append(
