@@ -556,19 +556,26 @@ def cmd_heap(args: argparse.Namespace) -> int:
     labels = [heap_label(h) for h in args.settings]
     gflops = round(matmul_gflops(seconds=3.0), 1)
     rows = []
-    with _submodels() as path:
-        for index, case in enumerate(HEAP_CASES):
-            peaks: dict[str, list[int]] = {label: [] for label in labels}
-            steps: dict[str, list[float]] = {label: [] for label in labels}
-            shift = index % len(args.settings)
-            for _ in range(args.runs):
-                for setting in args.settings[shift:] + args.settings[:shift]:
-                    os.environ[HEAP_ENV] = setting
-                    m = _probe(path(case), case, args.threads, f"{index + 1}/{len(HEAP_CASES)} {heap_label(setting)}")
-                    peaks[heap_label(setting)].append(m.train_peak_bytes)
-                    steps[heap_label(setting)].append(m.step_seconds)
-            rows.append({**asdict(case), "peaks": peaks, "steps": steps})
-    os.environ.pop(HEAP_ENV)
+    before = os.environ.get(HEAP_ENV)
+    try:
+        with _submodels() as path:
+            for index, case in enumerate(HEAP_CASES):
+                peaks: dict[str, list[int]] = {label: [] for label in labels}
+                steps: dict[str, list[float]] = {label: [] for label in labels}
+                shift = index % len(args.settings)
+                for _ in range(args.runs):
+                    for setting in args.settings[shift:] + args.settings[:shift]:
+                        os.environ[HEAP_ENV] = setting
+                        label = f"{index + 1}/{len(HEAP_CASES)} {heap_label(setting)}"
+                        m = _probe(path(case), case, args.threads, label)
+                        peaks[heap_label(setting)].append(m.train_peak_bytes)
+                        steps[heap_label(setting)].append(m.step_seconds)
+                rows.append({**asdict(case), "peaks": peaks, "steps": steps})
+    finally:
+        if before is None:
+            os.environ.pop(HEAP_ENV, None)
+        else:
+            os.environ[HEAP_ENV] = before
     data = {
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": f"{platform.machine()}, {len(os.sched_getaffinity(0))} cores",
@@ -577,7 +584,7 @@ def cmd_heap(args: argparse.Namespace) -> int:
         "settings": labels,
         "rows": rows,
     }
-    HEAP_RESULTS.write_text(json.dumps(data, indent=2) + "\n")
+    args.out.write_text(json.dumps(data, indent=2) + "\n")
     print("\n".join(_heap_comparison(data)))
     return 0
 
@@ -598,6 +605,7 @@ def main(argv: list[str] | None = None) -> int:
     h.add_argument("--settings", nargs="+", default=["default", str(2**20), str(MMAP_THRESHOLD_BYTES)])
     h.add_argument("--runs", type=int, default=1, help="runs of each configuration under each setting")
     h.add_argument("--threads", type=int, default=None, help="torch threads per probe")
+    h.add_argument("--out", type=Path, default=HEAP_RESULTS, help="where the results go")
     h.set_defaults(func=cmd_heap)
     sub.add_parser("fit", help="print fitted coefficients").set_defaults(func=cmd_fit)
     r = sub.add_parser("report", help="predicted vs measured table")
