@@ -54,7 +54,7 @@ demo: $(STAMP)
 	$(BIN)/devft-edge demo --out runs/demo
 
 test: $(STAMP) $(ORT_STAMP) system-deps
-	$(BIN)/python -m pytest -q -m "not long"
+	$(BIN)/python -m pytest -q -m "not long" --durations=15
 
 # The agent on an emulated aarch64 userland (qemu-user, chroot, a memory cgroup): installs its apt
 # prerequisites, builds the arm64 Debian rootfs once (EDGE_ROOTFS, about 15 minutes) and reuses it,

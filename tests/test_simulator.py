@@ -62,7 +62,15 @@ def _lines(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-@pytest.mark.parametrize("method", [m for m in METHODS if m != "devft+fedit"])
+QUICK_METHODS = ("devft", "fedit")
+"""Simulated end to end in ``make test``; the other methods in ``make test-long`` (``make test`` keeps
+them in its loop tests: FLoRA's resume in ``test_run_loop.py``, devft+fedsa in ``test_one_engine.py``)."""
+
+
+@pytest.mark.parametrize(
+    "method",
+    [m if m in QUICK_METHODS else pytest.param(m, marks=pytest.mark.long) for m in METHODS if m != "devft+fedit"],
+)
 def test_two_stage_simulation_end_to_end(method, tmp_path):
     summary = simulate(BASE.replace(method=method), tmp_path, progress=False)
     rows = _lines(tmp_path / "metrics.jsonl")
