@@ -549,6 +549,7 @@ def cmd_heap(args: argparse.Namespace) -> int:
     """Measure :data:`HEAP_CASES` under each heap setting, the settings taken in turn per configuration
     (rotated, so none always runs first) on an idle machine: step time is what this compares."""
     import os
+    from unittest import mock
 
     from devft_edge.allocator import HEAP_ENV
     from devft_edge.device_probe import matmul_gflops
@@ -556,26 +557,19 @@ def cmd_heap(args: argparse.Namespace) -> int:
     labels = [heap_label(h) for h in args.settings]
     gflops = round(matmul_gflops(seconds=3.0), 1)
     rows = []
-    before = os.environ.get(HEAP_ENV)
-    try:
-        with _submodels() as path:
-            for index, case in enumerate(HEAP_CASES):
-                peaks: dict[str, list[int]] = {label: [] for label in labels}
-                steps: dict[str, list[float]] = {label: [] for label in labels}
-                shift = index % len(args.settings)
-                for _ in range(args.runs):
-                    for setting in args.settings[shift:] + args.settings[:shift]:
-                        os.environ[HEAP_ENV] = setting
-                        label = f"{index + 1}/{len(HEAP_CASES)} {heap_label(setting)}"
-                        m = _probe(path(case), case, args.threads, label)
-                        peaks[heap_label(setting)].append(m.train_peak_bytes)
-                        steps[heap_label(setting)].append(m.step_seconds)
-                rows.append({**asdict(case), "peaks": peaks, "steps": steps})
-    finally:
-        if before is None:
-            os.environ.pop(HEAP_ENV, None)
-        else:
-            os.environ[HEAP_ENV] = before
+    with mock.patch.dict(os.environ), _submodels() as path:  # the caller's environment comes back
+        for index, case in enumerate(HEAP_CASES):
+            peaks: dict[str, list[int]] = {label: [] for label in labels}
+            steps: dict[str, list[float]] = {label: [] for label in labels}
+            shift = index % len(args.settings)
+            for _ in range(args.runs):
+                for setting in args.settings[shift:] + args.settings[:shift]:
+                    os.environ[HEAP_ENV] = setting
+                    label = f"{index + 1}/{len(HEAP_CASES)} {heap_label(setting)}"
+                    m = _probe(path(case), case, args.threads, label)
+                    peaks[heap_label(setting)].append(m.train_peak_bytes)
+                    steps[heap_label(setting)].append(m.step_seconds)
+            rows.append({**asdict(case), "peaks": peaks, "steps": steps})
     data = {
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": f"{platform.machine()}, {len(os.sched_getaffinity(0))} cores",

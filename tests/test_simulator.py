@@ -63,8 +63,9 @@ def _lines(path):
 
 
 QUICK_METHODS = ("devft", "fedit")
-"""Simulated end to end in ``make test``; the other methods in ``make test-long`` (``make test`` keeps
-them in its loop tests: FLoRA's resume in ``test_run_loop.py``, devft+fedsa in ``test_one_engine.py``)."""
+"""Simulated end to end in ``make test``; the others only in ``make test-long``, to keep ``make test``
+under 20 minutes (it still runs FLoRA's resume in ``test_run_loop.py`` and devft+fedsa in
+``test_one_engine.py``; fedsa and devft+flora run in ``make test-long`` only)."""
 
 
 @pytest.mark.parametrize(
