@@ -657,5 +657,8 @@ def _fmt(value: float | None) -> str:
 
 
 def _metrics_text(metrics: dict[str, Any]) -> str:
+    """A closed round's held-out metrics for the log (exact match only where it was measured)."""
     loss, accuracy = metrics.get("eval_loss"), metrics.get("eval_accuracy")
-    return "no eval" if loss is None else f"eval loss {loss:.4f}, exact match {accuracy:.1%}"
+    if loss is None:
+        return "no eval"
+    return f"eval loss {loss:.4f}" + ("" if accuracy is None else f", exact match {accuracy:.1%}")

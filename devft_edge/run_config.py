@@ -97,11 +97,11 @@ class RunConfig(ConfigModel):
     """Dirichlet alpha over task families for the non-IID split; None (or 0) = IID."""
     eval_examples: int = Field(48, ge=0)
     """Held-out examples for eval loss and exact match (0: no evaluation; the aggregator only)."""
-    eval_every: int = Field(1, ge=1)
+    eval_every: int = Field(EvalPolicy.every, ge=1)
     """Evaluate every this many rounds (and always after the last)."""
-    full_eval: FullEval = "stage"
+    full_eval: FullEval = EvalPolicy.full_eval
     """Evaluate the full model with the transferred LoRA after each ``stage``, every ``round``, or ``off``."""
-    exact_match: ExactMatch = "every_eval"
+    exact_match: ExactMatch = EvalPolicy.exact_match
     """Measure greedy exact match at every evaluation, or only at each stage's end (eval loss always)."""
     export_merged: bool = False
     """Also save the base model with the final LoRA merged in."""

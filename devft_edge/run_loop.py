@@ -50,8 +50,10 @@ class EvalPolicy:
 
     every: int = 1
     """Evaluate the stage submodel every this many rounds (and always after the last)."""
-    exact_match: ExactMatch = "every_eval"
-    """Greedy exact match (most of an evaluation's time) at every evaluation, or at stage ends."""
+    exact_match: ExactMatch = "stage_end"
+    """Greedy exact match at every evaluation, or at stage ends only. Generation is most of an
+    evaluation's time (SmolLM2, 48 examples: 15 s of greedy decoding against 7 s of loss), and
+    the eval loss already traces every round; the final exact match is measured either way."""
     full_eval: FullEval = "stage"
     """The full model with the transferred LoRA: after each stage's transfer, every round, or never."""
 

@@ -125,20 +125,25 @@ def evaluate(
 ) -> EvalResult:
     """Teacher-forced answer loss and (unless ``accuracy`` is False) greedy exact-match accuracy.
 
+    The loss asks the model for logits only at the positions that predict an answer token in some
+    row (``logits_to_keep``): the LM head and its softmax over the whole vocabulary are most of a
+    small model's evaluation (on SmolLM2 a 49152 x 576 head against 30 blocks of 3.5M parameters),
+    and the prompt's positions are two thirds of a row. The right-padding mask is dropped as in
+    training (:func:`causal_batch`); neither changes the loss beyond float rounding.
+
     Generation stops at EOS or two tokens past the longest reference answer: a longer output
     cannot match exactly, so generating further would only cost time.
     """
     model.eval()
     loss_sum, tokens = 0.0, 0
     for start in range(0, len(examples), batch_size):
-        batch = encode_batch(tokenizer, examples[start : start + batch_size], seq_len)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        labels = batch["labels"][:, 1:]
+        batch = causal_batch(encode_batch(tokenizer, examples[start : start + batch_size], seq_len))
+        shifted = batch.pop("labels")[:, 1:]  # position p predicts token p + 1
+        keep = (shifted != -100).any(dim=0).nonzero().flatten()
+        logits = model(**batch, logits_to_keep=keep).logits
+        labels = shifted[:, keep]
         mask = labels != -100
-        losses = torch.nn.functional.cross_entropy(
-            logits[:, :-1].flatten(0, 1).float(), labels.clamp(min=0).flatten(), reduction="none"
-        )
-        loss_sum += float(losses[mask.flatten()].sum())
+        loss_sum += float(torch.nn.functional.cross_entropy(logits[mask].float(), labels[mask], reduction="sum"))
         tokens += int(mask.sum())
     if not accuracy:
         return EvalResult(loss=loss_sum / max(tokens, 1), accuracy=None)

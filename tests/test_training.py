@@ -1,11 +1,16 @@
-"""Local training: dropping a right-padding mask changes no loss or gradient, only memory."""
+"""Local training: dropping a right-padding mask changes no loss or gradient, only memory; the
+held-out loss from answer-position logits is the model's own answer loss."""
 
 from __future__ import annotations
 
 import torch
 
+import pytest
+
+from devft_edge.data import encode_batch, train_eval_split
 from devft_edge.lora import LoraSettings, attach_lora
-from devft_edge.training import causal_batch
+from devft_edge.models import load_model
+from devft_edge.training import causal_batch, evaluate
 
 
 def _right_padded(vocab: int) -> dict[str, torch.Tensor]:
@@ -50,3 +55,18 @@ def test_dropping_the_mask_keeps_loss_and_gradients(tiny) -> None:
     assert masked.keys() == causal.keys() and masked
     for name, grad in masked.items():
         assert torch.allclose(grad, causal[name], rtol=1e-4, atol=1e-6), name
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_evaluate_keeps_only_answer_logits_and_the_same_loss(family: str, tokenizer) -> None:
+    """The loss from the kept positions equals the model's full-logits loss over the answer tokens,
+    in one batch or in several (token-weighted), for a model whose head is tied (llama) or not
+    named ``lm_head`` in its base (gpt2's ``transformer``)."""
+    model = attach_lora(load_model(f"tiny-{family}" if family != "llama" else "tiny"), LoraSettings(rank=4))
+    _, held_out = train_eval_split(8, 7, seed=3)
+    with torch.no_grad():
+        reference = float(model(**encode_batch(tokenizer, held_out, 64)).loss)
+    for batch_size in (7, 3):
+        result = evaluate(model, tokenizer, held_out, 64, batch_size=batch_size, accuracy=False)
+        assert result.loss == pytest.approx(reference, rel=1e-5)
+        assert result.accuracy is None
