@@ -27,7 +27,7 @@ from devft_edge.blobs import BlobStore, StorageFull
 from devft_edge.device_probe import capped_profile, memory_limit_bytes
 from devft_edge.messages import Chunk, ChunkRequest, Hello, Presence, Refusal, Status, Task, UpdateOffer, Verdict
 from devft_edge.mqtt import BrokerAddress, Connection, Incoming
-from devft_edge.peak_memory import peak_bytes, reset_peak
+from devft_edge.peak_memory import RssSampler, peak_bytes, reset_peak
 from devft_edge.protocol import AGGREGATOR, Envelope, Kind, ProtocolError, Reason, Topics, decode, seal, unseal
 from device_agent.config import AgentConfig
 
@@ -290,9 +290,10 @@ class Agent:
         began = time.monotonic()
         try:
             start = rule.client_start(start, GlobalState(lora=start), memory, method.to_stage)
-            result = self.trainer.train(
-                pack, self.examples, settings, seed=order.seed, start=start, delta=delta, stream=stream
-            )
+            with RssSampler() as rss:
+                result = self.trainer.train(
+                    pack, self.examples, settings, seed=order.seed, start=start, delta=delta, stream=stream
+                )
             rule.uplink(result.lora, memory, method.to_full)  # keeps what the rule keeps private (FedSA's B)
             self._keep_run_state(task.run, memory.private, replace(stream, taken=stream.taken + settings.steps))
         except Exception as error:  # the error boundary of training: the aggregator is told, not left waiting
@@ -313,11 +314,13 @@ class Agent:
             del self.done[forgotten]
         _write_json(self.cache / TASKS_FILE, self.done)
         logger.info(
-            "task %s trained: loss %.4f in %.1f s, peak %.0f MiB%s",
+            "task %s trained: loss %.4f in %.1f s, peak %.0f MiB (sampled: anon %.0f, file %.0f MiB)%s",
             task.id,
             result.train_loss,
             offer.seconds,
             offer.peak_rss_bytes / 2**20,
+            rss.anon / 2**20,
+            rss.file / 2**20,
             ", gradient checkpointing" if settings.checkpointing else "",
         )
         self._send(task.reply(Kind.UPDATE, self.cfg.device_id, data=data))
