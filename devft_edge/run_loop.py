@@ -32,7 +32,7 @@ from devft_edge.lora import LoraSettings, LoraState, attach_lora, init_lora_stat
 from devft_edge.run_report import METRICS_FILE, RoundMetrics, write_metrics
 from devft_edge.stage import StageBuilder
 from devft_edge.submodel import add_weight_delta, state_applied
-from devft_edge.training import EvalResult, evaluate
+from devft_edge.training import EvalResult, evaluate, exact_match_accuracy
 
 logger = logging.getLogger(__name__)
 
@@ -332,8 +332,8 @@ class RoundLoop:
                     "stage %d plateaued after %d rounds; %d carry over", stage.number, p.stage_rounds_done, left
                 )
             if row.eval_loss is not None and row.eval_accuracy is None:  # exact match at the stage's end
-                result = self._evaluate(stage.model, accuracy=True)
-                row = replace(row, eval_accuracy=result.accuracy, eval_accuracy_by_task=result.accuracy_by_task)
+                accuracy, by_task = exact_match_accuracy(stage.model, self.tokenizer, self.held_out)
+                row = replace(row, eval_accuracy=accuracy, eval_accuracy_by_task=by_task)
             self.close_stage(left)
             row = self._with_full_eval(row, self.full, after_transfer=True)
             p.stages.append(self._stage_record(stage, row))

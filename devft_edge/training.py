@@ -114,7 +114,6 @@ class EvalResult:
     """The same per task family of the examples."""
 
 
-@torch.no_grad()
 def evaluate(
     model: nn.Module,
     tokenizer: object,
@@ -123,16 +122,24 @@ def evaluate(
     batch_size: int = 16,
     accuracy: bool = True,
 ) -> EvalResult:
-    """Teacher-forced answer loss and (unless ``accuracy`` is False) greedy exact-match accuracy.
+    """Teacher-forced answer loss and (unless ``accuracy`` is False) greedy exact-match accuracy."""
+    loss = answer_loss(model, tokenizer, examples, seq_len, batch_size)
+    if not accuracy:
+        return EvalResult(loss=loss, accuracy=None)
+    return EvalResult(loss, *exact_match_accuracy(model, tokenizer, examples, batch_size))
 
-    The loss asks the model for logits only at the positions that predict an answer token in some
-    row (``logits_to_keep``): the LM head and its softmax over the whole vocabulary are most of a
-    small model's evaluation (on SmolLM2 a 49152 x 576 head against 30 blocks of 3.5M parameters),
-    and the prompt's positions are two thirds of a row. The right-padding mask is dropped as in
+
+@torch.no_grad()
+def answer_loss(
+    model: nn.Module, tokenizer: object, examples: Sequence[Example], seq_len: int, batch_size: int = 16
+) -> float:
+    """Mean teacher-forced cross-entropy per answer token.
+
+    The model is asked for logits only at the positions that predict an answer token in some row
+    (``logits_to_keep``): the LM head and its softmax over the whole vocabulary are most of a small
+    model's evaluation (on SmolLM2 a 49152 x 576 head against 30 blocks of 3.5M parameters), and
+    the prompt's positions are two thirds of a row. The right-padding mask is dropped as in
     training (:func:`causal_batch`); neither changes the loss beyond float rounding.
-
-    Generation stops at EOS or two tokens past the longest reference answer: a longer output
-    cannot match exactly, so generating further would only cost time.
     """
     model.eval()
     loss_sum, tokens = 0.0, 0
@@ -145,18 +152,28 @@ def evaluate(
         mask = labels != -100
         loss_sum += float(torch.nn.functional.cross_entropy(logits[mask].float(), labels[mask], reduction="sum"))
         tokens += int(mask.sum())
-    if not accuracy:
-        return EvalResult(loss=loss_sum / max(tokens, 1), accuracy=None)
+    return loss_sum / max(tokens, 1)
+
+
+@torch.no_grad()
+def exact_match_accuracy(
+    model: nn.Module, tokenizer: object, examples: Sequence[Example], batch_size: int = 16
+) -> tuple[float, dict[str, float]]:
+    """Greedy exact-match accuracy, overall and per task family.
+
+    Generation stops at EOS or two tokens past the longest reference answer: a longer output
+    cannot match exactly, so generating further would only cost time.
+    """
+    model.eval()
     hits: dict[str, list[bool]] = {}
     longest = max(len(tokenizer(ex.output, add_special_tokens=False).input_ids) for ex in examples)  # type: ignore[operator]
-    max_new_tokens = longest + 2
     pad = tokenizer.pad_token_id  # type: ignore[attr-defined]
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
         prompts = encode_prompts(tokenizer, chunk)
         out = model.generate(
             **prompts,
-            max_new_tokens=max_new_tokens,
+            max_new_tokens=longest + 2,
             do_sample=False,
             pad_token_id=pad,
             eos_token_id=tokenizer.eos_token_id,  # type: ignore[attr-defined]
@@ -164,8 +181,5 @@ def evaluate(
         answers = tokenizer.batch_decode(out[:, prompts["input_ids"].shape[1] :], skip_special_tokens=True)  # type: ignore[attr-defined]
         for answer, ex in zip(answers, chunk, strict=True):
             hits.setdefault(ex.task, []).append(normalize_answer(answer) == normalize_answer(ex.output))
-    return EvalResult(
-        loss=loss_sum / max(tokens, 1),
-        accuracy=sum(sum(h) for h in hits.values()) / max(len(examples), 1),
-        accuracy_by_task={task: sum(h) / len(h) for task, h in sorted(hits.items())},
-    )
+    overall = sum(sum(h) for h in hits.values()) / max(len(examples), 1)
+    return overall, {task: sum(h) / len(h) for task, h in sorted(hits.items())}

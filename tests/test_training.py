@@ -3,9 +3,8 @@ held-out loss from answer-position logits is the model's own answer loss."""
 
 from __future__ import annotations
 
-import torch
-
 import pytest
+import torch
 
 from devft_edge.data import encode_batch, train_eval_split
 from devft_edge.lora import LoraSettings, attach_lora
