@@ -209,6 +209,7 @@ def test_x86_bundle_installs_offline_and_its_agent_says_hello(fleet, tmp_path):
 
 @needs_mosquitto
 @needs_sshd
+@pytest.mark.long  # two offline installs of the whole stack over ssh, 200 s; `make test` keeps the x86 install above
 def test_flash_over_ssh_installs_checks_health_and_rolls_back_a_broken_version(fleet, tmp_path, capsys):
     spec, first = fleet["spec"], fleet["bundle"]
     prefix = tmp_path / "device-root" / "opt" / "devft-edge"
