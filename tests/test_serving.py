@@ -1,6 +1,7 @@
 """The aggregator shapes chunk serving per device: a request its token bucket cannot pay for yet
 waits (one per device) and is served once the bucket has refilled; only a second ask meanwhile
-is refused with ``rate``. The handlers run unbound on a namespace holding the real rate limiter."""
+is refused with ``rate``. The handlers run unbound on a namespace holding the real rate limiter. Also: what the
+service logs of a closed round's metrics."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from cloud_aggregator.service import Aggregator
+from cloud_aggregator.service import Aggregator, _metrics_text
 from devft_edge.blobs import BlobInfo
 from devft_edge.messages import ChunkRequest
 from devft_edge.protocol import Envelope, Kind, ProtocolError, Reason
@@ -68,3 +69,10 @@ def test_a_waiting_request_for_a_blob_no_longer_served_is_dropped(holder) -> Non
     time.sleep(0.2)
     Aggregator._serve_waiting(holder)  # type: ignore[arg-type]
     assert not holder._waiting and len(holder.served) == 1
+
+
+def test_the_round_log_names_exact_match_only_where_it_was_measured() -> None:
+    """A round without exact match (``--exact-match stage_end``, the default) logs its loss alone."""
+    assert _metrics_text({"eval_loss": 1.23456, "eval_accuracy": None}) == "eval loss 1.2346"
+    assert _metrics_text({"eval_loss": 1.0, "eval_accuracy": 0.125}) == "eval loss 1.0000, exact match 12.5%"
+    assert _metrics_text({"eval_loss": None}) == "no eval"

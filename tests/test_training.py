@@ -58,10 +58,10 @@ def test_dropping_the_mask_keeps_loss_and_gradients(tiny) -> None:
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_evaluate_keeps_only_answer_logits_and_the_same_loss(family: str, tokenizer) -> None:
-    """The loss from the kept positions equals the model's full-logits loss over the answer tokens,
-    in one batch or in several (token-weighted), for a model whose head is tied (llama) or not
-    named ``lm_head`` in its base (gpt2's ``transformer``)."""
-    model = attach_lora(load_model(f"tiny-{family}" if family != "llama" else "tiny"), LoraSettings(rank=4))
+    """The loss from the kept positions (``logits_to_keep``) equals the model's full-logits loss over
+    the answer tokens, in one batch or in several (token-weighted), through peft's wrapper, for two
+    families whose forward takes ``logits_to_keep`` by different code."""
+    model = attach_lora(load_model(f"tiny-{family}"), LoraSettings(rank=4))
     _, held_out = train_eval_split(8, 7, seed=3)
     with torch.no_grad():
         reference = float(model(**encode_batch(tokenizer, held_out, 64)).loss)
