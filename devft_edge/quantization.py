@@ -16,11 +16,20 @@ Schemes (registry ``QUANTIZERS``):
 A quantized linear layer saves nothing for backward: its weight is frozen, so the only gradient
 it passes on is ``grad_x = grad_y @ W``, and ``W`` is dequantized again in backward instead of
 being kept alive between forward and backward (which would bring back the fp32 footprint).
+
+That fp32 weight lives for one matmul, twice per layer per training step, and is written into a
+per-thread buffer that every layer reuses (:meth:`Quantizer.dequantize_transient`) rather than
+into fresh memory: the device agent's allocator gives every block of 128 KiB or more its own
+mapping (:mod:`devft_edge.allocator`), whose pages fault in anew on every use. On SmolLM2's
+30-layer int4 stage (4 x 64 tokens, one thread) fresh tensors cost 1.32 M page faults and 2.68 s
+per step, the reused buffer 0.58 M faults and 1.95 s, for a peak 8 MiB higher (the buffer;
+``benchmarks/dequant.py``, ``benchmarks/results/dequant.json``).
 """
 
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -55,9 +64,36 @@ class Quantizer:
         """Only the rows ``rows`` (any shape of indices) of the weight: an embedding lookup."""
         return F.embedding(rows, self.dequantize(parts, in_features))
 
+    def dequantize_transient(self, parts: QuantParts, in_features: int) -> Tensor:
+        """The fp32 weight [rows, in] of 2-D ``parts``, for one matmul: it may live in this thread's
+        :func:`scratch` buffers, overwritten by the next transient dequantization on the thread.
+
+        Schemes that compute a new tensor override this to compute it in place; the default
+        (fp32 weights, nf4's kernel) is :meth:`dequantize`.
+        """
+        return self.dequantize(parts, in_features)
+
     def empty_parts(self, out_features: int, in_features: int, device: str | torch.device = "meta") -> QuantParts:
         """Correctly shaped uninitialised parts, to load a saved quantized model into."""
         return {"qweight": torch.empty(out_features, in_features, device=device)}
+
+
+_SCRATCH = threading.local()
+
+
+def scratch(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """This thread's reused buffer of ``dtype`` on ``device``, as a ``shape`` view (contents undefined).
+
+    One buffer per dtype and device, grown to the largest request and never shrunk: for a model that
+    is its largest dequantized weight (SmolLM2: a 4096-row chunk of the LM head, 9.4 MB of fp32).
+    Per thread, because the autograd engine or a caller may run layers on more than one.
+    """
+    buffers: dict[tuple[torch.dtype, torch.device], Tensor] = _SCRATCH.__dict__.setdefault("buffers", {})
+    numel = math.prod(shape)
+    buffer = buffers.get((dtype, device))
+    if buffer is None or buffer.numel() < numel:
+        buffer = buffers[(dtype, device)] = torch.empty(numel, dtype=dtype, device=device)
+    return buffer[:numel].view(shape)
 
 
 QUANTIZERS: Registry[Quantizer] = Registry("quantization")
@@ -89,6 +125,10 @@ class HalfPrecision(Quantizer):
     def dequantize_rows(self, parts: QuantParts, rows: Tensor, in_features: int) -> Tensor:
         return parts["qweight"][rows].float()
 
+    def dequantize_transient(self, parts: QuantParts, in_features: int) -> Tensor:
+        weight = parts["qweight"]
+        return scratch(tuple(weight.shape), torch.float32, weight.device).copy_(weight)
+
     def empty_parts(self, out_features: int, in_features: int, device: str | torch.device = "meta") -> QuantParts:
         return {"qweight": torch.empty(out_features, in_features, dtype=self.dtype, device=device)}
 
@@ -113,6 +153,11 @@ class Int8(Quantizer):
 
     def dequantize_rows(self, parts: QuantParts, rows: Tensor, in_features: int) -> Tensor:
         return parts["qweight"][rows].float() * parts["scale"][rows].unsqueeze(-1)
+
+    def dequantize_transient(self, parts: QuantParts, in_features: int) -> Tensor:
+        q = parts["qweight"]
+        out = scratch(tuple(q.shape), torch.float32, q.device)
+        return torch.mul(q, parts["scale"][:, None], out=out)
 
     def empty_parts(self, out_features: int, in_features: int, device: str | torch.device = "meta") -> QuantParts:
         return {
@@ -163,6 +208,19 @@ class Int4(Quantizer):
 
     def dequantize_rows(self, parts: QuantParts, rows: Tensor, in_features: int) -> Tensor:
         return self._unpack(parts["qweight"][rows], parts["scale"][rows], in_features)
+
+    def dequantize_transient(self, parts: QuantParts, in_features: int) -> Tensor:
+        """:meth:`dequantize` without temporaries: each nibble plane goes through one reused byte
+        buffer into its interleaved columns of the fp32 buffer, which is then shifted and scaled in place."""
+        packed, scale = parts["qweight"], parts["scale"]
+        rows, half = packed.shape
+        out = scratch((rows, 2 * half), torch.float32, packed.device)
+        columns = out.view(rows, half, 2)
+        nibbles = scratch((rows, half), torch.uint8, packed.device)
+        columns[..., 0].copy_(torch.bitwise_and(packed, 0x0F, out=nibbles))
+        columns[..., 1].copy_(torch.bitwise_right_shift(packed, 4, out=nibbles))
+        out.view(rows, scale.shape[-1], self.group_size).sub_(8).mul_(scale.unsqueeze(-1))
+        return out[:, :in_features]
 
     def empty_parts(self, out_features: int, in_features: int, device: str | torch.device = "meta") -> QuantParts:
         groups = self._groups(in_features)
@@ -253,11 +311,11 @@ class _DequantLinear(torch.autograd.Function):
     def forward(ctx, x: Tensor, layer: QuantizedLinear) -> Tensor:  # type: ignore[override]
         ctx.layer = layer
         if layer.out_features <= CHUNK_ROWS:
-            return F.linear(x, layer.dequantized(), layer.bias)
+            return F.linear(x, layer.transient_weight(0, layer.out_features), layer.bias)
         out = x.new_empty(*x.shape[:-1], layer.out_features)
         for a, b in _row_chunks(layer.out_features):
             bias = None if layer.bias is None else layer.bias[a:b]
-            out[..., a:b] = F.linear(x, layer.dequantized_rows(a, b), bias)
+            out[..., a:b] = F.linear(x, layer.transient_weight(a, b), bias)
         return out
 
     @staticmethod
@@ -266,10 +324,10 @@ class _DequantLinear(torch.autograd.Function):
             return None, None
         layer = ctx.layer
         if layer.out_features <= CHUNK_ROWS:
-            return grad_out @ layer.dequantized(), None
+            return grad_out @ layer.transient_weight(0, layer.out_features), None
         grad_x = None
         for a, b in _row_chunks(layer.out_features):
-            part = grad_out[..., a:b] @ layer.dequantized_rows(a, b)
+            part = grad_out[..., a:b] @ layer.transient_weight(a, b)
             grad_x = part if grad_x is None else grad_x.add_(part)
         return grad_x, None
 
@@ -303,14 +361,15 @@ class QuantizedLinear(nn.Linear):
         return dict(self.named_buffers(recurse=False))
 
     def dequantized(self) -> Tensor:
-        """The fp32 weight, materialised for one matmul."""
+        """The fp32 weight, as a tensor of its own (to fuse, export or compare)."""
         weight = self.quantizer.dequantize(self.parts(), self.in_features)
         return weight if self.merged is None else weight + self.merged
 
-    def dequantized_rows(self, start: int, stop: int) -> Tensor:
-        """Rows ``start:stop`` of the fp32 weight."""
-        rows = torch.arange(start, stop, device=self.qweight.device)
-        weight = self.quantizer.dequantize_rows(self.parts(), rows, self.in_features)
+    def transient_weight(self, start: int, stop: int) -> Tensor:
+        """Rows ``start:stop`` of the fp32 weight for one matmul (:meth:`Quantizer.dequantize_transient`):
+        valid until the next transient weight is made on this thread."""
+        parts = {name: part[start:stop] for name, part in self.parts().items()}
+        weight = self.quantizer.dequantize_transient(parts, self.in_features)
         return weight if self.merged is None else weight + self.merged[start:stop]
 
     def forward(self, x: Tensor) -> Tensor:

@@ -48,6 +48,22 @@ def test_int4_rows_match_full_dequantization():
     assert torch.equal(q.dequantize_rows(parts, rows, 96), q.dequantize(parts, 96)[rows])
 
 
+@pytest.mark.parametrize("scheme", ["none", "fp16", "bf16", "int8", "int4", "nf4"])
+def test_transient_weights_equal_the_dequantized_weight_and_reuse_one_buffer(scheme):
+    """What a layer computes with in training (row chunks through the per-thread buffer) is exactly
+    :meth:`Quantizer.dequantize`'s weight, padded columns dropped; the next call overwrites it."""
+    q = QuantSpec(scheme, group_size=32).quantizer()
+    w = torch.randn(70, 100)  # 100 columns: int4 pads to 128, nf4 to 128
+    parts = q.quantize(w)
+    full = q.dequantize(parts, 100)
+    first = q.dequantize_transient({k: v[0:40] for k, v in parts.items()}, 100)
+    assert first.shape == (40, 100) and torch.equal(first, full[0:40])
+    second = q.dequantize_transient({k: v[40:70] for k, v in parts.items()}, 100)
+    assert torch.equal(second, full[40:70])
+    if scheme in ("fp16", "bf16", "int8", "int4"):  # the schemes that compute in place share one buffer
+        assert first.data_ptr() == second.data_ptr()
+
+
 def test_bad_quant_spec_is_refused():
     with pytest.raises(ConfigError, match="unknown quantization 'int3'"):
         QuantSpec("int3")
@@ -209,7 +225,7 @@ def test_a_merged_update_rides_beside_the_quantized_weight(out_features):
     delta = torch.randn(layer.out_features, layer.in_features)
     add_weight_delta(model, {"layers.1.self_attn.q_proj.delta": delta}, 0.5)
     assert torch.allclose(layer.dequantized(), before + 0.5 * delta, atol=1e-6)
-    rows = layer.dequantized_rows(2, 7)
+    rows = layer.transient_weight(2, 7)
     assert torch.allclose(rows, (before + 0.5 * delta)[2:7], atol=1e-6)
     assert all(torch.equal(v, buffers[k]) for k, v in layer.parts().items())
     add_weight_delta(model, {"layers.1.self_attn.q_proj.delta": delta}, -0.5)
