@@ -30,7 +30,9 @@ family is counted exactly) and a few calibrated coefficients:
 - ``logits``: ``b * s * vocab`` floats times ``LOGIT_COEF`` (logits, their log-softmax and
   gradient; for a 135M model with a 49k vocabulary this is the largest activation).
 - ``dequant``: a quantized layer's fp32 weight exists while it computes, at most
-  ``CHUNK_ROWS`` rows at a time (the LM head is the biggest).
+  ``CHUNK_ROWS`` rows at a time (the LM head is the biggest), in a per-thread buffer that every
+  layer reuses and that therefore stays resident for the whole step
+  (:func:`devft_edge.quantization.scratch`).
 
 The heap term is why the model is not a plain count of tensors: the same activations cost more
 below the threshold than above it, and only by the sizes glibc's allocator sees. The agent keeps
