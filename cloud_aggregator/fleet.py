@@ -87,7 +87,8 @@ class FleetPool:
         the open round started from, the loop's costs so far, the full model's state."""
 
     def ship(self, opened: OpenStage, builder: StageBuilder) -> dict[str, Any]:
-        """Write the stage's signed pack (or plan) and checkpoint the opened stage; its pack size."""
+        """Write the stage's signed pack (or plan) and checkpoint the opened stage; what the loop's
+        stage record takes from shipping it (sizes, and the planner's peak for the report)."""
         stage, groups, s = opened.built, opened.built.groups, self.state
         self._write_weights(stage, builder)
         s.stage_lora = self.blobs.put(opened.server.lora)
@@ -97,27 +98,13 @@ class FleetPool:
         s.carry = 0
         store = self.blobs.store
         pack_bytes = store.path(s.plan or s.pack).stat().st_size
-        s.stages.append(
-            {
-                "stage": stage.number,
-                "layers": len(groups),
-                "groups": groups,
-                "pack": s.pack,
-                "plan": s.plan,
-                # what this stage adds to a device's downloads: its pack, or its plan (full_pack delivery)
-                "pack_bytes": pack_bytes,
-                "full_pack_bytes": store.path(s.full_pack).stat().st_size if s.full_pack else 0,
-                # what the planner admits devices by (CPU), for the report to set beside what they measured
-                "predicted_peak_bytes": estimate_memory(self.shape, self.step()).peak_bytes,
-                "heal": None
-                if stage.heal is None
-                else {
-                    "seconds": round(stage.heal.seconds, 3),
-                    "cached": stage.heal_cached,
-                    "kl_after": stage.heal.kl_after,
-                },
-            }
-        )
+        s.shipped = {
+            # what this stage adds to a device's downloads: its pack, or its plan (full_pack delivery)
+            "pack_bytes": pack_bytes,
+            "full_pack_bytes": store.path(s.full_pack).stat().st_size if s.full_pack else 0,
+            # what the planner admits devices by (CPU), for the report to set beside what they measured
+            "predicted_peak_bytes": estimate_memory(self.shape, self.step()).peak_bytes,
+        }
         save_state(self.cfg.state_dir, s)
         logger.info(
             "stage %d of %d: %d layers, pack %s (%.1f MB)",
@@ -127,7 +114,7 @@ class FleetPool:
             s.pack[:12],
             pack_bytes / 1e6,
         )
-        return {"pack_bytes": pack_bytes}
+        return s.shipped
 
     def train(self, round_index: int, stage: StageView, tally: ClientRound) -> Iterator[tuple[LoraState, float]]:
         """The open round's accepted updates, streamed (see the module docstring)."""

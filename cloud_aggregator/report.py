@@ -63,32 +63,16 @@ def device_totals(history: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return dict(sorted(totals.items()))
 
 
-def _stage_end(history: list[dict[str, Any]], stage: int) -> dict[str, Any]:
-    """The history entry of ``stage``'s last round ({} if it has none)."""
-    return next((e for e in reversed(history) if e["stage"] == stage), {})
-
-
 def write_summary(cfg: AggregatorConfig, state: RunState, adapter_dir: Path) -> dict[str, Any]:
     """Write ``summary.json`` and ``curves.png`` of a finished run; returns the summary."""
     history = state.history
-    rounds_per_stage = {s["stage"]: 0 for s in state.stages}
-    device_peak = {s["stage"]: 0 for s in state.stages}
+    device_peak: dict[int, int] = {}
     for entry in history:
-        rounds_per_stage[entry["stage"]] += 1
         for c in entry.get("clients", {}).values():
-            device_peak[entry["stage"]] = max(device_peak[entry["stage"]], c["peak_rss_bytes"])
+            device_peak[entry["stage"]] = max(device_peak.get(entry["stage"], 0), c["peak_rss_bytes"])
     rows = [metrics_row(e) for e in history]
-    stages = [
-        {k: s[k] for k in ("stage", "layers", "groups", "pack_bytes")}
-        | {"full_pack_bytes": s.get("full_pack_bytes", 0)}
-        | {"heal": s.get("heal"), "full_eval_loss": _stage_end(history, s["stage"]).get("full_eval_loss")}
-        | {
-            "rounds": rounds_per_stage[s["stage"]],
-            "predicted_peak_bytes": s.get("predicted_peak_bytes", 0),
-            "device_peak_bytes": device_peak[s["stage"]],
-        }
-        for s in state.stages
-    ]
+    # the round loop's records (as the simulator's summary has them), with the peaks devices reported
+    stages = [s | {"device_peak_bytes": device_peak.get(s["stage"], 0)} for s in state.stages]
     summary = summarise(
         cfg.method, cfg.model, rows, state.initial_eval, stages, adapter_dir, cfg.model_dump(mode="json")
     )

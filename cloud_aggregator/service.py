@@ -467,7 +467,7 @@ class Aggregator:
         if not s.finished and s.stage_rounds_done < s.stage_budget:
             server = GlobalState(lora=self.blobs.read(s.stage_lora), delta=self.blobs.read(s.stage_delta))
             stage = (s.groups, server, StageBudget(s.stage_budget, Plateau(**s.plateau)))
-        self.loop.resume(progress, full, stage)
+        self.loop.resume(progress, full, stage, s.shipped)
 
     def _step(self) -> StepConfig:
         """One local training step of the current stage, as the planner models it."""
@@ -596,6 +596,7 @@ class Aggregator:
             state.stage_budget, state.plateau = budget.rounds, asdict(budget.plateau)
         else:  # the stage ended: its unused rounds carry over
             state.stage_budget, state.carry = state.stage_rounds_done, progress.carry
+            state.stages.append(progress.stages[-1])
             if entry.get("full_eval_loss") is not None:
                 logger.info("stage %d hands over: full model eval loss %.4f", state.stage, entry["full_eval_loss"])
             if state.stage < self.federation.stages and state.stage != self.cfg.stop_after:

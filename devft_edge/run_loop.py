@@ -248,9 +248,11 @@ class RoundLoop:
         progress: RunProgress,
         full: GlobalState,
         stage: tuple[list[list[int]], GlobalState, StageBudget] | None,
+        shipped: dict[str, Any] | None = None,
     ) -> None:
         """Take up a checkpointed run: its progress, the full model's state and, when a stage is
-        open, its groups, global state and budget (the stage is rebuilt, not shipped again)."""
+        open, its groups, global state and budget (the stage is rebuilt, not shipped again: what
+        shipping it recorded, ``shipped``, goes into its record as if it had been)."""
         self.progress, self.full = progress, full
         self.costs = Costs.of(progress.history[-1] if progress.history else None)
         self.stage = None
@@ -266,6 +268,7 @@ class RoundLoop:
             builder=self.federation.builder,
             server=server,
             cost=self.federation.step_cost(len(groups)),
+            shipped=dict(shipped or {}),
         )
 
     def open_stage(self, number: int) -> StageView:

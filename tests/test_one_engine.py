@@ -99,6 +99,14 @@ def test_demo_and_simulate_report_the_same_eval_loss(tmp_path, method):
     assert fleet["rejected"] == {} and simulated["final_eval_loss"] == pytest.approx(fleet["final_eval_loss"], abs=1e-4)
     # the devices' training moved the model: equal numbers are not two untrained runs
     assert len(set(net)) == 4
+    # one stage record: the loop's, in both summaries (the fleet adds what devices reported)
+    shared = ("stage", "layers", "rounds", "local_steps", "step_cost", "groups", "heal")
+    for sim_stage, net_stage in zip(simulated["stages"], fleet["stages"], strict=True):
+        assert {k: sim_stage[k] for k in shared} == {k: net_stage[k] for k in shared}
+        # the simulator sizes a pack of the same stage with placeholder metadata (pack_size.py)
+        assert sim_stage["pack_bytes"] == pytest.approx(net_stage["pack_bytes"], rel=1e-5)
+        for key in ("eval_loss", "full_eval_loss", "full_eval_accuracy"):
+            assert sim_stage[key] == pytest.approx(net_stage[key], abs=1e-4), key
     if "fedsa" in method:  # each device that trained kept its own B, in full-model space, for the next stage
         kept = list((tmp_path / "demo" / "devices").glob("*/cache/runs/*/private.safetensors"))
         assert kept and len(kept) == len(fleet["devices"])
