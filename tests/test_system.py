@@ -69,7 +69,12 @@ def test_run_finishes_and_survives_aggregator_kill(tmp_path, broker):
     assert all(h["eval_loss"] > 0 for h in history)
     log = (tmp_path / "serve-2.log").read_text()
     assert "finished" in log
-    without_crash = read_state(clean)["history"]
+    clean_final = read_state(clean)
+    without_crash = clean_final["history"]
+    # the stage open at the kill closed after the restart with the record it was shipped with
+    kept = ("stage", "layers", "rounds", "groups", "local_steps", "pack_bytes", "predicted_peak_bytes")
+    assert [{k: s[k] for k in kept} for s in final["stages"]] == [{k: s[k] for k in kept} for s in clean_final["stages"]]
+    assert [s["stage"] for s in final["stages"]] == [1, 2] and all(s["pack_bytes"] > 0 for s in final["stages"])
     assert [h["devices"] for h in history] == [h["devices"] for h in without_crash]
     assert [h["eval_loss"] for h in history] == pytest.approx([h["eval_loss"] for h in without_crash], rel=1e-5)
     _check_adapter_loads_in_peft(tmp_path / "agg")
