@@ -73,7 +73,8 @@ def test_run_finishes_and_survives_aggregator_kill(tmp_path, broker):
     without_crash = clean_final["history"]
     # the stage open at the kill closed after the restart with the record it was shipped with
     kept = ("stage", "layers", "rounds", "groups", "local_steps", "pack_bytes", "predicted_peak_bytes")
-    assert [{k: s[k] for k in kept} for s in final["stages"]] == [{k: s[k] for k in kept} for s in clean_final["stages"]]
+    records = [[{k: s[k] for k in kept} for s in run["stages"]] for run in (final, clean_final)]
+    assert records[0] == records[1]
     assert [s["stage"] for s in final["stages"]] == [1, 2] and all(s["pack_bytes"] > 0 for s in final["stages"])
     assert [h["devices"] for h in history] == [h["devices"] for h in without_crash]
     assert [h["eval_loss"] for h in history] == pytest.approx([h["eval_loss"] for h in without_crash], rel=1e-5)
