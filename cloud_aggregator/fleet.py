@@ -96,25 +96,29 @@ class FleetPool:
         s.groups, s.stage, s.stage_rounds_done = groups, stage.number, 0
         s.stage_budget, s.plateau = opened.budget.rounds, asdict(opened.budget.plateau)
         s.carry = 0
-        store = self.blobs.store
-        pack_bytes = store.path(s.plan or s.pack).stat().st_size
-        s.shipped = {
-            # what this stage adds to a device's downloads: its pack, or its plan (full_pack delivery)
-            "pack_bytes": pack_bytes,
-            "full_pack_bytes": store.path(s.full_pack).stat().st_size if s.full_pack else 0,
-            # what the planner admits devices by (CPU), for the report to set beside what they measured
-            "predicted_peak_bytes": estimate_memory(self.shape, self.step()).peak_bytes,
-        }
         save_state(self.cfg.state_dir, s)
+        shipped = self.shipped()
         logger.info(
             "stage %d of %d: %d layers, pack %s (%.1f MB)",
             stage.number,
             self.stages,
             len(groups),
             s.pack[:12],
-            pack_bytes / 1e6,
+            shipped["pack_bytes"] / 1e6,
         )
-        return s.shipped
+        return shipped
+
+    def shipped(self) -> dict[str, Any]:
+        """What the open stage's record takes from its shipping, read from the checkpointed blobs
+        (so a stage rebuilt after a restart gets the same record)."""
+        s, store = self.state, self.blobs.store
+        return {
+            # what this stage adds to a device's downloads: its pack, or its plan (full_pack delivery)
+            "pack_bytes": store.path(s.plan or s.pack).stat().st_size,
+            "full_pack_bytes": store.path(s.full_pack).stat().st_size if s.full_pack else 0,
+            # what the planner admits devices by (CPU), for the report to set beside what they measured
+            "predicted_peak_bytes": estimate_memory(self.shape, self.step()).peak_bytes,
+        }
 
     def train(self, round_index: int, stage: StageView, tally: ClientRound) -> Iterator[tuple[LoraState, float]]:
         """The open round's accepted updates, streamed (see the module docstring)."""

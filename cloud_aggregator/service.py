@@ -463,11 +463,12 @@ class Aggregator:
             finished=s.finished,
         )
         full = GlobalState(lora=self.blobs.read(s.full_lora), delta=self.blobs.read(s.full_delta))
-        stage = None
-        if not s.finished and s.stage_rounds_done < s.stage_budget:
-            server = GlobalState(lora=self.blobs.read(s.stage_lora), delta=self.blobs.read(s.stage_delta))
-            stage = (s.groups, server, StageBudget(s.stage_budget, Plateau(**s.plateau)))
-        self.loop.resume(progress, full, stage, s.shipped)
+        if s.finished or s.stage_rounds_done >= s.stage_budget:
+            self.loop.resume(progress, full, None)
+            return
+        server = GlobalState(lora=self.blobs.read(s.stage_lora), delta=self.blobs.read(s.stage_delta))
+        stage = (s.groups, server, StageBudget(s.stage_budget, Plateau(**s.plateau)))
+        self.loop.resume(progress, full, stage, self.pool.shipped())
 
     def _step(self) -> StepConfig:
         """One local training step of the current stage, as the planner models it."""

@@ -294,9 +294,6 @@ class RunState:
     """Wall-clock start of the run (metrics count seconds from here, across restarts)."""
     initial_eval: dict[str, Any] = field(default_factory=dict)
     """The untuned base model on the held-out set."""
-    shipped: dict[str, Any] = field(default_factory=dict)
-    """What shipping the open stage recorded (:meth:`cloud_aggregator.fleet.FleetPool.ship`), kept
-    for its stage record when the stage closes after a restart."""
     stages: list[dict[str, Any]] = field(default_factory=list)
     """Per closed stage, the round loop's record of it (as the simulator's summary has it)."""
     history: list[dict[str, Any]] = field(default_factory=list)

@@ -21,9 +21,10 @@ That fp32 weight lives for one matmul, twice per layer per training step, and is
 per-thread buffer that every layer reuses (:meth:`Quantizer.dequantize_transient`) rather than
 into fresh memory: the device agent's allocator gives every block of 128 KiB or more its own
 mapping (:mod:`devft_edge.allocator`), whose pages fault in anew on every use. On SmolLM2's
-30-layer int4 stage (4 x 64 tokens, one thread) fresh tensors cost 1.32 M page faults and 2.68 s
-per step, the reused buffer 0.58 M faults and 1.95 s, for a peak 8 MiB higher (the buffer;
-``benchmarks/dequant.py``, ``benchmarks/results/dequant.json``).
+30-layer int4 stage (4 x 64 tokens, one thread) the same unpacking into fresh tensors costs
+0.86 M page faults and 2.24 s per step, the reused buffer 0.57 M and 1.97 s, for a peak 7 MiB
+higher (the buffer; ``benchmarks/dequant.py``, ``benchmarks/results/dequant.json``). The unpacking
+before this one (four temporaries per weight) cost 1.32 M faults and 2.68 s.
 """
 
 from __future__ import annotations
@@ -195,32 +196,31 @@ class Int4(Quantizer):
         packed = q[:, 0::2] | (q[:, 1::2] << 4)
         return {"qweight": packed.contiguous(), "scale": scale.contiguous()}
 
-    def _unpack(self, packed: Tensor, scale: Tensor, in_features: int) -> Tensor:
-        low = (packed & 0x0F).to(torch.int8) - 8
-        high = (packed >> 4).to(torch.int8) - 8
-        q = torch.stack((low, high), dim=-1).flatten(-2)
-        shape = (*q.shape[:-1], scale.shape[-1], self.group_size)
-        w = q.view(shape).float() * scale.float().unsqueeze(-1)
-        return w.flatten(-2)[..., :in_features]
-
-    def dequantize(self, parts: QuantParts, in_features: int) -> Tensor:
-        return self._unpack(parts["qweight"], parts["scale"], in_features)
-
-    def dequantize_rows(self, parts: QuantParts, rows: Tensor, in_features: int) -> Tensor:
-        return self._unpack(parts["qweight"][rows], parts["scale"][rows], in_features)
-
-    def dequantize_transient(self, parts: QuantParts, in_features: int) -> Tensor:
-        """:meth:`dequantize` without temporaries: each nibble plane goes through one reused byte
-        buffer into its interleaved columns of the fp32 buffer, which is then shifted and scaled in place."""
-        packed, scale = parts["qweight"], parts["scale"]
-        rows, half = packed.shape
-        out = scratch((rows, 2 * half), torch.float32, packed.device)
-        columns = out.view(rows, half, 2)
-        nibbles = scratch((rows, half), torch.uint8, packed.device)
+    def _unpack(self, packed: Tensor, scale: Tensor, in_features: int, out: Tensor, nibbles: Tensor) -> Tensor:
+        """The weight of ``packed`` (any leading dims) written into ``out`` (fp32, twice ``packed``'s
+        last dim), through the byte buffer ``nibbles`` (``packed``'s shape): each nibble plane goes
+        into its interleaved columns, which are then shifted and scaled in place."""
+        columns = out.view(*packed.shape, 2)
         columns[..., 0].copy_(torch.bitwise_and(packed, 0x0F, out=nibbles))
         columns[..., 1].copy_(torch.bitwise_right_shift(packed, 4, out=nibbles))
-        out.view(rows, scale.shape[-1], self.group_size).sub_(8).mul_(scale.unsqueeze(-1))
-        return out[:, :in_features]
+        out.view(*scale.shape, self.group_size).sub_(8).mul_(scale.unsqueeze(-1))
+        return out[..., :in_features]
+
+    def _unpack_fresh(self, packed: Tensor, scale: Tensor, in_features: int) -> Tensor:
+        out = torch.empty(*packed.shape[:-1], 2 * packed.shape[-1], device=packed.device)
+        return self._unpack(packed, scale, in_features, out, torch.empty_like(packed))
+
+    def dequantize(self, parts: QuantParts, in_features: int) -> Tensor:
+        return self._unpack_fresh(parts["qweight"], parts["scale"], in_features)
+
+    def dequantize_rows(self, parts: QuantParts, rows: Tensor, in_features: int) -> Tensor:
+        return self._unpack_fresh(parts["qweight"][rows], parts["scale"][rows], in_features)
+
+    def dequantize_transient(self, parts: QuantParts, in_features: int) -> Tensor:
+        packed = parts["qweight"]
+        rows, half = packed.shape
+        out = scratch((rows, 2 * half), torch.float32, packed.device)
+        return self._unpack(packed, parts["scale"], in_features, out, scratch((rows, half), torch.uint8, packed.device))
 
     def empty_parts(self, out_features: int, in_features: int, device: str | torch.device = "meta") -> QuantParts:
         groups = self._groups(in_features)

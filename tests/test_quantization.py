@@ -40,6 +40,32 @@ def test_int4_error_is_at_most_half_a_step_per_group(in_features, group):
     assert q.nbytes(40, in_features) == sum(t.numel() * t.element_size() for t in parts.values())
 
 
+def test_int4_dequantization_is_the_plain_nibble_formula():
+    """Low nibble first, offset 8, one scale per group, padded columns dropped: written out plainly
+    here, independent of the in-place unpacking every path shares."""
+    q = Int4(group_size=32)
+    parts = q.quantize(torch.randn(6, 100))
+    packed, scale = parts["qweight"], parts["scale"].float()
+    nibbles = torch.stack((packed & 0x0F, packed >> 4), dim=-1).flatten(-2).float() - 8
+    expected = (nibbles.view(6, -1, 32) * scale[..., None]).flatten(-2)[:, :100]
+    assert torch.equal(q.dequantize(parts, 100), expected)
+    assert torch.equal(q.dequantize_transient(parts, 100), expected)
+
+
+def test_transient_buffers_are_per_thread():
+    """A second thread never writes into the weight this thread is computing with."""
+    import threading
+
+    q = Int4(group_size=32)
+    parts = q.quantize(torch.randn(8, 64))
+    here = q.dequantize_transient(parts, 64)
+    there: list[torch.Tensor] = []
+    worker = threading.Thread(target=lambda: there.append(q.dequantize_transient(parts, 64)))
+    worker.start()
+    worker.join()
+    assert here.data_ptr() != there[0].data_ptr() and torch.equal(here, there[0])
+
+
 def test_int4_rows_match_full_dequantization():
     q = Int4(group_size=32)
     w = torch.randn(50, 96)
